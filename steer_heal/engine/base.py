@@ -1,0 +1,35 @@
+"""The rollout-engine interface shared by the HF engine and the vLLM engine."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from steer_heal.steering.core import Steering
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 -> greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+@dataclass
+class Rollout:
+    prompt: str  # the rendered chat prompt
+    text: str  # decoded completion, special tokens removed
+    prompt_ids: list[int]
+    completion_ids: list[int]  # includes the EOS token when the model stopped
+    logprobs: list[float] = field(default_factory=list)  # behaviour-policy log p per completion token
+    finished: bool = False  # stopped on EOS before max_new_tokens
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[str], steering: Steering | None, sampling: Sampling) -> list[Rollout]:
+        """Complete rendered chat prompts under optional steering; order preserved."""
+        ...

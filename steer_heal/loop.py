@@ -1,0 +1,237 @@
+"""The iterative loop: extract -> walk-C generate + filter -> steered eval -> heal -> bake -> healed eval."""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from reward.scores import Scores, coherent_mask, keep_mask, score_rollouts
+from steer_heal.chat import render_prompt
+from steer_heal.config import RunConfig
+from steer_heal.engine import HFEngine, Sampling
+from steer_heal.heal import HealDivergedError, heal_round
+from steer_heal.models import load_model, num_layers
+from steer_heal.presets import Preset, load_preset
+from steer_heal.rundir import RunDir, format_table
+from steer_heal.steering import Steering, SteeringVector, check_personas, extract_vector, layer_band
+from steer_heal.steering.calibrate import calibrate_coeff
+from steer_heal.student import Student
+from steer_heal.tracking import Tracker
+
+
+class FilterEmptyError(RuntimeError):
+    """The filter kept too few completions to train on."""
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Ctx:
+    """What every stage needs; built once per run."""
+    cfg: RunConfig
+    rd: RunDir
+    preset: Preset
+    student: Student
+    engine: HFEngine
+    layers: list[int]
+    tracker: Tracker
+
+    @property
+    def personas(self) -> tuple[str, str]:
+        return self.preset.persona_pos, self.preset.persona_neg
+
+    def log(self, kind: str, **kw) -> None:
+        self.rd.event(kind, **kw)
+
+
+# ------------------------------------------------------------------ stages
+def extract(ctx: Ctx, r: int) -> SteeringVector:
+    with ctx.student.live_off():
+        v = extract_vector(ctx.student.model, ctx.student.tok, *ctx.personas,
+                           ctx.preset.contexts[:ctx.cfg.steer.n_contexts], ctx.layers, ctx.cfg.steer.batch_size,
+                           model_id=ctx.cfg.model.model, progress=True)
+    v.save(ctx.rd.round_dir(r) / "vector.safetensors")
+    return v
+
+
+def generate_scored(ctx: Ctx, users: list[str], steering: Steering | None, seed: int, greedy: bool = False,
+                    max_new_tokens: int | None = None):
+    """Generate from the baked student (steered) and score under the base model."""
+    g = ctx.cfg.gen
+    samp = Sampling(max_new_tokens=max_new_tokens or g.max_new_tokens, temperature=0.0 if greedy else g.temperature,
+                    top_p=g.top_p, seed=seed)
+    prompts = [render_prompt(ctx.student.tok, u) for u in users]
+    with ctx.student.live_off():
+        ro = ctx.engine.generate(prompts, steering, samp, logprobs=False, desc="generate")
+        sc = score_rollouts(ctx.student.model, ctx.student.tok, ro, users, ctx.personas, ctx.cfg.filter,
+                            ref_ctx=ctx.student.base, batch_size=g.batch_size)
+    return ro, sc
+
+
+def walk_c(ctx: Ctx, v: SteeringVector, kappa: float, r: int) -> float:
+    """Lower kappa (log bisection toward kappa_min) until a probe batch passes at the target rate."""
+    s, lo = ctx.cfg.steer, ctx.cfg.steer.kappa_min
+    rng = random.Random(ctx.cfg.seed * 7 + r)
+    for step in range(s.walk_max_steps):
+        users = rng.sample(ctx.preset.prompts, min(s.n_probe, len(ctx.preset.prompts)))
+        _, sc = generate_scored(ctx, users, Steering(v, kappa), seed=ctx.cfg.seed + 100 * r + step)
+        rate = sum(keep_mask(sc, ctx.cfg.filter)) / max(len(users), 1)
+        ctx.log("walk_c", round=r, step=step, kappa=kappa, pass_rate=rate)
+        if rate >= s.walk_target_rate or kappa <= lo * 1.0001:
+            break
+        kappa = max(lo, math.sqrt(lo * kappa))
+    return kappa
+
+
+def collect(ctx: Ctx, v: SteeringVector, kappa: float, r: int):
+    """Generate at each dose alpha * kappa, score, filter; log the per-dose table and borderline samples."""
+    rng = random.Random(ctx.cfg.seed * 13 + r)
+    rows, dose = [], []
+    for ai, alpha in enumerate(ctx.cfg.steer.alphas):
+        users = [rng.choice(ctx.preset.prompts) for _ in range(ctx.cfg.gen.n_per_alpha)]
+        ro, sc = generate_scored(ctx, users, Steering(v, alpha * kappa), seed=ctx.cfg.seed + 1000 * r + ai)
+        keep = keep_mask(sc, ctx.cfg.filter)
+        for u, ro_, s_, k in zip(users, ro, sc.rows(), keep):
+            rows.append(dict(alpha=alpha, user=u, text=ro_.text, kept=k, **s_, _ro=ro_))
+        finite = [t for t in sc.tail_nll if math.isfinite(t)]
+        dose.append(dict(alpha=alpha, coeff=alpha * kappa, n=len(users), kept_frac=sum(keep) / max(len(keep), 1),
+                         tail_nll=sum(finite) / max(len(finite), 1)))
+    ctx.log("dose_table", round=r, rows=dose)
+    print(f"  dose table r{r}: " + "  ".join(f"a={d['alpha']:.2f} c={d['coeff']:.3g} tailnll={d['tail_nll']:.2f} "
+                                            f"kept={d['kept_frac']:.2f} n={d['n']}" for d in dose))
+    # borderline: kept with the worst tail NLL, dropped with the best
+    kept = sorted([x for x in rows if x["kept"]], key=lambda x: -x["tail_nll"])[:2]
+    drop = sorted([x for x in rows if not x["kept"]], key=lambda x: x["tail_nll"])[:2]
+    for tag, xs in (("kept", kept), ("dropped", drop)):
+        for x in xs:
+            ctx.log("borderline", round=r, which=tag, tail_nll=x["tail_nll"], repetition=x["repetition"],
+                    verbalisation=x["verbalisation"], text=x["text"][:300])
+    with open(ctx.rd.round_dir(r) / "samples.jsonl", "w") as f:
+        import json
+        for x in rows:
+            f.write(json.dumps({k: v for k, v in x.items() if k != "_ro"}) + "\n")
+    return rows
+
+
+def evaluate_fixed(ctx: Ctx, steering: Steering | None, base: bool = False) -> dict:
+    """Greedy answers to the preset's fixed prompts, scored (interim until the MFV evaluation lands)."""
+    users = ctx.preset.eval_prompts[:ctx.cfg.eval.n_prompts]
+    if base:
+        with ctx.student.base():
+            ro, sc = generate_scored(ctx, users, None, seed=0, greedy=True, max_new_tokens=ctx.cfg.eval.max_new_tokens)
+    else:
+        ro, sc = generate_scored(ctx, users, steering, seed=0, greedy=True, max_new_tokens=ctx.cfg.eval.max_new_tokens)
+    return summarise(sc, ctx.cfg.filter) | {"texts": [x.text for x in ro], "prompts": users}
+
+
+def summarise(sc: Scores, fcfg) -> dict:
+    fin = [t for t in sc.tail_nll if math.isfinite(t)]
+    n = max(len(sc.tail_nll), 1)
+    return dict(trait=sum(sc.trait_llr) / n, coherence=sum(coherent_mask(sc, fcfg)) / n,
+                tail_nll=sum(fin) / max(len(fin), 1), repetition=sum(sc.repetition) / n,
+                verbalisation=sum(sc.verbalisation) / n)
+
+
+def heal(ctx: Ctx, kept: list[dict], r: int):
+    examples = [(x["_ro"].prompt_ids, x["_ro"].completion_ids) for x in kept]
+    log_fn = lambda row: (ctx.log("heal_step", **row), ctx.tracker.log({f"heal/{k}": v for k, v in row.items()}))  # noqa: E731
+    res = heal_round(ctx.student, examples, ctx.cfg.heal, round_idx=r, seed=ctx.cfg.seed + r, log_fn=log_fn)
+    ctx.student.save_live(ctx.rd.round_dir(r) / "adapter")
+    return res
+
+
+def bake(ctx: Ctx, r: int) -> None:
+    ctx.student.bake()
+    ctx.student.save_cumulative(ctx.rd.round_dir(r) / "cumulative")
+
+
+# ------------------------------------------------------------------ main loop
+def build(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Ctx:
+    preset = load_preset(cfg.preset)
+    if cfg.persona_pos or cfg.persona_neg:
+        preset.persona_pos, preset.persona_neg = cfg.persona_pos, cfg.persona_neg
+    check_personas(preset.persona_pos, preset.persona_neg)
+    lm = load_model(cfg.model.model, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
+    layers = layer_band(num_layers(lm.model), tuple(cfg.steer.layer_band), cfg.steer.layers)
+    rd = RunDir(run_dir, cfg, resume=resume)
+    h = cfg.heal
+    student = Student(lm.model, lm.tokenizer, h.lora_r, h.lora_alpha, h.lora_band, h.target_modules, base_path=lm.path)
+    engine = HFEngine(student.model, lm.tokenizer, batch_size=cfg.gen.batch_size, progress=True)
+    return Ctx(cfg, rd, preset, student, engine, layers, Tracker(cfg.report_to, rd.path, cfg.to_dict()))
+
+
+def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]:
+    ctx = build(cfg, run_dir, resume)
+    rows = ctx.rd.rows()
+    start = len(rows)
+    if start:  # resume: rebuild the baked student from the last completed round's cumulative adapter
+        ctx.student.load_cumulative(ctx.rd.round_dir(start - 1) / "cumulative")
+        ctx.log("resume", from_round=start)
+    base_eval = ctx.rd.load_json("base_eval.json")
+    if base_eval is None:
+        base_eval = evaluate_fixed(ctx, None, base=True)
+        ctx.rd.save_json("base_eval.json", base_eval)
+    kappa = rows[-1]["kappa"] if rows else None
+    v0 = SteeringVector.load(ctx.rd.round_dir(0) / "vector.safetensors") if start else None
+    for r in range(start, cfg.rounds):
+        t0 = time.perf_counter()
+        seed_all(cfg.seed + 1000 * r)
+        v = extract(ctx, r)
+        v0 = v0 or v
+        if kappa is None:
+            kappa = calibrate(ctx, v) if cfg.steer.calibrate else cfg.steer.kappa
+        kappa = walk_c(ctx, v, kappa, r)
+        samples = collect(ctx, v, kappa, r)
+        kept = [x for x in samples if x["kept"]]
+        if len(kept) < cfg.min_train:
+            ctx.log("filter_empty", round=r, kept=len(kept), generated=len(samples))
+            raise FilterEmptyError(f"round {r}: the filter kept {len(kept)}/{len(samples)} completions, fewer than "
+                                   f"min_train={cfg.min_train}; fix: loosen filter.max_tail_nll / max_repetition, "
+                                   "lower steer.kappa_min, or raise gen.n_per_alpha")
+        steered = evaluate_fixed(ctx, Steering(v, kappa))
+        try:
+            hres = heal(ctx, kept, r)
+        except HealDivergedError as e:
+            ctx.log("heal_diverged", round=r, error=str(e))
+            raise
+        bake(ctx, r)
+        healed = evaluate_fixed(ctx, None)
+        ctx.rd.save_json(f"round_{r:02d}/eval.json", dict(steered=steered, healed=healed))
+        row = dict(round=r, kappa=kappa, generated=len(samples), kept=len(kept), heal_nll=hres.train_nll,
+                   val_nll=hres.val_nll, val_nll_before=hres.val_nll_before, heal_D=hres.D_mean,
+                   barrier_frac=hres.barrier_frac, lam=hres.lam, heal_tokens_per_s=hres.tokens_per_s,
+                   trait_steered=steered["trait"], trait_healed=healed["trait"], coh_steered=steered["coherence"],
+                   coh_healed=healed["coherence"], tail_nll_steered=steered["tail_nll"],
+                   tail_nll_healed=healed["tail_nll"], cos_r0=v.cosine(v0), seconds=time.perf_counter() - t0)
+        ctx.rd.append_row(row)
+        ctx.tracker.log({f"round/{k}": x for k, x in row.items()}, step=r)
+        rows = ctx.rd.rows()
+        print(format_table(rows, base=base_eval), flush=True)
+        from steer_heal.report import write_report
+
+        write_report(ctx.rd.path)
+        if healed["coherence"] < cfg.coherence_floor:
+            ctx.log("stop_coherence_floor", round=r, coherence=healed["coherence"], floor=cfg.coherence_floor)
+            print(f"stopping: healed coherence {healed['coherence']:.2f} < floor {cfg.coherence_floor}")
+            break
+    ctx.tracker.close()
+    return rows
+
+
+def calibrate(ctx: Ctx, v: SteeringVector) -> float:
+    s = ctx.cfg.steer
+    users = ctx.preset.prompts[:s.calib_prompts]
+    prompts = [render_prompt(ctx.student.tok, u) for u in users]
+    with ctx.student.live_off():
+        c, k = calibrate_coeff(ctx.student.model, ctx.student.tok, ctx.engine, v, prompts, s.target_kl,
+                               s.calib_tokens, log=lambda d: ctx.log(**d))
+    ctx.log("calibrated", coeff=c, p95_kl=k, target=s.target_kl)
+    print(f"  iso-KL calibration: c*={c:.3g} (p95 KL {k:.2f} nats, target {s.target_kl})")
+    return c

@@ -1,0 +1,136 @@
+"""Run directory: resolved config, append-only events, one row per completed round, artefacts.
+
+A round is complete when its row is in rounds.jsonl; the row is appended last, after the round's
+adapter, vector and samples are on disk, so a killed run resumes after its last row.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+from steer_heal.config import RunConfig, config_from_dict
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used; the message names the fix."""
+
+
+def _clean(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _append_line(path: Path, obj: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(_clean(obj)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill: everything before it is intact
+            break
+    return out
+
+
+class RunDir:
+    def __init__(self, path: str | Path, cfg: RunConfig, resume: bool = False):
+        self.path = Path(path)
+        self.cfg = cfg
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise RunDirError(f"run directory '{self.path}' is not writable ({e.strerror}); "
+                              "fix: pass run_dir=<a writable folder>") from None
+        cfg_file = self.path / "config.yaml"
+        if cfg_file.exists():
+            old = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+            if old.fingerprint() != cfg.fingerprint():
+                raise RunDirError(f"run directory '{self.path}' was made with another config; fix: resume with "
+                                  f"`--resume {self.path}` alone (it reads its config.yaml) or use a new run_dir")
+            if not resume and self.rows():
+                raise RunDirError(f"run directory '{self.path}' already holds rounds; fix: add `--resume` or "
+                                  "pick a new run_dir")
+        write_atomic(cfg_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    # ---------------------------------------------------------------- files
+    def round_dir(self, r: int) -> Path:
+        d = self.path / f"round_{r:02d}"
+        d.mkdir(exist_ok=True)
+        return d
+
+    def event(self, kind: str, **kw) -> None:
+        _append_line(self.path / "events.jsonl", {"t": round(time.time(), 3), "event": kind, **kw})
+
+    def rows(self) -> list[dict]:
+        return read_jsonl(self.path / "rounds.jsonl")
+
+    def append_row(self, row: dict) -> None:
+        _append_line(self.path / "rounds.jsonl", row)
+        write_atomic(self.path / "round_table.md", format_table(self.rows(), markdown=True))
+
+    def save_json(self, rel: str, obj) -> None:
+        p = self.path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(p, json.dumps(_clean(obj), indent=1))
+
+    def load_json(self, rel: str):
+        p = self.path / rel
+        return json.loads(p.read_text()) if p.exists() else None
+
+
+COLUMNS = [("round", "r", "{:d}"), ("kappa", "kappa", "{:.3g}"), ("generated", "gen", "{:d}"), ("kept", "kept", "{:d}"),
+           ("heal_nll", "heal_nll", "{:.3f}"), ("val_nll", "val_nll", "{:.3f}"), ("heal_D", "D", "{:.3f}"),
+           ("trait_steered", "trait_st", "{:+.3f}"), ("trait_healed", "trait_he", "{:+.3f}"),
+           ("coh_steered", "coh_st", "{:.2f}"), ("coh_healed", "coh_he", "{:.2f}"),
+           ("tail_nll_healed", "tailnll_he", "{:.2f}"), ("cos_r0", "cos_r0", "{:.3f}"), ("seconds", "sec", "{:.0f}")]
+
+
+def _fmt(v, f):
+    if v is None:
+        return "-"
+    try:
+        return f.format(v)
+    except (ValueError, TypeError):
+        return str(v)
+
+
+def format_table(rows: list[dict], markdown: bool = False, base: dict | None = None) -> str:
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)] or COLUMNS
+    head = [c[1] for c in cols]
+    body = [[_fmt(r.get(k), f) for k, _, f in cols] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body]) + "\n"
+    w = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    line = lambda xs: "  ".join(x.rjust(n) for x, n in zip(xs, w))  # noqa: E731
+    out = [line(head)] + [line(b) for b in body]
+    if base:
+        out.insert(0, f"base: trait {base.get('trait', 0):+.3f}  coherence {base.get('coherence', 0):.2f}  "
+                      f"tail_nll {base.get('tail_nll', 0):.2f}")
+    return "\n".join(out)
