@@ -34,6 +34,7 @@ class SteerConfig:
     target_kl: float = 1.0  # p95 per-token KL(steered || unsteered), nats
     calib_prompts: int = 4
     calib_tokens: int = 24
+    calib_steps: int = 4  # bisection steps after bracketing
     kappa: float = 4.0  # used when calibrate is false
     kappa_min: float = 0.05
     alphas: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])

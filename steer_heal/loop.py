@@ -231,7 +231,7 @@ def calibrate(ctx: Ctx, v: SteeringVector) -> float:
     prompts = [render_prompt(ctx.student.tok, u) for u in users]
     with ctx.student.live_off():
         c, k = calibrate_coeff(ctx.student.model, ctx.student.tok, ctx.engine, v, prompts, s.target_kl,
-                               s.calib_tokens, log=lambda d: ctx.log(**d))
+                               s.calib_tokens, steps=s.calib_steps, log=lambda d: ctx.log(d.pop("event"), **d))
     ctx.log("calibrated", coeff=c, p95_kl=k, target=s.target_kl)
     print(f"  iso-KL calibration: c*={c:.3g} (p95 KL {k:.2f} nats, target {s.target_kl})")
     return c

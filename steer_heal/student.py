@@ -79,7 +79,7 @@ class Student:
             m.reset_lora_parameters(ADAPTER, True)
 
     def _live_delta(self, m) -> tuple[torch.Tensor, torch.Tensor]:
-        A = m.lora_A[ADAPTER].weight.detach().float()
+        A = m.lora_A[ADAPTER].weight.detach().float().clone()  # reset_live re-inits A in place
         B = m.lora_B[ADAPTER].weight.detach().float() * m.scaling[ADAPTER]
         return A, B
 

@@ -27,9 +27,9 @@ def layer_band(n_layers: int, band: tuple[float, float] = (0.45, 0.55), layers: 
     lo, hi = band
     if not (0.0 <= lo < hi <= 1.0):
         raise LayerBandError(f"layer band {band} is not 0 <= lo < hi <= 1; fix: e.g. layer_band=[0.45, 0.55]")
-    first = int(round(lo * n_layers))
-    last = max(first + 1, int(round(hi * n_layers)))
-    return list(range(min(first, n_layers - 1), min(last, n_layers)))
+    # layers whose centre (l + 0.5) / n lies in the band; at least the one nearest the band's middle
+    picked = [l for l in range(n_layers) if lo <= (l + 0.5) / n_layers <= hi]
+    return picked or [min(n_layers - 1, int((lo + hi) / 2 * n_layers))]
 
 
 def mean_diff(h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:

