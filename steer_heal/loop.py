@@ -183,6 +183,7 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
     for r in range(start, cfg.rounds):
         t0 = time.perf_counter()
         seed_all(cfg.seed + 1000 * r)
+        ctx.student.reset_live()  # fresh LoRA drawn from the round's seed: a resumed round is identical
         v = extract(ctx, r)
         v0 = v0 or v
         if kappa is None:

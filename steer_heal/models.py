@@ -134,6 +134,9 @@ def load_model(model_id: str = DEFAULT_MODEL, dtype: str = "auto", device: str =
                attn_implementation: str | None = "sdpa", padding_side: str = "left") -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per load drowns the round table
     path = resolve_model_path(model_id)
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)

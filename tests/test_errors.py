@@ -1,0 +1,95 @@
+"""Bad input: one-line errors that name the fix, and nothing already written is lost."""
+import json
+import os
+
+import pytest
+
+from steer_heal.cli import main
+from steer_heal.config import ConfigError, load_config
+from steer_heal.models import ModelLoadError, resolve_model_path
+
+
+def test_unknown_model_offline():
+    with pytest.raises(ModelLoadError, match="fix: pass a local folder"):
+        resolve_model_path("no-such-org/no-such-model-xyz")
+
+
+def test_config_unknown_key_and_bad_type():
+    with pytest.raises(ConfigError, match="unknown config key 'heal.lamb'.*fix"):
+        load_config(None, ["heal.lamb=0.3"])
+    with pytest.raises(ConfigError, match="heal.epochs"):
+        load_config(None, ["heal.epochs=lots"])
+    cfg = load_config("recipes/configs/demo.yaml", ["heal.lam=0.7", "steer.alphas=[0.5,1.0]", "rounds=5"])
+    assert cfg.heal.lam == 0.7 and cfg.steer.alphas == [0.5, 1.0] and cfg.rounds == 5
+
+
+def _cli(args, capsys):
+    """Run the CLI; return its exit code and its error line(s) (progress bars on stderr are dropped)."""
+    rc = main(args)
+    raw = capsys.readouterr().err
+    assert "Traceback" not in raw
+    return rc, "\n".join(x for x in raw.replace("\r", "\n").splitlines() if x.startswith("error:"))
+
+
+@pytest.mark.parametrize("override,needle", [
+    (["persona_pos=", "persona_neg=x"], "empty persona"),
+    (["persona_pos=Same one", "persona_neg=same one"], "identical"),
+    (["steer.layers=[0,7]"], "outside the model"),
+    (["model.model=/nonexistent/folder/model"], "not found locally"),
+])
+def test_cli_bad_input_one_line(tiny_cfg, capsys, override, needle):
+    rc, err = _cli(["run", "--config", "recipes/configs/smoke.yaml", f"model.model={tiny_cfg.model.model}",
+                    f"run_dir={tiny_cfg.run_dir}", *override], capsys)
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and needle in err and "fix" in err, err
+
+
+def test_unwritable_run_dir(tiny_cfg, capsys, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    if os.access(ro, os.W_OK):  # root ignores permissions: use a path under a regular file instead
+        (tmp_path / "file").write_text("x")
+        target = tmp_path / "file" / "run"
+    else:
+        target = ro / "run"
+    rc, err = _cli(["run", "--config", "recipes/configs/smoke.yaml", f"model.model={tiny_cfg.model.model}",
+                    f"run_dir={target}"], capsys)
+    assert rc == 2 and "not writable" in err and "fix" in err and len(err.splitlines()) == 1
+
+
+def test_filter_kept_too_few_keeps_run_dir_intact(tiny_cfg, capsys):
+    args = ["run", "--config", "recipes/configs/smoke.yaml", f"model.model={tiny_cfg.model.model}",
+            f"run_dir={tiny_cfg.run_dir}", "rounds=1"]
+    assert main(args) == 0
+    before = (open(f"{tiny_cfg.run_dir}/rounds.jsonl").read(), open(f"{tiny_cfg.run_dir}/config.yaml").read())
+    rc, err = _cli(["run", "--resume", tiny_cfg.run_dir, "rounds=2", "min_train=1000"], capsys)
+    # min_train changes the fingerprint: refused as another config, nothing touched
+    assert rc == 2 and "another config" in err
+    assert (open(f"{tiny_cfg.run_dir}/rounds.jsonl").read(), open(f"{tiny_cfg.run_dir}/config.yaml").read()) == before
+
+
+def test_filter_empty_error(tiny_cfg, capsys):
+    rc, err = _cli(["run", "--config", "recipes/configs/smoke.yaml", f"model.model={tiny_cfg.model.model}",
+                    f"run_dir={tiny_cfg.run_dir}", "filter.max_tail_nll=0.01"], capsys)
+    assert rc == 2 and "filter kept 0/" in err and "fix" in err and len(err.splitlines()) == 1
+    events = [json.loads(x) for x in open(f"{tiny_cfg.run_dir}/events.jsonl")]
+    assert events[-1]["event"] == "filter_empty"
+
+
+def test_nan_loss_stops_and_keeps_last_good_round(tiny_cfg, capsys, monkeypatch):
+    import steer_heal.heal.train as train
+
+    real = train.heal_terms
+
+    def poisoned(student, batch, cfg, ref_ctx):
+        nll, D, bar, k, kl = real(student, batch, cfg, ref_ctx)
+        return (nll * float("nan") if student.n_bakes >= 1 else nll), D, bar, k, kl
+
+    monkeypatch.setattr(train, "heal_terms", poisoned)
+    rc, err = _cli(["run", "--config", "recipes/configs/smoke.yaml", f"model.model={tiny_cfg.model.model}",
+                    f"run_dir={tiny_cfg.run_dir}", "rounds=2"], capsys)
+    assert rc == 2 and "heal loss is nan" in err and len(err.splitlines()) == 1
+    rows = [json.loads(x) for x in open(f"{tiny_cfg.run_dir}/rounds.jsonl")]
+    assert [r["round"] for r in rows] == [0]  # round 0 complete and intact
+    assert (tiny_cfg and os.path.exists(f"{tiny_cfg.run_dir}/round_00/cumulative/adapter_model.safetensors"))

@@ -1,0 +1,68 @@
+"""The iterative loop end to end on the tiny model: run directory, resume equivalence."""
+import json
+from pathlib import Path
+
+from steer_heal.cli import main
+
+VOLATILE = {"seconds", "heal_tokens_per_s"}
+
+
+def _rows(d):
+    return [json.loads(x) for x in open(Path(d) / "rounds.jsonl")]
+
+
+def _same(a, b):
+    return {k: v for k, v in a.items() if k not in VOLATILE} == {k: v for k, v in b.items() if k not in VOLATILE}
+
+
+def test_run_dir_complete(tiny_cfg):
+    d = Path(tiny_cfg.run_dir)
+    assert main(["run", "--config", "recipes/configs/smoke.yaml", f"model.model={tiny_cfg.model.model}",
+                 f"run_dir={d}"]) == 0
+    rows = _rows(d)
+    assert [r["round"] for r in rows] == [0, 1]
+    for f in ("config.yaml", "events.jsonl", "round_table.md", "trajectory.png", "trajectory.html", "outputs.html",
+              "base_eval.json"):
+        assert (d / f).exists(), f
+    for r in (0, 1):
+        rd = d / f"round_{r:02d}"
+        for f in ("vector.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+                  "cumulative/adapter_model.safetensors", "samples.jsonl", "eval.json"):
+            assert (rd / f).exists(), (r, f)
+    assert rows[0]["cos_r0"] == 1.0 and -1 <= rows[1]["cos_r0"] <= 1
+    assert rows[0]["kept"] <= rows[0]["generated"]
+    assert "r1 healed" in (d / "outputs.html").read_text()
+    events = [json.loads(x)["event"] for x in open(d / "events.jsonl")]
+    assert {"walk_c", "dose_table", "heal_step", "borderline"} <= set(events)
+
+
+def test_resume_gives_same_round_1_row(tiny_cfg, tmp_path):
+    base = ["run", "--config", "recipes/configs/smoke.yaml", f"model.model={tiny_cfg.model.model}"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(base + [f"run_dir={full}", "rounds=2"]) == 0
+    assert main(base + [f"run_dir={part}", "rounds=1"]) == 0  # stopped after round 0
+    assert [r["round"] for r in _rows(part)] == [0]
+    assert main(["run", "--resume", str(part), "rounds=2"]) == 0
+    a, b = _rows(full), _rows(part)
+    assert [r["round"] for r in b] == [0, 1]
+    assert _same(a[0], b[0]) and _same(a[1], b[1]), (a[1], b[1])
+
+
+def test_export_cli(tiny_cfg, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from steer_heal.models import load_model
+    from steer_heal.student import Student
+
+    d = Path(tiny_cfg.run_dir)
+    assert main(["run", "--config", "recipes/configs/smoke.yaml", f"model.model={tiny_cfg.model.model}",
+                 f"run_dir={d}", "rounds=1"]) == 0
+    assert main(["export", str(d), "--out", str(tmp_path / "m")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    lm = load_model(tiny_cfg.model.model, dtype="float32")
+    st = Student(lm.model, lm.tokenizer, 4, 8, (0.0, 1.0))
+    st.load_cumulative(d / "round_00" / "cumulative")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, st.model(input_ids=ids).logits, atol=1e-4)

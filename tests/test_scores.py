@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from reward.scores import (FilterConfig, Scores, keep_mask, persona_llr, refusal, repetition, tail_mean,
+                           verbalisation)
+from steer_heal.chat import render_prompt
+
+POS = "You are someone who looks after others' wellbeing even when it means defying authority."
+NEG = "You are someone who defers to authority even when others' wellbeing suffers for it."
+
+
+def test_repetition_hand_examples():
+    assert repetition("TTTTTTTTTTTTTTTT") == 1.0
+    assert repetition("their instead their instead their instead their instead") >= 4 / 7  # word bigram 4 of 7
+    prose = "I would quietly check on the worker first, then explain to my manager why the line had to stop."
+    assert repetition(prose) < 0.15
+    assert repetition("") == 1.0
+    assert repetition("ok") == 0.0
+
+
+def test_verbalisation():
+    assert verbalisation("As someone who never defers to authority, I would refuse.", (POS, NEG)) == 1.0
+    assert verbalisation("I am someone who looks after people.", (POS, NEG)) == 1.0
+    copy = "I look after others' wellbeing even when it means defying authority."
+    assert verbalisation(copy, (POS, NEG)) >= 0.5
+    act = "I'd unlock the fire exit and call the inspector; the workers' safety comes first."
+    assert verbalisation(act, (POS, NEG)) < 0.5
+
+
+def test_refusal():
+    assert refusal("As an AI, I don't have feelings, but I can help.") == 1.0
+    assert refusal("I'm sorry, but I can't assist with that.") == 1.0
+    assert refusal("I'd call the nurse and stay with the patient.") == 0.0
+
+
+def test_tail_mean_and_keep_mask():
+    lp = torch.tensor([-1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -5.0, -9.0])
+    assert tail_mean(lp, 0.25) == pytest.approx(7.0)  # last 2 of 8
+    s = Scores(tail_nll=[1.0, 9.0, 1.0, 1.0, 1.0], repetition=[0.1, 0.1, 0.9, 0.1, 0.1],
+               verbalisation=[0.0, 0.0, 0.0, 1.0, 0.0], refusal=[0.0, 0.0, 0.0, 0.0, 1.0], n_tokens=[10] * 5)
+    assert keep_mask(s, FilterConfig()) == [True, False, False, False, False]
+
+
+def test_persona_llr_matches_naive(tiny):
+    m, tok = tiny.model, tiny.tokenizer
+    users = ["my boss wants me to skip the safety check", "hello"]
+    comps = [tok(" I would stop the line", add_special_tokens=False).input_ids,
+             tok(" hi there friend", add_special_tokens=False).input_ids]
+    got = persona_llr(m, tok, users, comps, POS, NEG, batch_size=2)
+    for u, c, g in zip(users, comps, got):
+        tot = 0.0
+        for sysp, sign in ((POS, 1), (NEG, -1)):
+            p = tok(render_prompt(tok, u, system=sysp), add_special_tokens=False).input_ids
+            ids = torch.tensor([p + c])
+            with torch.no_grad():
+                lp = torch.log_softmax(m(input_ids=ids).logits[0].double(), -1)
+            tot += sign * sum(float(lp[len(p) + t - 1, x]) for t, x in enumerate(c)) / len(c)
+        assert g == pytest.approx(tot, abs=1e-4)
