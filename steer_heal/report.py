@@ -15,6 +15,7 @@ def trajectory_figure(rows: list[dict], base: dict | None, out_png: Path) -> byt
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
     r = [x["round"] for x in rows]
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -29,6 +30,7 @@ def trajectory_figure(rows: list[dict], base: dict | None, out_png: Path) -> byt
             a.axhline(base[bkey], color="gray", ls="--", label="base")
         a.set_title(title)
         a.set_xlabel("round")
+        a.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         a.grid(alpha=0.3)
     ax[0].legend(fontsize=8)
     fig.tight_layout()

@@ -43,6 +43,8 @@ def _train_tokenizer(vocab_size: int = 512):
 
 
 def _config(arch: str, vocab: int, eos: int):
+    if arch.endswith("-262k"):  # gemma-3's vocabulary size on a tiny body: for KL memory benchmarks
+        arch, vocab = arch[:-len("-262k")], 262144
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   eos_token_id=eos, pad_token_id=eos, bos_token_id=None, tie_word_embeddings=True)
@@ -58,7 +60,7 @@ def _config(arch: str, vocab: int, eos: int):
         from transformers import Gemma3TextConfig
 
         return Gemma3TextConfig(head_dim=16, sliding_window=64, **common)
-    raise ValueError(f"unknown tiny arch '{arch}'; fix: use one of llama, qwen3, gemma3")
+    raise ValueError(f"unknown tiny arch '{arch}'; fix: use one of llama, qwen3, gemma3 (optionally -262k)")
 
 
 def build_tiny_model(arch: str = "llama", out: str | Path | None = None, seed: int = 0) -> Path:
@@ -70,6 +72,8 @@ def build_tiny_model(arch: str = "llama", out: str | Path | None = None, seed: i
         return out
     tok = _train_tokenizer()
     cfg = _config(arch, len(tok), tok.convert_tokens_to_ids("<|im_end|>"))
+    if cfg.vocab_size > len(tok):
+        cfg.tie_word_embeddings = False  # unused rows still get logits: the point of the 262k variant
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # random init at std 0.02 is almost uniform output; scale up so steering/KL have signal

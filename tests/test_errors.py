@@ -93,3 +93,18 @@ def test_nan_loss_stops_and_keeps_last_good_round(tiny_cfg, capsys, monkeypatch)
     rows = [json.loads(x) for x in open(f"{tiny_cfg.run_dir}/rounds.jsonl")]
     assert [r["round"] for r in rows] == [0]  # round 0 complete and intact
     assert (tiny_cfg and os.path.exists(f"{tiny_cfg.run_dir}/round_00/cumulative/adapter_model.safetensors"))
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    from steer_heal.presets import available, load_preset
+
+    for f in sorted(Path("recipes/configs").glob("*.yaml")):
+        cfg = load_config(f)
+        p = load_preset(cfg.preset)
+        assert p.persona_pos and p.persona_neg, f
+    for name in available():
+        p = load_preset(name)
+        assert len(set(p.contexts)) >= 128 and len(set(p.prompts)) >= 32 and p.eval_prompts
+        assert not set(p.eval_prompts) & set(p.prompts)  # fixed eval prompts are never trained on

@@ -6,7 +6,7 @@ from tqdm.auto import tqdm
 
 from steer_heal.chat import render_prompt
 from steer_heal.steering.core import SteeringVector, mean_diff
-from steer_heal.steering.hooks import capture_last_token
+from steer_heal.steering.hooks import StopForward, capture_last_token
 
 
 class PersonaError(ValueError):
@@ -32,9 +32,12 @@ def last_token_states(model, tok, prompts: list[str], layers: list[int], batch_s
         enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         assert tok.padding_side == "left", "extraction reads position -1: the tokenizer must pad left"
         store: dict = {}
-        with capture_last_token(model, layers, store):
-            model(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device),
-                  position_ids=(enc.attention_mask.cumsum(-1) - 1).clamp_min(0).to(device), use_cache=False)
+        try:
+            with capture_last_token(model, layers, store):
+                model(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device),
+                      position_ids=(enc.attention_mask.cumsum(-1) - 1).clamp_min(0).to(device), use_cache=False)
+        except StopForward:
+            pass
         chunks.append(torch.stack([store[l][0] for l in layers], dim=1))
     return torch.cat(chunks, 0)
 

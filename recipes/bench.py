@@ -1,0 +1,160 @@
+"""`make bench`: speed and memory on this machine, printed as one table (and bench_out/bench.md).
+
+Rows:
+  gen    steered tokens/s: batched HF engine vs the seed's sequential batch-1 generate, same prompts
+  heal   completion tokens/s: default batch vs batch 1, same examples
+  memory peak RSS over the loaded model: NLL-only step vs NLL + chunked exact KL (vs unchunked KL)
+Memory rows run in fresh subprocesses so each peak is its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch  # noqa: E402
+
+from steer_heal.chat import render_prompt  # noqa: E402
+from steer_heal.config import HealConfig  # noqa: E402
+from steer_heal.engine import HFEngine, Sampling  # noqa: E402
+from steer_heal.models import DEFAULT_MODEL, load_model  # noqa: E402
+from steer_heal.presets import load_preset  # noqa: E402
+from steer_heal.steering import Steering, extract_vector, layer_band  # noqa: E402
+
+
+def bench_generation(lm, preset, n_prompts: int, new_tokens: int, batch: int, v) -> list[dict]:
+    m, tok = lm.model, lm.tokenizer
+    prompts = [render_prompt(tok, u) for u in (preset.prompts * 4)[:n_prompts]]
+    s = Steering(v, 1.0)
+    samp = Sampling(max_new_tokens=new_tokens, temperature=0.0)
+    rows = []
+    for name, bs in ((f"HF batched (batch {batch})", batch), ("HF sequential (batch 1, seed's approach)", 1)):
+        eng = HFEngine(m, tok, batch_size=bs)
+        eng.generate(prompts[:2], s, Sampling(max_new_tokens=4, temperature=0.0), logprobs=False)  # warm-up
+        t = time.perf_counter()
+        ro = eng.generate(prompts, s, samp, logprobs=False)
+        dt = time.perf_counter() - t
+        n = sum(len(r.completion_ids) for r in ro)
+        rows.append(dict(what=f"steered generation: {name}", value=n / dt, unit="tok/s", detail=f"{n} tokens, {dt:.1f}s"))
+    rows.append(dict(what="steered generation speed-up (batched / sequential)", value=rows[0]["value"] / rows[1]["value"],
+                     unit="x", detail="target >= 8x"))
+    return rows
+
+
+def bench_heal(lm, preset, n_examples: int, batch: int) -> list[dict]:
+    from steer_heal.heal import heal_round
+    from steer_heal.student import Student
+
+    tok = lm.tokenizer
+    eng = HFEngine(lm.model, tok, batch_size=32)
+    users = (preset.prompts * 4)[:n_examples]
+    ro = eng.generate([render_prompt(tok, u) for u in users], None, Sampling(max_new_tokens=48, seed=0), logprobs=False)
+    ex = [(r.prompt_ids, r.completion_ids) for r in ro if r.completion_ids]
+    st = Student(lm.model, tok, r=16, alpha=32)
+    rows = []
+    for bs in (batch, 1):
+        cfg = HealConfig(epochs=1, batch_size=bs, val_frac=0.0, log_every=10 ** 9)
+        st.reset_live()
+        res = heal_round(st, ex, cfg, progress=False)
+        rows.append(dict(what=f"heal (NLL + chunked rmse KL): batch {bs}", value=res.tokens_per_s, unit="tok/s",
+                         detail=f"{res.tokens} completion tokens, {res.seconds:.1f}s, {res.steps} steps"))
+    rows.append(dict(what="heal speed-up (batch / batch 1)", value=rows[0]["value"] / rows[1]["value"], unit="x",
+                     detail="target >= 3x"))
+    return rows
+
+
+def _mem_child(model: str, mode: str, n_seq: int, seq_len: int) -> dict:
+    """Run in a fresh process: peak RSS growth of one training step in `mode`."""
+    from steer_heal.heal import heal_terms
+    from steer_heal.logprobs import pack
+    from steer_heal.student import Student
+
+    lm = load_model(model, dtype="float32")
+    st = Student(lm.model, lm.tokenizer, r=16, alpha=32)
+    g = torch.Generator().manual_seed(0)
+    V = lm.model.config.vocab_size
+    ex = [([1] * 8, torch.randint(3, min(V, 30000), (seq_len,), generator=g).tolist()) for _ in range(n_seq)]
+    batch = pack([e[0] for e in ex], [e[1] for e in ex], lm.tokenizer.pad_token_id)
+    with torch.no_grad():
+        lm.model(input_ids=batch.input_ids[:1, :8])
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    if mode == "nll":  # the usual HF step: full logits, cross-entropy
+        labels = batch.input_ids.masked_fill(batch.completion_mask == 0, -100)
+        loss = st.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
+    else:
+        cfg = HealConfig(kl_chunk_tokens=0 if mode == "kl_chunked" else 10 ** 9)
+        nll, D, bar, k, _ = heal_terms(st, batch, cfg, st.live_off)
+        loss = nll + 0.3 * (D - 0.0).mean()  # barrier always active: KL gradient flows
+    loss.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return dict(peak_mb=(peak - base) / 1024, seconds=time.perf_counter() - t, vocab=V)
+
+
+def bench_memory(model: str, label: str, n_seq: int, seq_len: int) -> list[dict]:
+    rows = []
+    for mode, name in (("nll", "NLL-only step (HF full logits)"), ("kl_chunked", "NLL + exact KL, chunked"),
+                       ("kl_unchunked", "NLL + exact KL, unchunked")):
+        out = subprocess.run([sys.executable, __file__, "--mem-child", model, mode, str(n_seq), str(seq_len)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            rows.append(dict(what=f"memory {label}: {name}", value=float("nan"), unit="MB", detail=out.stderr[-200:]))
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(dict(what=f"peak memory {label}: {name}", value=r["peak_mb"], unit="MB over model",
+                         detail=f"{n_seq}x{seq_len} completion tokens, vocab {r['vocab']}, {r['seconds']:.1f}s"))
+    return rows
+
+
+def print_table(rows: list[dict], header: str) -> str:
+    w = max(len(r["what"]) for r in rows)
+    lines = [header, f"{'measurement'.ljust(w)}  {'value':>10}  unit           detail", "-" * (w + 50)]
+    lines += [f"{r['what'].ljust(w)}  {r['value']:>10.2f}  {r['unit']:<13}  {r['detail']}" for r in rows]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--mem-child":
+        print(json.dumps(_mem_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))))
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--gen-batch", type=int, default=32)
+    ap.add_argument("--heal-examples", type=int, default=32)
+    ap.add_argument("--heal-batch", type=int, default=HealConfig().batch_size)
+    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: gen heal memory")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    lm = load_model(a.model, dtype="float32")
+    preset = load_preset("care-over-authority")
+    layers = layer_band(lm.model.config.num_hidden_layers)
+    v = extract_vector(lm.model, lm.tokenizer, preset.persona_pos, preset.persona_neg, preset.contexts[:32], layers)
+    rows = []
+    head = f"steer-heal bench  model={a.model}  torch threads={torch.get_num_threads()}  cpu={os.cpu_count()}"
+    if "gen" not in a.skip:
+        rows += bench_generation(lm, preset, a.prompts, a.new_tokens, a.gen_batch, v)
+        print_table(rows, head)
+    if "heal" not in a.skip:
+        rows += bench_heal(lm, preset, a.heal_examples, a.heal_batch)
+        print_table(rows, head)
+    if "memory" not in a.skip:
+        rows += bench_memory(a.model, "SmolLM2 (49k vocab)", 8, 96)
+        from steer_heal.tiny import build_tiny_model  # noqa: F401  (gemma3 shape, 262k vocab)
+        rows += bench_memory("tiny-random/gemma3-262k", "gemma-3 vocab (262k), tiny body", 8, 96)
+    text = print_table(rows, "\n" + head)
+    Path("bench_out").mkdir(exist_ok=True)
+    Path("bench_out/bench.md").write_text("```\n" + text + "\n```\n")
+
+
+if __name__ == "__main__":
+    main()
