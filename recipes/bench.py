@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -83,7 +82,23 @@ def _mem_child(model: str, mode: str, n_seq: int, seq_len: int) -> dict:
     batch = pack([e[0] for e in ex], [e[1] for e in ex], lm.tokenizer.pad_token_id)
     with torch.no_grad():
         lm.model(input_ids=batch.input_ids[:1, :8])
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import ctypes
+    import gc
+    import threading
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed load-time memory back so RSS starts low
+    page = os.sysconf("SC_PAGE_SIZE")
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page  # noqa: E731
+    base, peak, stop = rss(), [0], threading.Event()
+
+    def sample():  # ru_maxrss would report the loading peak; sample the step's own RSS instead
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0005)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
     t = time.perf_counter()
     if mode == "nll":  # the usual HF step: full logits, cross-entropy
         labels = batch.input_ids.masked_fill(batch.completion_mask == 0, -100)
@@ -93,8 +108,9 @@ def _mem_child(model: str, mode: str, n_seq: int, seq_len: int) -> dict:
         nll, D, bar, k, _ = heal_terms(st, batch, cfg, st.live_off)
         loss = nll + 0.3 * (D - 0.0).mean()  # barrier always active: KL gradient flows
     loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return dict(peak_mb=(peak - base) / 1024, seconds=time.perf_counter() - t, vocab=V)
+    stop.set()
+    th.join()
+    return dict(peak_mb=(peak[0] - base) / 2 ** 20, seconds=time.perf_counter() - t, vocab=V)
 
 
 def bench_memory(model: str, label: str, n_seq: int, seq_len: int) -> list[dict]:
@@ -127,9 +143,9 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--gen-batch", type=int, default=32)
+    ap.add_argument("--gen-batch", type=int, default=64)
     ap.add_argument("--heal-examples", type=int, default=32)
     ap.add_argument("--heal-batch", type=int, default=HealConfig().batch_size)
     ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: gen heal memory")

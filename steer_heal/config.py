@@ -82,6 +82,13 @@ class HealConfig:
 class EvalConfig:
     n_prompts: int = 8  # fixed prompts answered by base / steered / healed each round
     max_new_tokens: int = 48
+    mfv: bool = True  # moral-foundations forced-choice evaluation (tinymfv protocol)
+    mfv_dir: str = ""  # folder in the hub layout of wassname/tiny-mfv; default $STEER_HEAL_MFV_DIR, then the hub
+    mfv_config: str = "classic"  # classic | scifi | ai-actor
+    mfv_condition: str = "other_violate"  # other_violate | self_violate
+    mfv_n: int = 0  # 0: all vignettes; else a subset stratified by foundation
+    think_tokens: int = 64  # 128 for headline numbers
+    mfv_batch_size: int = 16
 
 
 @dataclass

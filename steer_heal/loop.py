@@ -13,6 +13,8 @@ from reward.scores import Scores, coherent_mask, keep_mask, score_rollouts
 from steer_heal.chat import render_prompt
 from steer_heal.config import RunConfig
 from steer_heal.engine import HFEngine, Sampling
+from steer_heal.evals.mfv import MFVResult, evaluate_mfv, surgicality, trait_nats
+from steer_heal.evals.mfv_data import load_vignettes
 from steer_heal.heal import HealDivergedError, heal_round
 from steer_heal.models import load_model, num_layers
 from steer_heal.presets import Preset, load_preset
@@ -42,6 +44,7 @@ class Ctx:
     engine: HFEngine
     layers: list[int]
     tracker: Tracker
+    mfv_rows: list[dict]
 
     @property
     def personas(self) -> tuple[str, str]:
@@ -131,6 +134,27 @@ def evaluate_fixed(ctx: Ctx, steering: Steering | None, base: bool = False) -> d
     return summarise(sc, ctx.cfg.filter) | {"texts": [x.text for x in ro], "prompts": users}
 
 
+def mfv(ctx: Ctx, steering: Steering | None, base: bool = False) -> MFVResult | None:
+    """Moral-foundations forced choice on the base, the steered or the healed student."""
+    if not ctx.mfv_rows:
+        return None
+    e = ctx.cfg.eval
+    with (ctx.student.base() if base else ctx.student.live_off()):
+        return evaluate_mfv(ctx.student.model, ctx.student.tok, ctx.mfv_rows, e.think_tokens, e.mfv_batch_size, steering)
+
+
+def mfv_columns(res: MFVResult | None, base: MFVResult | None, axis: dict, tag: str) -> dict:
+    if res is None:
+        return {}
+    out = {f"trait_nats_{tag}": trait_nats(res, axis), f"pmass_{tag}": res.pmass_allowed,
+           f"nll_prefill_{tag}": res.nll_prefill, f"unscorable_{tag}": res.frac_unscorable,
+           f"profile_{tag}": res.profile}
+    if base is not None:
+        out[f"d_trait_nats_{tag}"] = out[f"trait_nats_{tag}"] - trait_nats(base, axis)
+        out.update({f"{k}_{tag}": v for k, v in surgicality(res, base, axis).items()})
+    return out
+
+
 def summarise(sc: Scores, fcfg) -> dict:
     fin = [t for t in sc.tail_nll if math.isfinite(t)]
     n = max(len(sc.tail_nll), 1)
@@ -164,7 +188,9 @@ def build(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Ctx:
     h = cfg.heal
     student = Student(lm.model, lm.tokenizer, h.lora_r, h.lora_alpha, h.lora_band, h.target_modules, base_path=lm.path)
     engine = HFEngine(student.model, lm.tokenizer, batch_size=cfg.gen.batch_size, progress=True)
-    return Ctx(cfg, rd, preset, student, engine, layers, Tracker(cfg.report_to, rd.path, cfg.to_dict()))
+    e = cfg.eval
+    rows = load_vignettes(e.mfv_dir or None, e.mfv_config, e.mfv_condition, e.mfv_n or None, cfg.seed) if e.mfv else []
+    return Ctx(cfg, rd, preset, student, engine, layers, Tracker(cfg.report_to, rd.path, cfg.to_dict()), rows)
 
 
 def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]:
@@ -177,7 +203,13 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
     base_eval = ctx.rd.load_json("base_eval.json")
     if base_eval is None:
         base_eval = evaluate_fixed(ctx, None, base=True)
+        base_mfv = mfv(ctx, None, base=True)
+        if base_mfv is not None:
+            base_eval["mfv"] = base_mfv.summary() | {"profile": base_mfv.profile, "human_profile": base_mfv.human_profile,
+                                                     "trait_nats": trait_nats(base_mfv, ctx.preset.foundations)}
+            ctx.rd.save_json("base_mfv_rows.json", base_mfv.rows)
         ctx.rd.save_json("base_eval.json", base_eval)
+    base_mfv = MFVResult.from_summary(base_eval["mfv"]) if "mfv" in base_eval else None
     kappa = rows[-1]["kappa"] if rows else None
     v0 = SteeringVector.load(ctx.rd.round_dir(0) / "vector.safetensors") if start else None
     for r in range(start, cfg.rounds):
@@ -197,6 +229,7 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
                                    f"min_train={cfg.min_train}; fix: loosen filter.max_tail_nll / max_repetition, "
                                    "lower steer.kappa_min, or raise gen.n_per_alpha")
         steered = evaluate_fixed(ctx, Steering(v, kappa))
+        steered_mfv = mfv(ctx, Steering(v, kappa))
         try:
             hres = heal(ctx, kept, r)
         except HealDivergedError as e:
@@ -204,15 +237,22 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
             raise
         bake(ctx, r)
         healed = evaluate_fixed(ctx, None)
+        healed_mfv = mfv(ctx, None)
         ctx.rd.save_json(f"round_{r:02d}/eval.json", dict(steered=steered, healed=healed))
+        for tag, res in (("steered", steered_mfv), ("healed", healed_mfv)):
+            if res is not None:
+                ctx.rd.save_json(f"round_{r:02d}/mfv_{tag}.json", dict(summary=res.summary(), rows=res.rows))
         row = dict(round=r, kappa=kappa, generated=len(samples), kept=len(kept), heal_nll=hres.train_nll,
                    val_nll=hres.val_nll, val_nll_before=hres.val_nll_before, heal_D=hres.D_mean,
                    barrier_frac=hres.barrier_frac, lam=hres.lam, heal_tokens_per_s=hres.tokens_per_s,
                    trait_steered=steered["trait"], trait_healed=healed["trait"], coh_steered=steered["coherence"],
                    coh_healed=healed["coherence"], tail_nll_steered=steered["tail_nll"],
-                   tail_nll_healed=healed["tail_nll"], cos_r0=v.cosine(v0), seconds=time.perf_counter() - t0)
+                   tail_nll_healed=healed["tail_nll"], cos_r0=v.cosine(v0),
+                   **mfv_columns(steered_mfv, base_mfv, ctx.preset.foundations, "steered"),
+                   **mfv_columns(healed_mfv, base_mfv, ctx.preset.foundations, "healed"),
+                   seconds=time.perf_counter() - t0)
         ctx.rd.append_row(row)
-        ctx.tracker.log({f"round/{k}": x for k, x in row.items()}, step=r)
+        ctx.tracker.log({f"round/{k}": x for k, x in row.items() if not isinstance(x, list)}, step=r)
         rows = ctx.rd.rows()
         print(format_table(rows, base=base_eval), flush=True)
         from steer_heal.report import write_report

@@ -10,34 +10,73 @@ from pathlib import Path
 from steer_heal.rundir import format_table, read_jsonl, write_atomic
 
 
+PANELS = [("trait", "trait (persona LLR, nats/token)", "trait"), ("coh", "coherence (fixed prompts passing)", "coherence"),
+          ("tail_nll", "tail NLL under base (nats)", "tail_nll"),
+          ("trait_nats", "MFV trait_nats (signed log p)", "trait_nats"),
+          ("pmass", "MFV pmass_allowed", "pmass_allowed"), ("nll_prefill", "MFV nll_prefill", "nll_prefill")]
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
 def trajectory_figure(rows: list[dict], base: dict | None, out_png: Path) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401
+    import matplotlib.ticker
 
+    panels = [p for p in PANELS if any(f"{p[0]}_healed" in x for x in rows)]
+    ncol = 3
+    nrow = (len(panels) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(13, 3.6 * nrow), squeeze=False)
     r = [x["round"] for x in rows]
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = [("trait", "trait (persona LLR, nats/token)"), ("coh", "coherence (fraction passing)"),
-              ("tail_nll", "tail NLL under base (nats)")]
-    for a, (key, title) in zip(ax, panels):
-        ks, kh = (f"{key}_steered", f"{key}_healed")
-        a.plot(r, [x.get(ks) for x in rows], "o-", color="tab:red", label="steered (raw vector)")
-        a.plot(r, [x.get(kh) for x in rows], "o-", color="tab:green", label="healed (no steering)")
-        bkey = {"coh": "coherence"}.get(key, key)
-        if base and base.get(bkey) is not None:
-            a.axhline(base[bkey], color="gray", ls="--", label="base")
+    bm = (base or {}).get("mfv") or {}
+    for a, (key, title, bkey) in zip(axes.flat, panels):
+        a.plot(r, [x.get(f"{key}_steered") for x in rows], "o-", color="tab:red", label="steered (raw vector)")
+        a.plot(r, [x.get(f"{key}_healed") for x in rows], "o-", color="tab:green", label="healed (no steering)")
+        bval = (base or {}).get(bkey, bm.get(bkey))
+        if bval is not None:
+            a.axhline(bval, color="gray", ls="--", label="base")
         a.set_title(title)
         a.set_xlabel("round")
         a.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         a.grid(alpha=0.3)
-    ax[0].legend(fontsize=8)
+    for a in list(axes.flat)[len(panels):]:
+        a.axis("off")
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    data = _png(fig)
     plt.close(fig)
-    data = buf.getvalue()
+    out_png.write_bytes(data)
+    return data
+
+
+def profile_figure(series: dict[str, list[float]], out_png: Path) -> bytes:
+    """Grouped bars: per-foundation probability for each named profile (base, steered, healed, human)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from steer_heal.evals.protocol import FOUNDATIONS
+
+    colors = {"human": "black", "base": "gray", "steered": "tab:red", "healed": "tab:green"}
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    w = 0.8 / max(len(series), 1)
+    for j, (name, prof) in enumerate(series.items()):
+        xs = [i + (j - (len(series) - 1) / 2) * w for i in range(7)]
+        ax.bar(xs, prof, w, label=name, color=colors.get(name.split()[0], None), alpha=0.85)
+    ax.set_xticks(range(7), FOUNDATIONS)
+    ax.set_ylabel("mean p (forced choice)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
     out_png.write_bytes(data)
     return data
 
@@ -57,8 +96,16 @@ def write_report(run_dir: str | Path) -> None:
     base = json.loads((d / "base_eval.json").read_text()) if (d / "base_eval.json").exists() else None
     png = trajectory_figure(rows, base, d / "trajectory.png")
     img = base64.b64encode(png).decode()
+    prof_html = ""
+    last = rows[-1]
+    if base and base.get("mfv") and "profile_healed" in last:
+        series = {"human": base["mfv"]["human_profile"], "base": base["mfv"]["profile"],
+                  f"steered r{last['round']}": last["profile_steered"], f"healed r{last['round']}": last["profile_healed"]}
+        pp = profile_figure(series, d / "mfv_profile.png")
+        prof_html = ("<h3>Moral-foundations profile (last round)</h3><img src='data:image/png;base64,"
+                     + base64.b64encode(pp).decode() + "'>")
     write_atomic(d / "trajectory.html", _page(
-        "steer-heal trajectory", f"<h2>{html.escape(d.name)}</h2><img src='data:image/png;base64,{img}'>"
+        "steer-heal trajectory", f"<h2>{html.escape(d.name)}</h2><img src='data:image/png;base64,{img}'>{prof_html}"
         f"<pre>{html.escape(format_table(rows, base=base))}</pre><p><a href='outputs.html'>outputs page</a></p>"))
     # outputs page: same fixed prompts answered by base, steered and each healed round
     cols, answers = [], []

@@ -107,6 +107,9 @@ class RunDir:
 COLUMNS = [("round", "r", "{:d}"), ("kappa", "kappa", "{:.3g}"), ("generated", "gen", "{:d}"), ("kept", "kept", "{:d}"),
            ("heal_nll", "heal_nll", "{:.3f}"), ("val_nll", "val_nll", "{:.3f}"), ("heal_D", "D", "{:.3f}"),
            ("trait_steered", "trait_st", "{:+.3f}"), ("trait_healed", "trait_he", "{:+.3f}"),
+           ("trait_nats_steered", "tnats_st", "{:+.2f}"), ("trait_nats_healed", "tnats_he", "{:+.2f}"),
+           ("d_trait_nats_healed", "dtn_he", "{:+.2f}"), ("pmass_healed", "pmass_he", "{:.3f}"),
+           ("nll_prefill_healed", "nllpre_he", "{:.2f}"), ("unscorable_healed", "unsc_he", "{:.2f}"),
            ("coh_steered", "coh_st", "{:.2f}"), ("coh_healed", "coh_he", "{:.2f}"),
            ("tail_nll_healed", "tailnll_he", "{:.2f}"), ("cos_r0", "cos_r0", "{:.3f}"), ("seconds", "sec", "{:.0f}")]
 
@@ -131,6 +134,9 @@ def format_table(rows: list[dict], markdown: bool = False, base: dict | None = N
     line = lambda xs: "  ".join(x.rjust(n) for x, n in zip(xs, w))  # noqa: E731
     out = [line(head)] + [line(b) for b in body]
     if base:
+        m = base.get("mfv")
+        extra = (f"  trait_nats {m['trait_nats']:+.2f}  pmass {m['pmass_allowed']:.3f}  nll_prefill "
+                 f"{m['nll_prefill']:.2f}  unscorable {m['frac_unscorable']:.2f}") if m else ""
         out.insert(0, f"base: trait {base.get('trait', 0):+.3f}  coherence {base.get('coherence', 0):.2f}  "
-                      f"tail_nll {base.get('tail_nll', 0):.2f}")
+                      f"tail_nll {base.get('tail_nll', 0):.2f}" + extra)
     return "\n".join(out)

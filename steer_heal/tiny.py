@@ -46,7 +46,7 @@ def _config(arch: str, vocab: int, eos: int):
     if arch.endswith("-262k"):  # gemma-3's vocabulary size on a tiny body: for KL memory benchmarks
         arch, vocab = arch[:-len("-262k")], 262144
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   eos_token_id=eos, pad_token_id=eos, bos_token_id=None, tie_word_embeddings=True)
     if arch == "llama":
         from transformers import LlamaConfig

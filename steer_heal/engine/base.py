@@ -13,6 +13,8 @@ class Sampling:
     temperature: float = 1.0  # 0 -> greedy
     top_p: float = 1.0
     seed: int = 0
+    min_new_tokens: int = 0  # EOS is suppressed until this many tokens
+    banned: list[list[int]] = field(default_factory=list)  # token sequences never to complete (e.g. "</think>")
 
     @property
     def greedy(self) -> bool:

@@ -26,38 +26,56 @@ class HFEngine:
         return sorted(i for i in ids if i is not None)
 
     @torch.no_grad()
+    def generate_batch(self, ids: list[list[int]], steering: Steering | None, sampling: Sampling,
+                       return_cache: bool = False):
+        """One left-padded batch. Returns (completion ids per row, finished flags, and with
+        `return_cache` the KV cache, the attention mask and the padded prompt length)."""
+        device = next(self.model.parameters()).device
+        pad = self.tok.pad_token_id
+        L = max(len(x) for x in ids)
+        inp = torch.full((len(ids), L), pad, dtype=torch.long)
+        att = torch.zeros((len(ids), L), dtype=torch.long)
+        for r, x in enumerate(ids):
+            inp[r, L - len(x):] = torch.tensor(x)
+            att[r, L - len(x):] = 1
+        kw = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=self.eos_ids)
+        if sampling.min_new_tokens:
+            kw["min_new_tokens"] = sampling.min_new_tokens
+        if sampling.banned:
+            kw["bad_words_ids"] = sampling.banned
+        if sampling.greedy:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        with steer(self.model, steering):
+            out = self.model.generate(input_ids=inp.to(device), attention_mask=att.to(device),
+                                      return_dict_in_generate=True, use_cache=True, **kw)
+        gen = out.sequences[:, L:].cpu()
+        comps, fins = [], []
+        for r in range(len(ids)):
+            c, fin = gen[r].tolist(), False
+            for t, tokid in enumerate(c):
+                if tokid in self.eos_ids:
+                    c, fin = c[:t + 1], True
+                    break
+            comps.append(c)
+            fins.append(fin)
+        if return_cache:
+            return comps, fins, out.past_key_values, att.to(device), L
+        return comps, fins
+
+    @torch.no_grad()
     def generate(self, prompts: list[str], steering: Steering | None = None, sampling: Sampling | None = None,
                  logprobs: bool = True, desc: str | None = None) -> list[Rollout]:
         sampling = sampling or Sampling()
-        device = next(self.model.parameters()).device
         ids = [encode_prompt(self.tok, p) for p in prompts]
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a batch
         out: list[Rollout | None] = [None] * len(ids)
         torch.manual_seed(sampling.seed)
-        pad = self.tok.pad_token_id
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         for idx in tqdm(batches, desc=desc, disable=not (self.progress and desc), leave=False):
-            L = max(len(ids[i]) for i in idx)
-            inp = torch.full((len(idx), L), pad, dtype=torch.long)
-            att = torch.zeros((len(idx), L), dtype=torch.long)
-            for r, i in enumerate(idx):
-                inp[r, L - len(ids[i]):] = torch.tensor(ids[i])
-                att[r, L - len(ids[i]):] = 1
-            kw = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=self.eos_ids)
-            if sampling.greedy:
-                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            else:
-                kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-            with steer(self.model, steering):
-                seq = self.model.generate(input_ids=inp.to(device), attention_mask=att.to(device), **kw)
-            gen = seq[:, L:].cpu()
-            for r, i in enumerate(idx):
-                c = gen[r].tolist()
-                fin = False
-                for t, tokid in enumerate(c):
-                    if tokid in self.eos_ids:
-                        c, fin = c[:t + 1], True
-                        break
+            comps, fins = self.generate_batch([ids[i] for i in idx], steering, sampling)
+            for i, c, fin in zip(idx, comps, fins):
                 out[i] = Rollout(prompt=prompts[i], text=self.tok.decode(c, skip_special_tokens=True),
                                  prompt_ids=ids[i], completion_ids=c, finished=fin)
         if logprobs:
