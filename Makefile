@@ -7,6 +7,11 @@ STAMP   := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
+# moral-foundations vignettes: the shared offline copy when it is there, else the hub (wassname/tiny-mfv)
+MFV_LOCAL := $(abspath ../shared/data/tiny-mfv)
+ifneq ($(wildcard $(MFV_LOCAL)/classic),)
+export STEER_HEAL_MFV_DIR ?= $(MFV_LOCAL)
+endif
 
 .PHONY: demo demo-iterative test test-fast bench clean
 

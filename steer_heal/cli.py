@@ -53,6 +53,49 @@ def _export(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    import json
+
+    from steer_heal.evals.mfv import evaluate_mfv, format_profile
+    from steer_heal.evals.mfv_data import load_vignettes
+    from steer_heal.models import load_model
+    from steer_heal.steering import Steering, SteeringVector
+
+    model_id, adapter = args.model, args.adapter
+    if args.run:
+        d = Path(args.run)
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        model_id = model_id or cfg["model"]["model"]
+        from steer_heal.rundir import read_jsonl
+
+        rows = read_jsonl(d / "rounds.jsonl")
+        if not rows:
+            raise SystemExit(f"error: '{d}' has no completed round; fix: evaluate a run with rounds.jsonl")
+        k = rows[-1]["round"] if args.round is None else args.round
+        adapter = str(d / f"round_{k:02d}" / "cumulative")
+    if not model_id:
+        raise SystemExit("error: no model; fix: pass --model ID (or --run RUN_DIR)")
+    lm = load_model(model_id, dtype=args.dtype)
+    model = lm.model
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    steering = None
+    if args.steer:
+        steering = Steering(SteeringVector.load(args.steer), args.coeff)
+    vig = load_vignettes(args.mfv_dir, args.mfv_config, args.condition, args.n or None, args.seed)
+    res = evaluate_mfv(model, lm.tokenizer, vig, args.think, args.batch_size, steering)
+    what = model_id + (f" + {adapter}" if adapter else "") + (f" steered c={args.coeff}" if steering else "")
+    print(f"MFV {args.mfv_config}/{args.condition}: {what}")
+    print(format_profile(res))
+    out = Path(args.out or "mfv_eval.json")
+    out.write_text(json.dumps(dict(model=model_id, adapter=adapter, steer=args.steer, coeff=args.coeff,
+                                   summary=res.summary(), rows=res.rows), indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="steer-heal", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -64,9 +107,26 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("run_dir")
     e.add_argument("--round", type=int, default=None)
     e.add_argument("--out", default=None)
+    v = sub.add_parser("eval", help="moral-foundations forced-choice evaluation (tinymfv protocol)")
+    v.add_argument("--model", default=None, help="hub id or folder (default: the run's model)")
+    g = v.add_mutually_exclusive_group()
+    g.add_argument("--adapter", default=None, help="a PEFT adapter folder to merge first")
+    g.add_argument("--run", default=None, metavar="RUN_DIR", help="evaluate a run's baked student (with --round)")
+    v.add_argument("--round", type=int, default=None, help="round of --run (default: the last)")
+    v.add_argument("--steer", default=None, metavar="VECTOR", help="steering vector .safetensors")
+    v.add_argument("--coeff", type=float, default=1.0)
+    v.add_argument("--mfv-dir", default=None, help="vignettes folder (default $STEER_HEAL_MFV_DIR, then the hub)")
+    v.add_argument("--mfv-config", default="classic", choices=["classic", "scifi", "ai-actor"])
+    v.add_argument("--condition", default="other_violate", choices=["other_violate", "self_violate"])
+    v.add_argument("--n", type=int, default=0, help="stratified subset size (0: all)")
+    v.add_argument("--think", type=int, default=64, help="think tokens T (128 for headline numbers)")
+    v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--dtype", default="auto")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--out", default=None, help="JSON output (default mfv_eval.json)")
     args = p.parse_args(argv)
     try:
-        return {"run": _run, "export": _export}[args.cmd](args)
+        return {"run": _run, "export": _export, "eval": _eval}[args.cmd](args)
     except (ValueError, RuntimeError, OSError) as e:  # our errors carry their fix; show one line, not a trace
         from steer_heal.heal import HealDivergedError
 

@@ -189,7 +189,8 @@ def build(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Ctx:
     student = Student(lm.model, lm.tokenizer, h.lora_r, h.lora_alpha, h.lora_band, h.target_modules, base_path=lm.path)
     engine = HFEngine(student.model, lm.tokenizer, batch_size=cfg.gen.batch_size, progress=True)
     e = cfg.eval
-    rows = load_vignettes(e.mfv_dir or None, e.mfv_config, e.mfv_condition, e.mfv_n or None, cfg.seed) if e.mfv else []
+    # subset seed fixed at 0: runs with different seeds are evaluated on the same vignettes
+    rows = load_vignettes(e.mfv_dir or None, e.mfv_config, e.mfv_condition, e.mfv_n or None, 0) if e.mfv else []
     return Ctx(cfg, rd, preset, student, engine, layers, Tracker(cfg.report_to, rd.path, cfg.to_dict()), rows)
 
 

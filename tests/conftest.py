@@ -48,3 +48,21 @@ def tiny_cfg(tiny_dir, tmp_path):
 
     return load_config("recipes/configs/smoke.yaml", {"model": {"model": str(tiny_dir["llama"])},
                                                       "run_dir": str(tmp_path / "run")})
+
+
+@pytest.fixture(scope="session")
+def mfv_dir():
+    """The vignettes folder: $STEER_HEAL_MFV_DIR or the shared copy beside the repo (never the hub)."""
+    from pathlib import Path
+
+    d = os.environ.get("STEER_HEAL_MFV_DIR") or str(Path(__file__).resolve().parents[1].parent / "shared/data/tiny-mfv")
+    assert Path(d, "classic").is_dir(), f"MFV vignettes not found at {d}; set STEER_HEAL_MFV_DIR"
+    os.environ["STEER_HEAL_MFV_DIR"] = d
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _mfv_env(request):
+    # every test that builds a run reads the vignettes from the local folder
+    if "tiny_cfg" in request.fixturenames or "smol" in request.fixturenames:
+        request.getfixturevalue("mfv_dir")

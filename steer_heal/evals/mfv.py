@@ -191,7 +191,7 @@ def evaluate_mfv(model, tok, rows: list[dict], think_tokens: int = 64, batch_siz
             think[i], out_d[i], out_n[i] = comps[k], d[k].tolist(), float(n[k])
     per: dict[int, dict] = {}
     for (i, f), d, n, t in zip(items, out_d, out_n, think):
-        per.setdefault(i, {})[f] = (d, n, tok.decode(t, skip_special_tokens=False))
+        per.setdefault(i, {})[f] = (d, n, t)
     res_rows, pred, gold = [], [], []
     for i, r in enumerate(rows):
         (df, nf, tf), (dr, nr, tr) = per[i][0], per[i][1]
@@ -199,8 +199,8 @@ def evaluate_mfv(model, tok, rows: list[dict], think_tokens: int = 64, batch_siz
         g = human_label(r)
         res_rows.append(dict(id=r.get("id"), foundation=r["foundation_coarse"], human_label=P.FOUNDATIONS[g],
                              **m, top1_name=P.FOUNDATIONS[m["top1"]], nll_prefill=(nf + nr) / 2,
-                             unscorable=m["pmass_allowed"] < min_pmass, think_fwd=tf, think_rev=tr,
-                             logp_fwd=df, logp_rev=dr))
+                             unscorable=m["pmass_allowed"] < min_pmass, logp_fwd=df, logp_rev=dr,
+                             think_fwd=tok.decode(tf), think_rev=tok.decode(tr), think_ids_fwd=tf, think_ids_rev=tr))
         pred.append(m["top1"])
         gold.append(g)
     n = max(len(res_rows), 1)
