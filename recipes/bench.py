@@ -128,6 +128,20 @@ def bench_memory(model: str, label: str, n_seq: int, seq_len: int) -> list[dict]
     return rows
 
 
+def bench_mfv(lm, think: int, batch: int) -> list[dict]:
+    from steer_heal.evals.mfv import evaluate_mfv
+    from steer_heal.evals.mfv_data import load_vignettes
+
+    rows = load_vignettes(None, "classic", "other_violate")
+    t = time.perf_counter()
+    res = evaluate_mfv(lm.model, lm.tokenizer, rows, think_tokens=think, batch_size=batch, progress=False)
+    dt = time.perf_counter() - t
+    n_tok = 2 * len(rows) * think
+    return [dict(what=f"MFV classic ({len(rows)} x 2 frames, T={think}): wall time", value=dt, unit="s",
+                 detail=f"batch {batch}; target < 240 s; pmass {res.pmass_allowed:.3f}"),
+            dict(what="MFV think tokens/s", value=n_tok / dt, unit="tok/s", detail=f"{n_tok} generated tokens")]
+
+
 def print_table(rows: list[dict], header: str) -> str:
     w = max(len(r["what"]) for r in rows)
     lines = [header, f"{'measurement'.ljust(w)}  {'value':>10}  unit           detail", "-" * (w + 50)]
@@ -148,7 +162,9 @@ def main() -> None:
     ap.add_argument("--gen-batch", type=int, default=64)
     ap.add_argument("--heal-examples", type=int, default=32)
     ap.add_argument("--heal-batch", type=int, default=HealConfig().batch_size)
-    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: gen heal memory")
+    ap.add_argument("--mfv-think", type=int, default=32)
+    ap.add_argument("--mfv-batch", type=int, default=16)
+    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: gen heal memory mfv")
     a = ap.parse_args()
     torch.manual_seed(0)
     lm = load_model(a.model, dtype="float32")
@@ -162,6 +178,9 @@ def main() -> None:
         print_table(rows, head)
     if "heal" not in a.skip:
         rows += bench_heal(lm, preset, a.heal_examples, a.heal_batch)
+        print_table(rows, head)
+    if "mfv" not in a.skip:
+        rows += bench_mfv(lm, a.mfv_think, a.mfv_batch)
         print_table(rows, head)
     if "memory" not in a.skip:
         rows += bench_memory(a.model, "SmolLM2 (49k vocab)", 8, 96)

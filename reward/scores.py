@@ -1,4 +1,4 @@
-"""Per-completion scores: one implementation for the iterative filter and the online reward.
+"""Per-completion score primitives; reward.components.Scorer combines them for the filter and the reward.
 
 Text scores (no model): repetition, verbalisation, refusal.
 Model scores (under the reference model: no steering, no live adapter): tail NLL, persona LLR.
@@ -7,20 +7,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
-
 import torch
-
-
-@dataclass
-class FilterConfig:
-    max_tail_nll: float = 4.0  # nats/token over the last 25% of completion tokens, under the reference
-    tail_frac: float = 0.25
-    max_repetition: float = 0.3  # most-common n-gram fraction (word and char n = 2..4)
-    max_verbalisation: float = 0.5
-    max_refusal: float = 0.5
-    min_tokens: int = 4  # shorter completions are dropped
 
 
 # ---------------------------------------------------------------- text scores
@@ -143,45 +130,3 @@ def persona_llr(model, tok, users: list[str], completion_ids, persona_pos: str, 
     for i, a, b in zip(keep, lp_pos, lp_neg):
         out[i] = float((a - b).mean())
     return out
-
-
-# ---------------------------------------------------------------- table + filter
-@dataclass
-class Scores:
-    tail_nll: list[float] = field(default_factory=list)
-    repetition: list[float] = field(default_factory=list)
-    verbalisation: list[float] = field(default_factory=list)
-    refusal: list[float] = field(default_factory=list)
-    n_tokens: list[int] = field(default_factory=list)
-    trait_llr: list[float] = field(default_factory=list)
-
-    def rows(self) -> list[dict]:
-        d = asdict(self)
-        return [{k: v[i] for k, v in d.items() if v} for i in range(len(self.tail_nll))]
-
-
-def score_rollouts(model, tok, rollouts, users: list[str], personas: tuple[str, str], cfg: FilterConfig,
-                   ref_ctx=nullcontext, with_trait: bool = True, batch_size: int = 32) -> Scores:
-    """All scores for a list of Rollouts. `ref_ctx()` puts `model` in reference mode."""
-    pids = [r.prompt_ids for r in rollouts]
-    cids = [r.completion_ids for r in rollouts]
-    texts = [r.text for r in rollouts]
-    with ref_ctx():
-        tn = tail_nll(model, tok, pids, cids, cfg.tail_frac, batch_size)
-        tr = persona_llr(model, tok, users, cids, *personas, batch_size=batch_size) if with_trait else []
-    return Scores(tail_nll=tn, repetition=[repetition(t) for t in texts],
-                  verbalisation=[verbalisation(t, personas) for t in texts], refusal=[refusal(t) for t in texts],
-                  n_tokens=[len(c) for c in cids], trait_llr=tr)
-
-
-def keep_mask(s: Scores, cfg: FilterConfig) -> list[bool]:
-    """A completion is kept when every thresholded score passes."""
-    return [n >= cfg.min_tokens and t <= cfg.max_tail_nll and r <= cfg.max_repetition
-            and v <= cfg.max_verbalisation and f <= cfg.max_refusal
-            for n, t, r, v, f in zip(s.n_tokens, s.tail_nll, s.repetition, s.verbalisation, s.refusal)]
-
-
-def coherent_mask(s: Scores, cfg: FilterConfig) -> list[bool]:
-    """The coherence part of the filter only (tail NLL, repetition, length)."""
-    return [n >= cfg.min_tokens and t <= cfg.max_tail_nll and r <= cfg.max_repetition
-            for n, t, r in zip(s.n_tokens, s.tail_nll, s.repetition)]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from reward.scores import FilterConfig
+from reward.components import RewardConfig
 
 
 class ConfigError(ValueError):
@@ -106,7 +106,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
     gen: GenConfig = field(default_factory=GenConfig)
-    filter: FilterConfig = field(default_factory=FilterConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     heal: HealConfig = field(default_factory=HealConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -194,4 +194,4 @@ def config_from_dict(d: dict) -> RunConfig:
 
 
 __all__ = ["RunConfig", "ModelConfig", "SteerConfig", "GenConfig", "HealConfig", "EvalConfig",
-           "FilterConfig", "ConfigError", "load_config", "config_from_dict"]
+           "RewardConfig", "ConfigError", "load_config", "config_from_dict"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from reward.scores import Scores, coherent_mask, keep_mask, score_rollouts
+from reward.components import Scorer
 from steer_heal.chat import render_prompt
 from steer_heal.config import RunConfig
 from steer_heal.engine import HFEngine, Sampling
@@ -64,6 +64,15 @@ def extract(ctx: Ctx, r: int) -> SteeringVector:
     return v
 
 
+SCORED = ["trait_llr", "incoherence", "verbalisation", "refusal"]
+
+
+def scorer(ctx: Ctx) -> Scorer:
+    """The shared scorer (the online reward uses the same one), reference = the original model."""
+    return Scorer(ctx.student.model, ctx.student.tok, ctx.personas, ctx.cfg.reward, ref_ctx=ctx.student.base,
+                  batch_size=ctx.cfg.gen.batch_size)
+
+
 def generate_scored(ctx: Ctx, users: list[str], steering: Steering | None, seed: int, greedy: bool = False,
                     max_new_tokens: int | None = None):
     """Generate from the baked student (steered) and score under the base model."""
@@ -73,9 +82,9 @@ def generate_scored(ctx: Ctx, users: list[str], steering: Steering | None, seed:
     prompts = [render_prompt(ctx.student.tok, u) for u in users]
     with ctx.student.live_off():
         ro = ctx.engine.generate(prompts, steering, samp, logprobs=False, desc="generate")
-        sc = score_rollouts(ctx.student.model, ctx.student.tok, ro, users, ctx.personas, ctx.cfg.filter,
-                            ref_ctx=ctx.student.base, batch_size=g.batch_size)
-    return ro, sc
+        comp = scorer(ctx).components(users, [r.completion_ids for r in ro], [r.text for r in ro],
+                                      prompt_ids=[r.prompt_ids for r in ro], which=SCORED)
+    return ro, comp
 
 
 def walk_c(ctx: Ctx, v: SteeringVector, kappa: float, r: int) -> float:
@@ -85,7 +94,7 @@ def walk_c(ctx: Ctx, v: SteeringVector, kappa: float, r: int) -> float:
     for step in range(s.walk_max_steps):
         users = rng.sample(ctx.preset.prompts, min(s.n_probe, len(ctx.preset.prompts)))
         _, sc = generate_scored(ctx, users, Steering(v, kappa), seed=ctx.cfg.seed + 100 * r + step)
-        rate = sum(keep_mask(sc, ctx.cfg.filter)) / max(len(users), 1)
+        rate = sum(scorer(ctx).keep(sc)) / max(len(users), 1)
         ctx.log("walk_c", round=r, step=step, kappa=kappa, pass_rate=rate)
         if rate >= s.walk_target_rate or kappa <= lo * 1.0001:
             break
@@ -100,10 +109,10 @@ def collect(ctx: Ctx, v: SteeringVector, kappa: float, r: int):
     for ai, alpha in enumerate(ctx.cfg.steer.alphas):
         users = [rng.choice(ctx.preset.prompts) for _ in range(ctx.cfg.gen.n_per_alpha)]
         ro, sc = generate_scored(ctx, users, Steering(v, alpha * kappa), seed=ctx.cfg.seed + 1000 * r + ai)
-        keep = keep_mask(sc, ctx.cfg.filter)
-        for u, ro_, s_, k in zip(users, ro, sc.rows(), keep):
-            rows.append(dict(alpha=alpha, user=u, text=ro_.text, kept=k, **s_, _ro=ro_))
-        finite = [t for t in sc.tail_nll if math.isfinite(t)]
+        keep = scorer(ctx).keep(sc)
+        for i, (u, ro_, k) in enumerate(zip(users, ro, keep)):
+            rows.append(dict(alpha=alpha, user=u, text=ro_.text, kept=k, **{n: v[i] for n, v in sc.items()}, _ro=ro_))
+        finite = [t for t in sc["tail_nll"] if math.isfinite(t)]
         dose.append(dict(alpha=alpha, coeff=alpha * kappa, n=len(users), kept_frac=sum(keep) / max(len(keep), 1),
                          tail_nll=sum(finite) / max(len(finite), 1)))
     ctx.log("dose_table", round=r, rows=dose)
@@ -131,7 +140,7 @@ def evaluate_fixed(ctx: Ctx, steering: Steering | None, base: bool = False) -> d
             ro, sc = generate_scored(ctx, users, None, seed=0, greedy=True, max_new_tokens=ctx.cfg.eval.max_new_tokens)
     else:
         ro, sc = generate_scored(ctx, users, steering, seed=0, greedy=True, max_new_tokens=ctx.cfg.eval.max_new_tokens)
-    return summarise(sc, ctx.cfg.filter) | {"texts": [x.text for x in ro], "prompts": users}
+    return summarise(ctx, sc) | {"texts": [x.text for x in ro], "prompts": users}
 
 
 def mfv(ctx: Ctx, steering: Steering | None, base: bool = False) -> MFVResult | None:
@@ -155,12 +164,12 @@ def mfv_columns(res: MFVResult | None, base: MFVResult | None, axis: dict, tag: 
     return out
 
 
-def summarise(sc: Scores, fcfg) -> dict:
-    fin = [t for t in sc.tail_nll if math.isfinite(t)]
-    n = max(len(sc.tail_nll), 1)
-    return dict(trait=sum(sc.trait_llr) / n, coherence=sum(coherent_mask(sc, fcfg)) / n,
-                tail_nll=sum(fin) / max(len(fin), 1), repetition=sum(sc.repetition) / n,
-                verbalisation=sum(sc.verbalisation) / n)
+def summarise(ctx: Ctx, sc: dict) -> dict:
+    fin = [t for t in sc["tail_nll"] if math.isfinite(t)]
+    n = max(len(sc["tail_nll"]), 1)
+    return dict(trait=sum(sc["trait_llr"]) / n, coherence=sum(scorer(ctx).coherent(sc)) / n,
+                tail_nll=sum(fin) / max(len(fin), 1), repetition=sum(sc["repetition"]) / n,
+                verbalisation=sum(sc["verbalisation"]) / n)
 
 
 def heal(ctx: Ctx, kept: list[dict], r: int):
@@ -227,7 +236,7 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
         if len(kept) < cfg.min_train:
             ctx.log("filter_empty", round=r, kept=len(kept), generated=len(samples))
             raise FilterEmptyError(f"round {r}: the filter kept {len(kept)}/{len(samples)} completions, fewer than "
-                                   f"min_train={cfg.min_train}; fix: loosen filter.max_tail_nll / max_repetition, "
+                                   f"min_train={cfg.min_train}; fix: loosen reward.max_tail_nll / max_repetition, "
                                    "lower steer.kappa_min, or raise gen.n_per_alpha")
         steered = evaluate_fixed(ctx, Steering(v, kappa))
         steered_mfv = mfv(ctx, Steering(v, kappa))

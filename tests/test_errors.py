@@ -71,7 +71,7 @@ def test_filter_kept_too_few_keeps_run_dir_intact(tiny_cfg, capsys):
 
 def test_filter_empty_error(tiny_cfg, capsys):
     rc, err = _cli(["run", "--config", "recipes/configs/smoke.yaml", f"model.model={tiny_cfg.model.model}",
-                    f"run_dir={tiny_cfg.run_dir}", "filter.max_tail_nll=0.01"], capsys)
+                    f"run_dir={tiny_cfg.run_dir}", "reward.max_tail_nll=0.01"], capsys)
     assert rc == 2 and "filter kept 0/" in err and "fix" in err and len(err.splitlines()) == 1
     events = [json.loads(x) for x in open(f"{tiny_cfg.run_dir}/events.jsonl")]
     assert events[-1]["event"] == "filter_empty"

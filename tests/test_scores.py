@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from reward.scores import (FilterConfig, Scores, keep_mask, persona_llr, refusal, repetition, tail_mean,
-                           verbalisation)
+from reward.components import RewardConfig, Scorer
+from reward.scores import persona_llr, refusal, repetition, tail_mean, verbalisation
 from steer_heal.chat import render_prompt
 
 POS = "You are someone who looks after others' wellbeing even when it means defying authority."
@@ -36,9 +36,13 @@ def test_refusal():
 def test_tail_mean_and_keep_mask():
     lp = torch.tensor([-1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -5.0, -9.0])
     assert tail_mean(lp, 0.25) == pytest.approx(7.0)  # last 2 of 8
-    s = Scores(tail_nll=[1.0, 9.0, 1.0, 1.0, 1.0], repetition=[0.1, 0.1, 0.9, 0.1, 0.1],
-               verbalisation=[0.0, 0.0, 0.0, 1.0, 0.0], refusal=[0.0, 0.0, 0.0, 0.0, 1.0], n_tokens=[10] * 5)
-    assert keep_mask(s, FilterConfig()) == [True, False, False, False, False]
+    comp = dict(tail_nll=[1.0, 9.0, 1.0, 1.0, 1.0], repetition=[0.1, 0.1, 0.9, 0.1, 0.1],
+                verbalisation=[0.0, 0.0, 0.0, 1.0, 0.0], refusal=[0.0, 0.0, 0.0, 0.0, 1.0], n_tokens=[10] * 5)
+    sc = Scorer(None, None, (POS, NEG), RewardConfig())
+    assert sc.keep(comp) == [True, False, False, False, False]
+    assert sc.coherent(comp) == [True, False, False, True, True]
+    # incoherence units: tail NLL + rep_nats per unit of repetition above rep_floor
+    assert sc.incoherence_from([1.0, 2.0], [0.15, 1.0]) == pytest.approx([1.0, 2.0 + 5.0])
 
 
 def test_persona_llr_matches_naive(tiny):

@@ -52,6 +52,7 @@ class SteeringVector:
     layers: list[int]
     vectors: torch.Tensor  # [len(layers), d] float32
     meta: dict = field(default_factory=dict)
+    center: torch.Tensor | None = None  # [len(layers), d] midpoint of the two persona means (for projections)
 
     def for_layer(self, layer: int) -> torch.Tensor:
         return self.vectors[self.layers.index(layer)]
@@ -67,7 +68,10 @@ class SteeringVector:
         meta = {k: json.dumps(v) for k, v in {**self.meta, "layers": self.layers}.items()}
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"vectors": self.vectors.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
+        tensors = {"vectors": self.vectors.detach().float().cpu().contiguous()}
+        if self.center is not None:
+            tensors["center"] = self.center.detach().float().cpu().contiguous()
+        save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(path)
 
     @classmethod
@@ -77,8 +81,9 @@ class SteeringVector:
         with safe_open(str(path), framework="pt") as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
             vec = f.get_tensor("vectors")
+            center = f.get_tensor("center") if "center" in f.keys() else None
         layers = meta.pop("layers")
-        return cls(layers=layers, vectors=vec, meta=meta)
+        return cls(layers=layers, vectors=vec, meta=meta, center=center)
 
 
 @dataclass

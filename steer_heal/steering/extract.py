@@ -54,4 +54,5 @@ def extract_vector(model, tok, persona_pos: str, persona_neg: str, contexts: lis
     h_pos = last_token_states(model, tok, pos, layers, batch_size, desc)
     h_neg = last_token_states(model, tok, neg, layers, batch_size, desc)
     meta = dict(model_id=model_id, persona_pos=persona_pos, persona_neg=persona_neg, n_contexts=len(contexts))
-    return SteeringVector(layers=list(layers), vectors=mean_diff(h_pos, h_neg), meta=meta)
+    center = (h_pos.float().mean(0) + h_neg.float().mean(0)) / 2
+    return SteeringVector(layers=list(layers), vectors=mean_diff(h_pos, h_neg), meta=meta, center=center)

@@ -1,0 +1,187 @@
+"""The reward components, computed once for both the iterative filter and the online GRPO reward.
+
+    combined = w_trait * trait - w_verb * verbalisation - w_incoh * incoherence - w_refusal * refusal
+
+Units: trait_llr in nats/token; trait_projection in vector lengths (+0.5 = the positive persona's
+mean at the assistant tag, -0.5 = the negative's); verbalisation and refusal in [0, 1];
+incoherence in nats: tail NLL under the reference plus `rep_nats` per unit of repetition above
+`rep_floor` (a pure loop adds ~rep_nats).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from reward import scores as S
+from steer_heal.chat import encode_prompt, render_prompt
+
+
+@dataclass
+class RewardConfig:
+    # filter thresholds (iterative mode keeps a completion when every thresholded component passes)
+    max_tail_nll: float = 4.0  # nats/token over the last `tail_frac` of tokens, under the reference
+    tail_frac: float = 0.25
+    max_repetition: float = 0.3  # most-common n-gram fraction (word and char n = 2..4)
+    max_verbalisation: float = 0.5
+    max_refusal: float = 0.5
+    min_tokens: int = 4
+    # weights of the online reward
+    trait: str = "llr"  # which trait measure enters `combined`: llr | projection | judge
+    w_trait: float = 1.0
+    w_verb: float = 1.0
+    w_incoh: float = 0.25
+    w_refusal: float = 1.0
+    rep_nats: float = 5.0
+    rep_floor: float = 0.15
+    judge: bool = False  # optional third trait measure (a chat model with a rubric); off by default
+
+
+COMPONENTS = ("trait_llr", "trait_projection", "verbalisation", "incoherence", "refusal", "judge")
+
+
+class Scorer:
+    """Scores completions with the reference model (`ref_ctx()`: no steering, no live adapter).
+
+    One instance serves the filter and the TRL reward functions, so both read the same numbers.
+    """
+
+    def __init__(self, model, tok, personas: tuple[str, str], cfg: RewardConfig | None = None,
+                 ref_ctx=nullcontext, vector=None, batch_size: int = 64, judge_engine=None):
+        self.model, self.tok, self.personas = model, tok, personas
+        self.cfg = cfg or RewardConfig()
+        self.ref_ctx, self.vector, self.batch_size, self.judge_engine = ref_ctx, vector, batch_size, judge_engine
+
+    def prompt_ids(self, users: list[str]) -> list[list[int]]:
+        return [encode_prompt(self.tok, render_prompt(self.tok, u)) for u in users]
+
+    # ---------------------------------------------------------------- model components
+    def tail_nll(self, users, completion_ids, prompt_ids=None) -> list[float]:
+        with self.ref_ctx():
+            return S.tail_nll(self.model, self.tok, prompt_ids or self.prompt_ids(users), completion_ids,
+                              self.cfg.tail_frac, self.batch_size)
+
+    def trait_llr(self, users, completion_ids) -> list[float]:
+        with self.ref_ctx():
+            return S.persona_llr(self.model, self.tok, users, completion_ids, *self.personas,
+                                 batch_size=self.batch_size)
+
+    def trait_projection(self, users, completion_ids, prompt_ids=None) -> list[float]:
+        if self.vector is None:
+            raise ValueError("trait_projection needs the current steering vector; fix: pass vector= to the Scorer")
+        with self.ref_ctx():
+            return projection(self.model, self.tok, prompt_ids or self.prompt_ids(users), completion_ids,
+                              self.vector, self.batch_size)
+
+    def judge(self, users, texts) -> list[float]:
+        if self.judge_engine is None:
+            raise ValueError("the judge is off; fix: set reward.judge=true and give the Scorer a judge_engine")
+        return judge_scores(self.judge_engine, users, texts, self.personas[0])
+
+    # ---------------------------------------------------------------- all at once
+    def incoherence_from(self, tail: list[float], rep: list[float]) -> list[float]:
+        c = self.cfg
+        return [t + c.rep_nats * max(0.0, r - c.rep_floor) / (1 - c.rep_floor) for t, r in zip(tail, rep)]
+
+    def components(self, users, completion_ids, texts, prompt_ids=None, which=None) -> dict[str, list[float]]:
+        """Every requested component (default: all the config enables) for a batch of completions."""
+        which = which or [k for k in COMPONENTS if (k != "trait_projection" or self.vector is not None)
+                          and (k != "judge" or self.cfg.judge)]
+        out: dict[str, list[float]] = {}
+        rep = [S.repetition(t) for t in texts]
+        out["repetition"] = rep
+        out["n_tokens"] = [len(c) for c in completion_ids]
+        if "incoherence" in which or "tail_nll" in which:
+            out["tail_nll"] = self.tail_nll(users, completion_ids, prompt_ids)
+            out["incoherence"] = self.incoherence_from(out["tail_nll"], rep)
+        if "trait_llr" in which:
+            out["trait_llr"] = self.trait_llr(users, completion_ids)
+        if "trait_projection" in which:
+            out["trait_projection"] = self.trait_projection(users, completion_ids, prompt_ids)
+        if "verbalisation" in which:
+            out["verbalisation"] = [S.verbalisation(t, self.personas) for t in texts]
+        if "refusal" in which:
+            out["refusal"] = [S.refusal(t) for t in texts]
+        if "judge" in which:
+            out["judge"] = self.judge(users, texts)
+        return out
+
+    def combined(self, comp: dict[str, list[float]]) -> list[float]:
+        c = self.cfg
+        trait = comp[{"llr": "trait_llr", "projection": "trait_projection", "judge": "judge"}[c.trait]]
+        return [c.w_trait * t - c.w_verb * v - c.w_incoh * i - c.w_refusal * r
+                for t, v, i, r in zip(trait, comp["verbalisation"], comp["incoherence"], comp["refusal"])]
+
+    def keep(self, comp: dict[str, list[float]]) -> list[bool]:
+        """The iterative filter: every thresholded component passes."""
+        c = self.cfg
+        return [n >= c.min_tokens and t <= c.max_tail_nll and r <= c.max_repetition and v <= c.max_verbalisation
+                and f <= c.max_refusal for n, t, r, v, f in zip(comp["n_tokens"], comp["tail_nll"], comp["repetition"],
+                                                                comp["verbalisation"], comp["refusal"])]
+
+    def coherent(self, comp: dict[str, list[float]]) -> list[bool]:
+        c = self.cfg
+        return [n >= c.min_tokens and t <= c.max_tail_nll and r <= c.max_repetition
+                for n, t, r in zip(comp["n_tokens"], comp["tail_nll"], comp["repetition"])]
+
+
+@torch.no_grad()
+def projection(model, tok, prompt_ids, completion_ids, vector, batch_size: int = 64) -> list[float]:
+    """Mean over completion tokens and band layers of <h_l - center_l, v_l> / |v_l|^2 (0 for empty)."""
+    from steer_heal.logprobs import pack
+    from steer_heal.models import decoder_layers
+
+    device = next(model.parameters()).device
+    V = vector.vectors.to(device)
+    C = vector.center.to(device) if getattr(vector, "center", None) is not None else torch.zeros_like(V)
+    out = [0.0] * len(completion_ids)
+    keep = [i for i, c in enumerate(completion_ids) if c]
+    layers = decoder_layers(model)
+    for j in range(0, len(keep), batch_size):
+        idx = keep[j:j + batch_size]
+        b = pack([prompt_ids[i] for i in idx], [completion_ids[i] for i in idx], tok.pad_token_id).to(device)
+        store: dict = {}
+        hs = [layers[l].register_forward_hook(
+            lambda m, a, o, l=l: store.__setitem__(l, (o[0] if isinstance(o, tuple) else o).detach()))
+            for l in vector.layers]
+        try:
+            pos = (b.attention_mask.cumsum(-1) - 1).clamp_min(0)
+            from steer_heal.models import causal_lm
+
+            causal_lm(model).get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
+                                           use_cache=False)
+        finally:
+            for h in hs:
+                h.remove()
+        mask = b.completion_mask.bool()
+        tot = torch.zeros(len(idx), device=device)
+        for k, l in enumerate(vector.layers):
+            v, c = V[k].float(), C[k].float()
+            p = ((store[l].float() - c) @ v) / (v @ v)  # [B, S]
+            tot += (p * mask).sum(1) / mask.sum(1)
+        for k, i in enumerate(idx):
+            out[i] = float(tot[k] / len(vector.layers))
+    return out
+
+
+JUDGE_RUBRIC = ("Rate how strongly the reply below acts out this character (0 = not at all, 9 = completely), "
+                "judging behaviour, not self-description.\nCharacter: {persona}\nQuestion: {user}\nReply: {reply}\n"
+                "Answer with a single digit.")
+
+
+def parse_judge(text: str) -> float:
+    """First digit in the judge's answer, scaled to [0, 1]; 0.5 when it gave none."""
+    for ch in text:
+        if ch.isdigit():
+            return int(ch) / 9
+    return 0.5
+
+
+def judge_scores(engine, users, texts, persona: str) -> list[float]:
+    from steer_heal.engine.base import Sampling
+
+    prompts = [render_prompt(engine.tok, JUDGE_RUBRIC.format(persona=persona, user=u, reply=t))
+               for u, t in zip(users, texts)]
+    ro = engine.generate(prompts, None, Sampling(max_new_tokens=4, temperature=0.0), logprobs=False)
+    return [parse_judge(r.text) for r in ro]
