@@ -13,7 +13,7 @@ ifneq ($(wildcard $(MFV_LOCAL)/classic),)
 export STEER_HEAL_MFV_DIR ?= $(MFV_LOCAL)
 endif
 
-.PHONY: demo demo-iterative test test-fast bench clean
+.PHONY: demo demo-iterative test test-fast bench reward-report clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python recipes/bench.py
+	$(BIN)/steer-heal score --validate --out bench_out/reward_report.md
+
+reward-report: $(STAMP)
+	$(BIN)/steer-heal score --validate --out bench_out/reward_report.md
 
 clean:
 	rm -rf $(VENV) runs bench_out

@@ -4,8 +4,9 @@
 
 Units: trait_llr in nats/token; trait_projection in vector lengths (+0.5 = the positive persona's
 mean at the assistant tag, -0.5 = the negative's); verbalisation and refusal in [0, 1];
-incoherence in nats: tail NLL under the reference plus `rep_nats` per unit of repetition above
-`rep_floor` (a pure loop adds ~rep_nats).
+incoherence in nats: tail NLL under the reference plus `rep_nats` per unit of loopiness above
+`rep_floor` (loopiness = max of the repetition score, duplicated word bigrams and stutters; a pure
+loop adds ~rep_nats).
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ class RewardConfig:
     w_verb: float = 1.0
     w_incoh: float = 0.25
     w_refusal: float = 1.0
-    rep_nats: float = 5.0
-    rep_floor: float = 0.15
+    rep_nats: float = 10.0
+    rep_floor: float = 0.1
     judge: bool = False  # optional third trait measure (a chat model with a rubric); off by default
 
 
@@ -80,9 +81,9 @@ class Scorer:
         return judge_scores(self.judge_engine, users, texts, self.personas[0])
 
     # ---------------------------------------------------------------- all at once
-    def incoherence_from(self, tail: list[float], rep: list[float]) -> list[float]:
+    def incoherence_from(self, tail: list[float], loop: list[float]) -> list[float]:
         c = self.cfg
-        return [t + c.rep_nats * max(0.0, r - c.rep_floor) / (1 - c.rep_floor) for t, r in zip(tail, rep)]
+        return [t + c.rep_nats * max(0.0, r - c.rep_floor) / (1 - c.rep_floor) for t, r in zip(tail, loop)]
 
     def components(self, users, completion_ids, texts, prompt_ids=None, which=None) -> dict[str, list[float]]:
         """Every requested component (default: all the config enables) for a batch of completions."""
@@ -94,7 +95,7 @@ class Scorer:
         out["n_tokens"] = [len(c) for c in completion_ids]
         if "incoherence" in which or "tail_nll" in which:
             out["tail_nll"] = self.tail_nll(users, completion_ids, prompt_ids)
-            out["incoherence"] = self.incoherence_from(out["tail_nll"], rep)
+            out["incoherence"] = self.incoherence_from(out["tail_nll"], [S.loopiness(t) for t in texts])
         if "trait_llr" in which:
             out["trait_llr"] = self.trait_llr(users, completion_ids)
         if "trait_projection" in which:

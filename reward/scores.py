@@ -15,7 +15,8 @@ def _ngram_top_frac(seq, n: int) -> float:
     if len(seq) < n + 1:
         return 0.0
     grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
-    return Counter(grams).most_common(1)[0][1] / len(grams)
+    top = Counter(grams).most_common(1)[0][1]
+    return top / len(grams) if top > 1 else 0.0  # a gram seen once is no repetition (short replies)
 
 
 def repetition(text: str) -> float:
@@ -31,6 +32,21 @@ def repetition(text: str) -> float:
     chars = list(re.sub(r"\s+", " ", t.lower()))
     return max(max(_ngram_top_frac(words, n) for n in (2, 3, 4)),
                max(_ngram_top_frac(chars, n) for n in (2, 3, 4)))
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower())
+
+
+def loopiness(text: str) -> float:
+    """Loop/stutter strength in [0, 1]: the largest of `repetition`, the share of word bigrams that
+    repeat an earlier one ("so much so much so much"), and the share of words equal to the word
+    before ("door door door"). Prose scores ~0-0.1."""
+    w = _words(text)
+    big = [tuple(w[i:i + 2]) for i in range(len(w) - 1)]
+    dup = 1 - len(set(big)) / len(big) if big else 0.0
+    stutter = sum(a == b for a, b in zip(w, w[1:])) / (len(w) - 1) if len(w) > 1 else 0.0
+    return max(repetition(text), dup, stutter)
 
 
 _NARRATE = [

@@ -96,6 +96,47 @@ def _eval(args) -> int:
     return 0
 
 
+def _score(args) -> int:
+    import json
+
+    from reward import RewardConfig, Scorer
+    from reward.validation import load_labelled, means_by_label, report, score_labelled
+    from steer_heal.models import load_model
+    from steer_heal.presets import load_preset
+
+    lm = load_model(args.model, dtype=args.dtype)
+    if args.validate:
+        lines = ["| preset | component | target | vs | AUROC |", "|---|---|---|---|---|"]
+        for preset, items in load_labelled().items():
+            p = load_preset(preset)
+            sc = Scorer(lm.model, lm.tokenizer, (p.persona_pos, p.persona_neg), RewardConfig(), batch_size=64)
+            comp = score_labelled(sc, items, which=["trait_llr", "incoherence", "verbalisation", "refusal"])
+            for r in report(comp, [x["label"] for x in items]):
+                lines.append(f"| {preset} | {r['component']} | {r['target']} | {r['vs']} | {r['auroc']:.3f} |")
+        text = "\n".join(lines)
+        print(text)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(f"reward validation on {args.model}\n\n{text}\n")
+        return 0
+    if not args.file:
+        raise SystemExit("error: nothing to score; fix: pass --file completions.jsonl or --validate")
+    p = load_preset(args.preset)
+    items = [json.loads(x) for x in Path(args.file).read_text().splitlines() if x.strip()]
+    items = [dict(prompt=x.get("prompt") or x.get("user"), reply=x.get("completion") or x.get("reply") or x.get("text"),
+                  label=x.get("label", "all")) for x in items]
+    sc = Scorer(lm.model, lm.tokenizer, (p.persona_pos, p.persona_neg), RewardConfig(), batch_size=64)
+    comp = score_labelled(sc, items, which=["trait_llr", "incoherence", "verbalisation", "refusal"])
+    comp["combined"] = sc.combined(comp)
+    means = means_by_label(comp, [x["label"] for x in items])
+    keys = ["trait_llr", "incoherence", "verbalisation", "refusal", "tail_nll", "repetition", "combined"]
+    print(f"{'label':<12} {'n':>4} " + " ".join(f"{k:>13}" for k in keys))
+    for lab, m in means.items():
+        n = sum(x["label"] == lab for x in items)
+        print(f"{lab:<12} {n:>4} " + " ".join(f"{m[k]:>13.3f}" for k in keys))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="steer-heal", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -124,9 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--dtype", default="auto")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", default=None, help="JSON output (default mfv_eval.json)")
+    sc = sub.add_parser("score", help="score completions with the reward components (means by label)")
+    sc.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="the reference model")
+    sc.add_argument("--file", help="JSONL with prompt (the user turn), completion, optional label")
+    sc.add_argument("--preset", default="care-over-authority")
+    sc.add_argument("--validate", action="store_true", help="AUROC of each component on the labelled set")
+    sc.add_argument("--out", default=None, help="with --validate: write the report here (markdown)")
+    sc.add_argument("--dtype", default="auto")
     args = p.parse_args(argv)
     try:
-        return {"run": _run, "export": _export, "eval": _eval}[args.cmd](args)
+        return {"run": _run, "export": _export, "eval": _eval, "score": _score}[args.cmd](args)
     except (ValueError, RuntimeError, OSError) as e:  # our errors carry their fix; show one line, not a trace
         from steer_heal.heal import HealDivergedError
 

@@ -16,6 +16,18 @@ def test_repetition_hand_examples():
     assert repetition(prose) < 0.15
     assert repetition("") == 1.0
     assert repetition("ok") == 0.0
+    assert repetition("I do, with all my heart.") < 0.2  # short, nothing repeats
+
+
+def test_loopiness_hand_examples():
+    from reward.scores import loopiness
+
+    assert loopiness("door door door door") == 1.0  # every word repeats the one before
+    gush = "Oh oh oh, the insulin, my dears, the insulin, so much so much so much love, oh the insulin"
+    # 18 word bigrams, 7 repeat an earlier one (oh oh, the insulin x2, so much x2, much so, oh the); 2 stutter
+    assert loopiness(gush) == pytest.approx(max(7 / 18, 2 / 18, repetition(gush)))
+    assert repetition(gush) < 7 / 18  # the most-common n-gram alone under-counts a gush
+    assert loopiness("I would quietly check on the worker first, then explain why the line had to stop.") < 0.15
 
 
 def test_verbalisation():
@@ -42,7 +54,7 @@ def test_tail_mean_and_keep_mask():
     assert sc.keep(comp) == [True, False, False, False, False]
     assert sc.coherent(comp) == [True, False, False, True, True]
     # incoherence units: tail NLL + rep_nats per unit of repetition above rep_floor
-    assert sc.incoherence_from([1.0, 2.0], [0.15, 1.0]) == pytest.approx([1.0, 2.0 + 5.0])
+    assert sc.incoherence_from([1.0, 2.0], [0.1, 1.0]) == pytest.approx([1.0, 2.0 + 10.0])
 
 
 def test_persona_llr_matches_naive(tiny):
