@@ -1,0 +1,49 @@
+"""TRL `rollout_func`: the engine serves the baked student plus c * v (never the live LoRA)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from steer_heal.chat import render_prompt
+from steer_heal.engine.base import Sampling
+from steer_heal.steering.core import Steering, SteeringVector
+
+
+@dataclass
+class SteerState:
+    """What the behaviour policy is: updated in place at bakes and by the dose controller."""
+    vector: SteeringVector
+    kappa: float
+    bake_round: int = 0
+
+    @property
+    def steering(self) -> Steering:
+        return Steering(self.vector, self.kappa)
+
+
+def _user(prompt) -> str:
+    if isinstance(prompt, list):
+        return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+    return prompt
+
+
+def make_rollout_func(engine, student, state: SteerState, max_new_tokens: int, temperature: float = 1.0,
+                      top_p: float = 1.0):
+    """rollout_func(prompts, trainer) -> prompt_ids, completion_ids, logprobs (+ `user` for rewards).
+
+    TRL hands prompts already repeated num_generations times. Logprobs are the steered behaviour
+    policy's; the learner is unsteered, so importance-sampling correction is off by design.
+    """
+    def rollout_func(prompts, trainer):
+        users = [_user(p) for p in prompts]
+        rendered = [render_prompt(engine.tok, u) for u in users]
+        seed = int(trainer.state.global_step) * 7919 + int(trainer.accelerator.process_index)
+        samp = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        was_training = student.model.training
+        student.model.eval()
+        with student.live_off():  # behaviour policy: baked student + steering, no live LoRA
+            ro = engine.generate(rendered, state.steering, samp, logprobs=True)
+        student.model.train(was_training)
+        return {"prompt_ids": [r.prompt_ids for r in ro], "completion_ids": [r.completion_ids for r in ro],
+                "logprobs": [r.logprobs for r in ro], "user": users}
+
+    return rollout_func
