@@ -133,3 +133,36 @@ def test_steered_rollouts_match_engine_and_differ_from_unsteered(tiny):
     assert out["completion_ids"] == [r.completion_ids for r in direct]
     assert out["completion_ids"] != [r.completion_ids for r in plain]
     assert all(len(lp) == len(c) for lp, c in zip(out["logprobs"], out["completion_ids"]))
+
+
+def test_two_grpo_steps_on_tiny_model(tiny, tmp_path):
+    """TRL drives our rollout_func and reward functions; the live LoRA moves; metrics are logged."""
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from reward import RewardConfig, Scorer, make_reward_functions
+    from steer_heal.engine import HFEngine
+    from steer_heal.grpo.rollout import SteerState, make_rollout_func
+    from steer_heal.grpo.trainer import KLPenalty, SteerHealGRPOTrainer
+    from steer_heal.steering import extract_vector
+
+    tok = tiny.tokenizer
+    st = Student(tiny.model, tok, r=4, alpha=8, band=(0.0, 1.0))
+    personas = ("You are kind.", "You are cruel.")
+    v = extract_vector(st.model, tok, *personas, ["hi", "tell me a story", "why?"], [0, 1])
+    state = SteerState(v, 2.0)
+    eng = HFEngine(st.model, tok)
+    scorer = Scorer(st.model, tok, personas, RewardConfig(min_tokens=1), ref_ctx=st.base)
+    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, beta=0.0, num_generations=2,
+                      per_device_train_batch_size=4, max_completion_length=8, max_steps=2, report_to=[],
+                      logging_steps=1, learning_rate=1e-2, loss_type="grpo", save_strategy="no")
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": u}]} for u in ["hi", "why?", "tell me", "ok"]])
+    tr = SteerHealGRPOTrainer(model=st.model, reward_funcs=make_reward_functions(scorer), args=args, train_dataset=ds,
+                              processing_class=tok, student=st, kl=KLPenalty(beta=0.5, tau=0.0),
+                              rollout_func=make_rollout_func(eng, st, state, max_new_tokens=8))
+    before = {n: p.detach().clone() for n, p in st.model.named_parameters() if "lora_B" in n}
+    tr.train()
+    moved = max(float((p - before[n]).abs().max()) for n, p in st.model.named_parameters() if "lora_B" in n)
+    assert moved > 0
+    logged = {k for row in tr.state.log_history for k in row}
+    assert {"kl_rmse", "kl_mean", "barrier_active_frac", "rewards/trait_llr/mean", "rewards/incoherence/mean"} <= logged
