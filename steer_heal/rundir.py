@@ -13,7 +13,6 @@ from pathlib import Path
 
 import yaml
 
-from steer_heal.config import RunConfig, config_from_dict
 
 
 class RunDirError(ValueError):
@@ -56,9 +55,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class RunDir:
-    def __init__(self, path: str | Path, cfg: RunConfig, resume: bool = False):
+    """`cfg` is any config with `to_dict()` and `fingerprint()` (the iterative RunConfig, the online one)."""
+
+    def __init__(self, path: str | Path, cfg, resume: bool = False, rows_file: str = "rounds.jsonl",
+                 table_file: str = "round_table.md"):
         self.path = Path(path)
         self.cfg = cfg
+        self.rows_file, self.table_file = rows_file, table_file
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write_test"
@@ -67,16 +70,16 @@ class RunDir:
         except OSError as e:
             raise RunDirError(f"run directory '{self.path}' is not writable ({e.strerror}); "
                               "fix: pass run_dir=<a writable folder>") from None
-        cfg_file = self.path / "config.yaml"
-        if cfg_file.exists():
-            old = config_from_dict(yaml.safe_load(cfg_file.read_text()))
-            if old.fingerprint() != cfg.fingerprint():
+        cfg_file, fp_file = self.path / "config.yaml", self.path / "fingerprint.txt"
+        if fp_file.exists():
+            if fp_file.read_text().strip() != cfg.fingerprint():
                 raise RunDirError(f"run directory '{self.path}' was made with another config; fix: resume with "
                                   f"`--resume {self.path}` alone (it reads its config.yaml) or use a new run_dir")
             if not resume and self.rows():
                 raise RunDirError(f"run directory '{self.path}' already holds rounds; fix: add `--resume` or "
                                   "pick a new run_dir")
         write_atomic(cfg_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_atomic(fp_file, cfg.fingerprint() + "\n")
 
     # ---------------------------------------------------------------- files
     def round_dir(self, r: int) -> Path:
@@ -88,11 +91,16 @@ class RunDir:
         _append_line(self.path / "events.jsonl", {"t": round(time.time(), 3), "event": kind, **kw})
 
     def rows(self) -> list[dict]:
-        return read_jsonl(self.path / "rounds.jsonl")
+        return read_jsonl(self.path / self.rows_file)
 
-    def append_row(self, row: dict) -> None:
-        _append_line(self.path / "rounds.jsonl", row)
-        write_atomic(self.path / "round_table.md", format_table(self.rows(), markdown=True))
+    def append_row(self, row: dict, columns=None) -> None:
+        _append_line(self.path / self.rows_file, row)
+        write_atomic(self.path / self.table_file, format_table(self.rows(), markdown=True, columns=columns))
+
+    def truncate_rows(self, keep) -> None:
+        """Keep only rows for which keep(row) holds (a resumed run drops rows past its checkpoint)."""
+        rows = [r for r in self.rows() if keep(r)]
+        write_atomic(self.path / self.rows_file, "".join(json.dumps(_clean(r)) + "\n" for r in rows))
 
     def save_json(self, rel: str, obj) -> None:
         p = self.path / rel
@@ -123,8 +131,9 @@ def _fmt(v, f):
         return str(v)
 
 
-def format_table(rows: list[dict], markdown: bool = False, base: dict | None = None) -> str:
-    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)] or COLUMNS
+def format_table(rows: list[dict], markdown: bool = False, base: dict | None = None, columns=None) -> str:
+    columns = columns or COLUMNS
+    cols = [c for c in columns if any(c[0] in r for r in rows)] or columns
     head = [c[1] for c in cols]
     body = [[_fmt(r.get(k), f) for k, _, f in cols] for r in rows]
     if markdown:

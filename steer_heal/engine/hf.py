@@ -82,6 +82,10 @@ class HFEngine:
             self.fill_logprobs(out, steering)
         return out  # type: ignore[return-value]
 
+    def push(self, student) -> None:
+        """Bake-time weight push. The HF engine serves the student's own modules, so it already sees
+        the baked weights; engines with their own copy (vLLM) load `student.merged_weights()` here."""
+
     @torch.no_grad()
     def fill_logprobs(self, rollouts: list[Rollout], steering: Steering | None) -> None:
         """Behaviour-policy logprobs (steered, temperature 1) by one teacher-forced pass per batch."""

@@ -161,6 +161,15 @@ def _answer_cached(model, cache, att: torch.Tensor, tail: torch.Tensor, n_prefil
 def evaluate_mfv(model, tok, rows: list[dict], think_tokens: int = 64, batch_size: int = 16,
                  steering: Steering | None = None, min_pmass: float = 0.1, progress: bool = True) -> MFVResult:
     """Run the forced-choice protocol on `rows` (see mfv_data.load_vignettes) under optional steering."""
+    was_training = model.training
+    model.eval()  # train mode + gradient checkpointing would switch the KV cache off
+    try:
+        return _evaluate(model, tok, rows, think_tokens, batch_size, steering, min_pmass, progress)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(model, tok, rows, think_tokens, batch_size, steering, min_pmass, progress) -> MFVResult:
     digit_ids = digit_token_ids(tok)
     device = next(model.parameters()).device
     items = [(i, f) for i in range(len(rows)) for f in (0, 1)]

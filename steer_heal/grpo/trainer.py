@@ -58,5 +58,8 @@ class SteerHealGRPOTrainer(GRPOTrainer):
             m["kl_mean"].append(float(aggregate(kl.detach(), b, n, "mean").mean()))
             m["barrier_active_frac"].append(float((D.detach() > k.tau).float().mean()))
             m["kl_penalty"].append(float(pen.detach()))
+            if getattr(self, "steer_state", None) is not None:
+                m["kappa"].append(float(self.steer_state.kappa))
+                m["bake_round"].append(float(self.steer_state.bake_round))
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         return loss + pen / normalizer

@@ -1,0 +1,303 @@
+"""The online run: steered GRPO with periodic bakes, an online dose controller and a bake table.
+
+    student = original weights + baked history + live LoRA (updated every batch by GRPO)
+    engine  = serves the baked student + kappa * v (never the live LoRA)
+    every `bake_every` steps: fold the live LoRA into the history, fresh LoRA + optimizer state,
+    re-extract v, push to the engine, MFV evaluation, save the bake's adapter + vector, one table row.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from reward.components import RewardConfig, Scorer
+from reward.trl_rewards import make_reward_functions
+from steer_heal.grpo.rollout import SteerState, make_rollout_func
+from steer_heal.rundir import RunDir, read_jsonl, write_atomic
+
+
+@dataclass
+class OnlineConfig:
+    """Script arguments of recipes/grpo_heal.py (the GRPO knobs live in trl.GRPOConfig)."""
+    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    dtype: str = "auto"
+    preset: str = "care-over-authority"
+    persona_pos: str = ""
+    persona_neg: str = ""
+    run_dir: str = ""
+    seed_prompts: int = 0  # 0: all the preset's generation prompts
+    # steering
+    layer_band: list[float] = field(default_factory=lambda: [0.45, 0.55])
+    n_contexts: int = 64
+    kappa: float = 0.0  # 0: iso-KL calibration at the start
+    target_kl: float = 1.0
+    kappa_min: float = 0.05
+    kappa_max: float = 8.0
+    # online dose controller (walk-C analogue): bad = incoherent or verbalising completions
+    dose_band: list[float] = field(default_factory=lambda: [0.05, 0.25])  # bad-rate band
+    dose_down: float = 0.8  # kappa *= this when the bad rate is over the band
+    dose_up: float = 1.05  # kappa *= this when it is under the band
+    # heal
+    bake_every: int = 4
+    kl_beta: float = 0.3
+    kl_tau: float = 0.5
+    kl_agg: str = "rmse"
+    kl_reference: str = "prev"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_band: list[float] = field(default_factory=lambda: [0.2, 0.8])
+    # reward
+    reward_trait: str = "llr"
+    w_trait: float = 1.0
+    w_verb: float = 1.0
+    w_incoh: float = 0.25
+    w_refusal: float = 1.0
+    reward_ablation: str = ""  # drop one component: trait_llr | verbalisation | incoherence | refusal
+    # evaluation at each bake
+    mfv: bool = True
+    mfv_dir: str = ""
+    mfv_n: int = 28
+    think_tokens: int = 32
+    mfv_batch_size: int = 28
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        d = self.to_dict()
+        d.pop("run_dir", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class DoseController:
+    """Lowers kappa when the batch's bad rate (incoherent or verbalising) is over the band, raises it
+    slowly when under; fed by the reward functions, so it sees exactly what the reward saw."""
+
+    def __init__(self, state: SteerState, cfg: OnlineConfig, scorer: Scorer):
+        self.state, self.cfg, self.scorer = state, cfg, scorer
+        self.last_rate = float("nan")
+
+    def observe(self, comp: dict) -> None:
+        c = self.scorer.cfg
+        coherent = self.scorer.coherent(comp)
+        bad = [not ok or v > c.max_verbalisation for ok, v in zip(coherent, comp["verbalisation"])]
+        self.last_rate = sum(bad) / max(len(bad), 1)
+        lo, hi = self.cfg.dose_band
+        k = self.state.kappa
+        if self.last_rate > hi:
+            k *= self.cfg.dose_down
+        elif self.last_rate < lo:
+            k *= self.cfg.dose_up
+        self.state.kappa = min(self.cfg.kappa_max, max(self.cfg.kappa_min, k))
+
+
+def observed_rewards(scorer: Scorer, controller: DoseController, which: list[str]):
+    """The TRL reward functions, plus one that feeds the dose controller (weight 0, logged as `dose_kappa`)."""
+    from steer_heal.grpo.rollout import _user
+
+    fns = make_reward_functions(scorer, which)
+
+    def dose_kappa(prompts, completions, completion_ids=None, **kw):
+        users = kw.get("user") or [_user(p) for p in prompts]
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        ids = completion_ids or [scorer.tok(t, add_special_tokens=False).input_ids for t in texts]
+        comp = scorer.components(users, ids, texts, which=["incoherence", "verbalisation"])
+        controller.observe(comp)
+        return [0.0] * len(prompts)
+
+    return fns + [dose_kappa]
+
+
+BAKE_COLUMNS = [("bake", "bake", "{:d}"), ("step", "step", "{:d}"), ("kappa", "kappa", "{:.3g}"),
+                ("cos_r0", "cos_r0", "{:.3f}"), ("reward", "reward", "{:+.3f}"), ("kl_rmse", "kl_rmse", "{:.3f}"),
+                ("trait_nats", "trait_nats", "{:+.2f}"), ("d_trait_nats", "d_tnats", "{:+.2f}"),
+                ("pmass", "pmass", "{:.3f}"), ("nll_prefill", "nll_pre", "{:.2f}"), ("unscorable", "unsc", "{:.2f}"),
+                ("surgical", "surgical", "{}"), ("seconds", "sec", "{:.0f}")]
+
+
+class BakeCallback(TrainerCallback):
+    """Every `bake_every` optimizer steps: bake, refresh, evaluate, record. Also saves and restores
+    steer-heal state with TRL checkpoints."""
+
+    def __init__(self, run: "OnlineRun"):
+        self.run = run
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, optimizer=None, **kw):
+        if state.global_step % self.run.cfg.bake_every == 0:
+            self.run.bake(state, optimizer, time.perf_counter() - self.t0)
+            self.t0 = time.perf_counter()
+
+    def on_save(self, args, state, control, **kw):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.exists():
+            self.run.save_state(ckpt / "steer_heal_state")
+
+
+class OnlineRun:
+    """Holds the student, the engine, the steering state and the run directory of an online run."""
+
+    def __init__(self, cfg: OnlineConfig, grpo_args, seed: int = 42):
+        from steer_heal.engine import HFEngine
+        from steer_heal.evals.mfv_data import load_vignettes
+        from steer_heal.models import load_model, num_layers
+        from steer_heal.presets import load_preset
+        from steer_heal.steering import check_personas, layer_band
+        from steer_heal.student import Student
+
+        self.cfg, self.grpo_args = cfg, grpo_args
+        self.preset = load_preset(cfg.preset)
+        if cfg.persona_pos or cfg.persona_neg:
+            self.preset.persona_pos, self.preset.persona_neg = cfg.persona_pos, cfg.persona_neg
+        check_personas(self.preset.persona_pos, self.preset.persona_neg)
+        lm = load_model(cfg.model, dtype=cfg.dtype)
+        self.layers = layer_band(num_layers(lm.model), tuple(cfg.layer_band))
+        self.rd = RunDir(cfg.run_dir or grpo_args.output_dir, cfg, resume=True, rows_file="bakes.jsonl",
+                         table_file="bake_table.md")
+        self.student = Student(lm.model, lm.tokenizer, cfg.lora_r, cfg.lora_alpha, tuple(cfg.lora_band),
+                               base_path=lm.path)
+        self.tok = lm.tokenizer
+        self.engine = HFEngine(self.student.model, self.tok, batch_size=64)
+        self.mfv_rows = load_vignettes(cfg.mfv_dir or None, n=cfg.mfv_n or None, seed=0) if cfg.mfv else []
+        self.base_mfv = None
+        self.v0 = None
+        self.state: SteerState | None = None
+        self.reward_cfg = RewardConfig(trait=cfg.reward_trait, w_trait=cfg.w_trait, w_verb=cfg.w_verb,
+                                       w_incoh=cfg.w_incoh, w_refusal=cfg.w_refusal)
+
+    @property
+    def personas(self) -> tuple[str, str]:
+        return self.preset.persona_pos, self.preset.persona_neg
+
+    # ------------------------------------------------------------ stages
+    def extract(self):
+        from steer_heal.steering import extract_vector
+
+        with self.student.live_off():
+            return extract_vector(self.student.model, self.tok, *self.personas, self.preset.contexts[:self.cfg.n_contexts],
+                                  self.layers, model_id=self.cfg.model)
+
+    def calibrate(self, v) -> float:
+        from steer_heal.chat import render_prompt
+        from steer_heal.steering.calibrate import calibrate_coeff
+
+        prompts = [render_prompt(self.tok, u) for u in self.preset.prompts[:4]]
+        with self.student.live_off():
+            c, k = calibrate_coeff(self.student.model, self.tok, self.engine, v, prompts, self.cfg.target_kl, 16, steps=3)
+        self.rd.event("calibrated", coeff=c, p95_kl=k)
+        return c
+
+    def evaluate(self, base: bool = False):
+        from steer_heal.evals.mfv import evaluate_mfv
+
+        if not self.mfv_rows:
+            return None
+        ctx = self.student.base() if base else self.student.live_off()
+        with ctx:
+            return evaluate_mfv(self.student.model, self.tok, self.mfv_rows, self.cfg.think_tokens,
+                                self.cfg.mfv_batch_size, None, progress=False)
+
+    def setup(self, resume_from: str | None = None):
+        """Vector, kappa, base evaluation; or the state saved in a TRL checkpoint."""
+        from steer_heal.evals.mfv import MFVResult
+        from steer_heal.steering import SteeringVector
+
+        self.v0_path = self.rd.path / "vector_r0.safetensors"
+        if resume_from:
+            st = Path(resume_from) / "steer_heal_state"
+            meta = json.loads((st / "state.json").read_text())
+            if meta["n_bakes"]:
+                self.student.load_cumulative(st / "cumulative")
+            self.state = SteerState(SteeringVector.load(st / "vector.safetensors"), meta["kappa"], meta["n_bakes"])
+            step = meta["step"]
+            self.rd.truncate_rows(lambda r: r["step"] <= step)  # rows past the checkpoint are redone
+            self.rd.event("resume", checkpoint=str(resume_from), step=step, bakes=meta["n_bakes"])
+        else:
+            v = self.extract()
+            kappa = self.cfg.kappa or self.calibrate(v)
+            self.state = SteerState(v, kappa, 0)
+        self.v0 = SteeringVector.load(self.v0_path) if self.v0_path.exists() else self.state.vector
+        if not self.v0_path.exists():
+            self.v0.save(self.v0_path)
+        base = self.rd.load_json("base_mfv.json")
+        if base is None and self.mfv_rows:
+            res = self.evaluate(base=True)
+            base = res.summary()
+            self.rd.save_json("base_mfv.json", base)
+        self.base_mfv = MFVResult.from_summary(base) if base else None
+
+    def save_state(self, d: Path) -> None:
+        d.mkdir(parents=True, exist_ok=True)
+        if self.student.n_bakes:
+            self.student.save_cumulative(d / "cumulative")
+        self.state.vector.save(d / "vector.safetensors")
+        step = int(d.parent.name.split("-")[-1])
+        write_atomic(d / "state.json", json.dumps(dict(n_bakes=self.student.n_bakes, kappa=self.state.kappa,
+                                                       step=step)))
+
+    # ------------------------------------------------------------ bake
+    def bake(self, trainer_state, optimizer, seconds: float) -> None:
+        from steer_heal.evals.mfv import surgicality, trait_nats
+
+        k = self.student.n_bakes
+        bd = self.rd.path / f"bake_{k:02d}"
+        bd.mkdir(exist_ok=True)
+        self.student.save_live(bd / "adapter")
+        self.student.bake()
+        self.student.save_cumulative(bd / "cumulative")
+        if optimizer is not None:  # the fresh LoRA starts with fresh Adam moments
+            for p in self.student.live_parameters():
+                optimizer.state.pop(p, None)
+        v = self.extract()
+        v.save(bd / "vector.safetensors")
+        self.state.vector, self.state.bake_round = v, k + 1
+        self.engine.push(self.student)
+        res = self.evaluate()
+        hist = [h for h in trainer_state.log_history if h.get("step", 0) > trainer_state.global_step - self.cfg.bake_every]
+        mean = lambda key: (sum(h[key] for h in hist if key in h) / max(1, sum(key in h for h in hist)))  # noqa: E731
+        row = dict(bake=k, step=trainer_state.global_step, kappa=self.state.kappa, cos_r0=v.cosine(self.v0),
+                   reward=mean("reward"), kl_rmse=mean("kl_rmse"), seconds=seconds)
+        if res is not None:
+            axis = self.preset.foundations
+            row.update(trait_nats=trait_nats(res, axis), pmass=res.pmass_allowed, nll_prefill=res.nll_prefill,
+                       unscorable=res.frac_unscorable, profile=res.profile)
+            if self.base_mfv is not None:
+                row["d_trait_nats"] = row["trait_nats"] - trait_nats(self.base_mfv, axis)
+                row["surgical"] = surgicality(res, self.base_mfv, axis)["surgical"]
+            self.rd.save_json(f"bake_{k:02d}/mfv.json", dict(summary=res.summary(), rows=res.rows))
+        self.rd.append_row(row, columns=BAKE_COLUMNS)
+        from steer_heal.rundir import format_table
+
+        print(format_table(self.rd.rows(), columns=BAKE_COLUMNS), flush=True)
+
+    # ------------------------------------------------------------ trainer
+    def dataset(self):
+        from datasets import Dataset
+
+        prompts = self.preset.prompts[:self.cfg.seed_prompts or None]
+        return Dataset.from_list([{"prompt": [{"role": "user", "content": u}]} for u in prompts])
+
+    def trainer(self):
+        from steer_heal.grpo.trainer import KLPenalty, SteerHealGRPOTrainer
+
+        scorer = Scorer(self.student.model, self.tok, self.personas, self.reward_cfg, ref_ctx=self.student.base,
+                        vector=self.state.vector if self.cfg.reward_trait == "projection" else None)
+        self.controller = DoseController(self.state, self.cfg, scorer)
+        which = [c for c in ("trait_llr" if self.cfg.reward_trait == "llr" else "trait_" + self.cfg.reward_trait,
+                             "verbalisation", "incoherence", "refusal") if c != self.cfg.reward_ablation]
+        a = self.grpo_args
+        rollout = make_rollout_func(self.engine, self.student, self.state, a.max_completion_length,
+                                    a.temperature, a.top_p)
+        kl = KLPenalty(self.cfg.kl_beta, self.cfg.kl_tau, self.cfg.kl_agg, self.cfg.kl_reference)
+        tr = SteerHealGRPOTrainer(model=self.student.model, reward_funcs=observed_rewards(scorer, self.controller, which),
+                                  args=a, train_dataset=self.dataset(), processing_class=self.tok,
+                                  student=self.student, kl=kl, rollout_func=rollout, callbacks=[BakeCallback(self)])
+        tr.steer_state = self.state
+        return tr
