@@ -26,6 +26,8 @@ def main() -> int:
     run.setup(args.resume_from_checkpoint)
     trainer = run.trainer()
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if cfg.dump_rank_weights:
+        run.dump_rank_weights()
     print(f"done: {run.rd.path}/bake_table.md")
     return 0
 

@@ -58,10 +58,12 @@ class RunDir:
     """`cfg` is any config with `to_dict()` and `fingerprint()` (the iterative RunConfig, the online one)."""
 
     def __init__(self, path: str | Path, cfg, resume: bool = False, rows_file: str = "rounds.jsonl",
-                 table_file: str = "round_table.md"):
+                 table_file: str = "round_table.md", write: bool = True):
         self.path = Path(path)
         self.cfg = cfg
         self.rows_file, self.table_file = rows_file, table_file
+        if not write:  # non-main ranks of a distributed run read nothing and write nothing here
+            return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write_test"

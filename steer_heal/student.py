@@ -73,10 +73,17 @@ class Student:
     def live_parameters(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.model.named_parameters() if "lora_" in n and p.requires_grad]
 
-    def reset_live(self) -> None:
-        """Fresh LoRA: A random (torch RNG), B = 0, so the student starts exactly at the baked model."""
-        for m in self.layers.values():
-            m.reset_lora_parameters(ADAPTER, True)
+    def reset_live(self, seed: int | None = None) -> None:
+        """Fresh LoRA: A random, B = 0, so the student starts exactly at the baked model. With `seed`,
+        A is drawn from that seed without touching the global RNG (identical on every rank)."""
+        if seed is None:
+            for m in self.layers.values():
+                m.reset_lora_parameters(ADAPTER, True)
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for m in self.layers.values():
+                m.reset_lora_parameters(ADAPTER, True)
 
     def _live_delta(self, m) -> tuple[torch.Tensor, torch.Tensor]:
         A = m.lora_A[ADAPTER].weight.detach().float().clone()  # reset_live re-inits A in place
@@ -88,7 +95,7 @@ class Student:
         self.model.save_pretrained(str(path), selected_adapters=[ADAPTER])
 
     # ------------------------------------------------------------ bake
-    def bake(self) -> None:
+    def bake(self, seed: int | None = None) -> None:
         """Fold the live adapter into the history and the working weights; reset the live adapter."""
         for n, m in self.layers.items():
             A, B = self._live_delta(m)
@@ -97,7 +104,7 @@ class Student:
                 A, B = torch.cat([A0, A], 0), torch.cat([B0, B], 1)
             self.hist[n] = (A, B)
         self._merge_history()
-        self.reset_live()
+        self.reset_live(seed)
         self.n_bakes += 1
 
     @torch.no_grad()

@@ -66,6 +66,7 @@ class OnlineConfig:
     mfv_n: int = 28
     think_tokens: int = 32
     mfv_batch_size: int = 28
+    dump_rank_weights: bool = False  # each rank writes its LoRA + history at the end (multi-process checks)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,7 +89,10 @@ class DoseController:
         c = self.scorer.cfg
         coherent = self.scorer.coherent(comp)
         bad = [not ok or v > c.max_verbalisation for ok, v in zip(coherent, comp["verbalisation"])]
-        self.last_rate = sum(bad) / max(len(bad), 1)
+        counts = torch.tensor([float(sum(bad)), float(len(bad))])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)  # every rank sees the global rate: kappa stays identical
+        self.last_rate = float(counts[0] / counts[1].clamp_min(1))
         lo, hi = self.cfg.dose_band
         k = self.state.kappa
         if self.last_rate > hi:
@@ -152,7 +156,10 @@ class OnlineRun:
         from steer_heal.steering import check_personas, layer_band
         from steer_heal.student import Student
 
+        from accelerate import PartialState
+
         self.cfg, self.grpo_args = cfg, grpo_args
+        self.main = PartialState().is_main_process  # only rank 0 writes, evaluates and prints
         self.preset = load_preset(cfg.preset)
         if cfg.persona_pos or cfg.persona_neg:
             self.preset.persona_pos, self.preset.persona_neg = cfg.persona_pos, cfg.persona_neg
@@ -160,9 +167,10 @@ class OnlineRun:
         lm = load_model(cfg.model, dtype=cfg.dtype)
         self.layers = layer_band(num_layers(lm.model), tuple(cfg.layer_band))
         self.rd = RunDir(cfg.run_dir or grpo_args.output_dir, cfg, resume=True, rows_file="bakes.jsonl",
-                         table_file="bake_table.md")
+                         table_file="bake_table.md", write=self.main)
         self.student = Student(lm.model, lm.tokenizer, cfg.lora_r, cfg.lora_alpha, tuple(cfg.lora_band),
                                base_path=lm.path)
+        self.student.reset_live(seed=seed * 1000 - 1)  # the first live LoRA is the same on every rank
         self.tok = lm.tokenizer
         self.engine = HFEngine(self.student.model, self.tok, batch_size=64)
         self.mfv_rows = load_vignettes(cfg.mfv_dir or None, n=cfg.mfv_n or None, seed=0) if cfg.mfv else []
@@ -191,13 +199,14 @@ class OnlineRun:
         prompts = [render_prompt(self.tok, u) for u in self.preset.prompts[:4]]
         with self.student.live_off():
             c, k = calibrate_coeff(self.student.model, self.tok, self.engine, v, prompts, self.cfg.target_kl, 16, steps=3)
-        self.rd.event("calibrated", coeff=c, p95_kl=k)
+        if self.main:
+            self.rd.event("calibrated", coeff=c, p95_kl=k)
         return c
 
     def evaluate(self, base: bool = False):
         from steer_heal.evals.mfv import evaluate_mfv
 
-        if not self.mfv_rows:
+        if not self.mfv_rows or not self.main:
             return None
         ctx = self.student.base() if base else self.student.live_off()
         with ctx:
@@ -217,23 +226,26 @@ class OnlineRun:
                 self.student.load_cumulative(st / "cumulative")
             self.state = SteerState(SteeringVector.load(st / "vector.safetensors"), meta["kappa"], meta["n_bakes"])
             step = meta["step"]
-            self.rd.truncate_rows(lambda r: r["step"] <= step)  # rows past the checkpoint are redone
-            self.rd.event("resume", checkpoint=str(resume_from), step=step, bakes=meta["n_bakes"])
+            if self.main:
+                self.rd.truncate_rows(lambda r: r["step"] <= step)  # rows past the checkpoint are redone
+                self.rd.event("resume", checkpoint=str(resume_from), step=step, bakes=meta["n_bakes"])
         else:
             v = self.extract()
             kappa = self.cfg.kappa or self.calibrate(v)
             self.state = SteerState(v, kappa, 0)
         self.v0 = SteeringVector.load(self.v0_path) if self.v0_path.exists() else self.state.vector
-        if not self.v0_path.exists():
+        if self.main and not self.v0_path.exists():
             self.v0.save(self.v0_path)
         base = self.rd.load_json("base_mfv.json")
-        if base is None and self.mfv_rows:
+        if base is None and self.mfv_rows and self.main:
             res = self.evaluate(base=True)
             base = res.summary()
             self.rd.save_json("base_mfv.json", base)
         self.base_mfv = MFVResult.from_summary(base) if base else None
 
     def save_state(self, d: Path) -> None:
+        if not self.main:
+            return
         d.mkdir(parents=True, exist_ok=True)
         if self.student.n_bakes:
             self.student.save_cumulative(d / "cumulative")
@@ -248,17 +260,21 @@ class OnlineRun:
 
         k = self.student.n_bakes
         bd = self.rd.path / f"bake_{k:02d}"
-        bd.mkdir(exist_ok=True)
-        self.student.save_live(bd / "adapter")
-        self.student.bake()
-        self.student.save_cumulative(bd / "cumulative")
+        if self.main:
+            bd.mkdir(exist_ok=True)
+            self.student.save_live(bd / "adapter")
+        self.student.bake(seed=self.grpo_args.seed * 1000 + k)  # every rank bakes the same: replicas stay identical
+        if self.main:
+            self.student.save_cumulative(bd / "cumulative")
         if optimizer is not None:  # the fresh LoRA starts with fresh Adam moments
             for p in self.student.live_parameters():
                 optimizer.state.pop(p, None)
         v = self.extract()
-        v.save(bd / "vector.safetensors")
         self.state.vector, self.state.bake_round = v, k + 1
         self.engine.push(self.student)
+        if not self.main:
+            return
+        v.save(bd / "vector.safetensors")
         res = self.evaluate()
         hist = [h for h in trainer_state.log_history if h.get("step", 0) > trainer_state.global_step - self.cfg.bake_every]
         mean = lambda key: (sum(h[key] for h in hist if key in h) / max(1, sum(key in h for h in hist)))  # noqa: E731
@@ -276,6 +292,15 @@ class OnlineRun:
         from steer_heal.rundir import format_table
 
         print(format_table(self.rd.rows(), columns=BAKE_COLUMNS), flush=True)
+
+    def dump_rank_weights(self) -> None:
+        from accelerate import PartialState
+        from safetensors.torch import save_file
+
+        sd = {n: p.detach().float().cpu().contiguous() for n, p in self.student.model.named_parameters() if "lora_" in n}
+        for n, (A, B) in self.student.hist.items():
+            sd[f"hist.{n}.A"], sd[f"hist.{n}.B"] = A.contiguous(), B.contiguous()
+        save_file(sd, str(self.rd.path / f"rank{PartialState().process_index}_weights.safetensors"))
 
     # ------------------------------------------------------------ trainer
     def dataset(self):

@@ -46,7 +46,8 @@ class SteerHealGRPOTrainer(GRPOTrainer):
         if self.kl.beta == 0.0:
             return loss
         k = self.kl
-        pen, D, kl = rmse_kl_penalty(model, lambda: self.student.reference(k.reference), inputs["prompt_ids"],
+        inner = self.accelerator.unwrap_model(model)  # DDP wrapper -> the PeftModel (same parameters)
+        pen, D, kl = rmse_kl_penalty(inner, lambda: self.student.reference(k.reference), inputs["prompt_ids"],
                                      inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"],
                                      k.beta, k.tau, k.agg, k.direction == "reverse", k.chunk)
         mode = "train" if self.model.training else "eval"
