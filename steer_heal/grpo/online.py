@@ -67,13 +67,15 @@ class OnlineConfig:
     think_tokens: int = 32
     mfv_batch_size: int = 28
     dump_rank_weights: bool = False  # each rank writes its LoRA + history at the end (multi-process checks)
+    stop_after_step: int = 0  # exit (code 3) right after this step's checkpoint: simulates a killed run
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def fingerprint(self) -> str:
         d = self.to_dict()
-        d.pop("run_dir", None)
+        for k in ("run_dir", "stop_after_step", "dump_rank_weights"):  # where/how, not what
+            d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -143,6 +145,9 @@ class BakeCallback(TrainerCallback):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ckpt.exists():
             self.run.save_state(ckpt / "steer_heal_state")
+        stop = self.run.cfg.stop_after_step
+        if stop and state.global_step >= stop:
+            raise SystemExit(3)
 
 
 class OnlineRun:
