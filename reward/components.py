@@ -53,6 +53,8 @@ class Scorer:
         self.model, self.tok, self.personas = model, tok, personas
         self.cfg = cfg or RewardConfig()
         self.ref_ctx, self.vector, self.batch_size, self.judge_engine = ref_ctx, vector, batch_size, judge_engine
+        self._memo: tuple | None = None  # (batch key, components): TRL calls one function per component
+        self.seconds = 0.0  # time spent scoring (for the step-time split)
 
     def prompt_ids(self, users: list[str]) -> list[list[int]]:
         return [encode_prompt(self.tok, render_prompt(self.tok, u)) for u in users]
@@ -86,10 +88,24 @@ class Scorer:
         return [t + c.rep_nats * max(0.0, r - c.rep_floor) / (1 - c.rep_floor) for t, r in zip(tail, loop)]
 
     def components(self, users, completion_ids, texts, prompt_ids=None, which=None) -> dict[str, list[float]]:
-        """Every requested component (default: all the config enables) for a batch of completions."""
+        """Every requested component (default: all the config enables) for a batch of completions.
+
+        Components already computed for the same batch are reused (TRL calls each reward function,
+        and the dose controller, on the same batch)."""
+        import time
+
+        t0 = time.perf_counter()
         which = which or [k for k in COMPONENTS if (k != "trait_projection" or self.vector is not None)
                           and (k != "judge" or self.cfg.judge)]
-        out: dict[str, list[float]] = {}
+        key = (tuple(users), tuple(tuple(c) for c in completion_ids))
+        memo = self._memo[1] if self._memo is not None and self._memo[0] == key else {}
+        out = self._compute(users, completion_ids, texts, prompt_ids, [w for w in which if w not in memo], memo)
+        self._memo = (key, out)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def _compute(self, users, completion_ids, texts, prompt_ids, which, memo) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = dict(memo)
         rep = [S.repetition(t) for t in texts]
         out["repetition"] = rep
         out["n_tokens"] = [len(c) for c in completion_ids]

@@ -323,11 +323,12 @@ class OnlineRun:
         which = [c for c in ("trait_llr" if self.cfg.reward_trait == "llr" else "trait_" + self.cfg.reward_trait,
                              "verbalisation", "incoherence", "refusal") if c != self.cfg.reward_ablation]
         a = self.grpo_args
+        timers: dict[str, float] = {}
         rollout = make_rollout_func(self.engine, self.student, self.state, a.max_completion_length,
-                                    a.temperature, a.top_p)
+                                    a.temperature, a.top_p, timers)
         kl = KLPenalty(self.cfg.kl_beta, self.cfg.kl_tau, self.cfg.kl_agg, self.cfg.kl_reference)
         tr = SteerHealGRPOTrainer(model=self.student.model, reward_funcs=observed_rewards(scorer, self.controller, which),
                                   args=a, train_dataset=self.dataset(), processing_class=self.tok,
                                   student=self.student, kl=kl, rollout_func=rollout, callbacks=[BakeCallback(self)])
-        tr.steer_state = self.state
+        tr.steer_state, tr.timers, tr.scorer = self.state, timers, scorer
         return tr

@@ -19,13 +19,18 @@ def trl_batch_rows(prompt_mask: torch.Tensor, completion_mask: torch.Tensor):
 
 
 def rmse_kl_penalty(model, ref_ctx, prompt_ids, prompt_mask, completion_ids, completion_mask, beta: float,
-                    tau: float, agg: str = "rmse", reverse: bool = True, chunk: int = 0):
+                    tau: float, agg: str = "rmse", reverse: bool = True, chunk: int = 0, timers: dict | None = None):
     """(penalty scalar, D per sequence, per-position KL). `ref_ctx()` puts `model` in reference mode."""
+    import time
+
     ids = torch.cat([prompt_ids, completion_ids], 1)
     att, b, pos, t = trl_batch_rows(prompt_mask, completion_mask)
     tgt = completion_ids[b, t]
+    t0 = time.perf_counter()
     with torch.no_grad(), ref_ctx():
         h_ref = final_hidden(model, ids, att)[b, pos]
+    if timers is not None:
+        timers["ref_forward"] = timers.get("ref_forward", 0.0) + time.perf_counter() - t0
     h = final_hidden(model, ids, att)[b, pos]
     vocab = causal_lm(model).get_output_embeddings().weight.shape[0]
     kl, _ = chunked_kl_and_logp(h, h_ref, tgt, lambda x: lm_logits(model, x), chunk or auto_chunk(vocab), reverse)

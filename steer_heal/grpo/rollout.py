@@ -27,13 +27,16 @@ def _user(prompt) -> str:
 
 
 def make_rollout_func(engine, student, state: SteerState, max_new_tokens: int, temperature: float = 1.0,
-                      top_p: float = 1.0):
+                      top_p: float = 1.0, timers: dict | None = None):
     """rollout_func(prompts, trainer) -> prompt_ids, completion_ids, logprobs (+ `user` for rewards).
 
     TRL hands prompts already repeated num_generations times. Logprobs are the steered behaviour
     policy's; the learner is unsteered, so importance-sampling correction is off by design.
     """
     def rollout_func(prompts, trainer):
+        import time
+
+        t0 = time.perf_counter()
         users = [_user(p) for p in prompts]
         rendered = [render_prompt(engine.tok, u) for u in users]
         seed = int(trainer.state.global_step) * 7919 + int(trainer.accelerator.process_index)
@@ -43,6 +46,8 @@ def make_rollout_func(engine, student, state: SteerState, max_new_tokens: int, t
         with student.live_off():  # behaviour policy: baked student + steering, no live LoRA
             ro = engine.generate(rendered, state.steering, samp, logprobs=True)
         student.model.train(was_training)
+        if timers is not None:
+            timers["rollout"] = timers.get("rollout", 0.0) + time.perf_counter() - t0
         return {"prompt_ids": [r.prompt_ids for r in ro], "completion_ids": [r.completion_ids for r in ro],
                 "logprobs": [r.logprobs for r in ro], "user": users}
 

@@ -36,6 +36,8 @@ class SteerHealGRPOTrainer(GRPOTrainer):
                              "fix: set the penalty with kl.beta instead")
         self.student = student
         self.kl = kl or KLPenalty()
+        self.timers: dict[str, float] = {}  # rollout / scoring / ref_forward seconds, logged per step as deltas
+        self._timers_seen: dict[str, float] = {}
         # the engine serves the steered teacher and the learner is unsteered: they are meant to differ
         self.vllm_importance_sampling_correction = False
         log.warning("importance-sampling correction between the rollout engine and the trainer is OFF by design: "
@@ -49,7 +51,7 @@ class SteerHealGRPOTrainer(GRPOTrainer):
         inner = self.accelerator.unwrap_model(model)  # DDP wrapper -> the PeftModel (same parameters)
         pen, D, kl = rmse_kl_penalty(inner, lambda: self.student.reference(k.reference), inputs["prompt_ids"],
                                      inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"],
-                                     k.beta, k.tau, k.agg, k.direction == "reverse", k.chunk)
+                                     k.beta, k.tau, k.agg, k.direction == "reverse", k.chunk, self.timers)
         mode = "train" if self.model.training else "eval"
         with torch.no_grad():
             b, _ = inputs["completion_mask"].bool().nonzero(as_tuple=True)
@@ -59,6 +61,11 @@ class SteerHealGRPOTrainer(GRPOTrainer):
             m["kl_mean"].append(float(aggregate(kl.detach(), b, n, "mean").mean()))
             m["barrier_active_frac"].append(float((D.detach() > k.tau).float().mean()))
             m["kl_penalty"].append(float(pen.detach()))
+            if getattr(self, "scorer", None) is not None:
+                self.timers["scoring"] = self.scorer.seconds
+            for name, total in self.timers.items():
+                m[f"time/{name}"].append(total - self._timers_seen.get(name, 0.0))
+                self._timers_seen[name] = total
             if getattr(self, "steer_state", None) is not None:
                 m["kappa"].append(float(self.steer_state.kappa))
                 m["bake_round"].append(float(self.steer_state.bake_round))
