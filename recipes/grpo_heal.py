@@ -28,7 +28,12 @@ def main() -> int:
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if cfg.dump_rank_weights:
         run.dump_rank_weights()
-    print(f"done: {run.rd.path}/bake_table.md")
+    if run.main:
+        from steer_heal.grpo.online import BAKE_COLUMNS
+        from steer_heal.rundir import format_table
+
+        print("\nbake table\n" + format_table(run.rd.rows(), columns=BAKE_COLUMNS))
+        print(f"done: {run.rd.path}/bake_table.md, {run.rd.path}/bakes.jsonl")
     return 0
 
 

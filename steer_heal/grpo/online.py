@@ -235,6 +235,11 @@ class OnlineRun:
                 self.rd.truncate_rows(lambda r: r["step"] <= step)  # rows past the checkpoint are redone
                 self.rd.event("resume", checkpoint=str(resume_from), step=step, bakes=meta["n_bakes"])
         else:
+            if self.main and self.rd.rows():
+                from steer_heal.rundir import RunDirError
+
+                raise RunDirError(f"run directory '{self.rd.path}' already holds bakes; fix: pass "
+                                  "--resume_from_checkpoint <its checkpoint> or a new --output_dir")
             v = self.extract()
             kappa = self.cfg.kappa or self.calibrate(v)
             self.state = SteerState(v, kappa, 0)
