@@ -28,6 +28,22 @@ def test_every_accelerate_config_loads():
     assert load_config_from_file(str(ROOT / "accelerate_configs/deepspeed_zero3.yaml")).deepspeed_config["zero_stage"] == 3
 
 
+def test_every_grpo_config_parses():
+    from trl import GRPOConfig, TrlParser
+
+    from steer_heal.grpo.online import OnlineConfig
+    from steer_heal.presets import load_preset
+
+    files = sorted((ROOT / "recipes/configs").glob("grpo_*.yaml")) + sorted(ROOT.glob("recipes/*/grpo/config_*.yaml"))
+    assert len(files) >= 6
+    for f in files:
+        # GPU configs ask for bf16; parse them here as they would be on a CPU box
+        cfg, args = TrlParser((OnlineConfig, GRPOConfig)).parse_args_and_config(
+            args=["--config", str(f), "--bf16", "false", "--use_cpu", "true"])
+        assert args.beta == 0.0 and cfg.bake_every >= 1 and cfg.kl_agg == "rmse", f
+        assert load_preset(cfg.preset).persona_pos
+
+
 def test_two_process_cpu_run_keeps_ranks_identical(tiny_dir, mfv_dir, tmp_path):
     from safetensors.torch import load_file
 
