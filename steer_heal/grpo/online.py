@@ -301,7 +301,7 @@ class OnlineRun:
         self.rd.append_row(row, columns=BAKE_COLUMNS)
         from steer_heal.rundir import format_table
 
-        print(format_table(self.rd.rows(), columns=BAKE_COLUMNS), flush=True)
+        print("\n" + format_table(self.rd.rows(), columns=BAKE_COLUMNS), flush=True)
 
     def dump_rank_weights(self) -> None:
         from accelerate import PartialState
