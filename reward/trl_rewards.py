@@ -7,7 +7,7 @@ negated and weighted, so TRL's weighted sum (all weights 1) equals `Scorer.combi
 from __future__ import annotations
 
 
-def _user_text(prompt) -> str:
+def user_text(prompt) -> str:
     if isinstance(prompt, list):  # conversational: the last user turn
         return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
     return prompt
@@ -17,8 +17,8 @@ def _completion_text(c) -> str:
     return c[-1]["content"] if isinstance(c, list) else c
 
 
-def _inputs(scorer, prompts, completions, completion_ids, kwargs):
-    users = kwargs.get("user") or [_user_text(p) for p in prompts]
+def reward_inputs(scorer, prompts, completions, completion_ids, kwargs):
+    users = kwargs.get("user") or [user_text(p) for p in prompts]
     texts = [_completion_text(c) for c in completions]
     ids = completion_ids or [scorer.tok(t, add_special_tokens=False).input_ids for t in texts]
     return list(users), [list(x) for x in ids], texts
@@ -34,7 +34,7 @@ def make_reward_functions(scorer, which: list[str] | None = None) -> list:
 
     def make(name: str, weight: float):
         def fn(prompts, completions, completion_ids=None, **kwargs):
-            users, ids, texts = _inputs(scorer, prompts, completions, completion_ids, kwargs)
+            users, ids, texts = reward_inputs(scorer, prompts, completions, completion_ids, kwargs)
             vals = scorer.components(users, ids, texts, which=[name])[name]
             return [weight * v for v in vals]
 

@@ -36,6 +36,17 @@ class PackedBatch:
         return b, s, self.input_ids[b, s + 1]
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask for generation-style batches."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    att = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = torch.tensor(r, dtype=torch.long)
+        att[i, L - len(r):] = 1
+    return ids, att
+
+
 def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> PackedBatch:
     rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
     S = max(len(r) for r in rows)

@@ -6,7 +6,7 @@ from tqdm.auto import tqdm
 
 from steer_heal.chat import encode_prompt
 from steer_heal.engine.base import Rollout, Sampling
-from steer_heal.logprobs import completion_logprobs, pack
+from steer_heal.logprobs import completion_logprobs, left_pad, pack
 from steer_heal.steering.core import Steering
 from steer_heal.steering.hooks import steer
 
@@ -32,12 +32,8 @@ class HFEngine:
         `return_cache` the KV cache, the attention mask and the padded prompt length)."""
         device = next(self.model.parameters()).device
         pad = self.tok.pad_token_id
-        L = max(len(x) for x in ids)
-        inp = torch.full((len(ids), L), pad, dtype=torch.long)
-        att = torch.zeros((len(ids), L), dtype=torch.long)
-        for r, x in enumerate(ids):
-            inp[r, L - len(x):] = torch.tensor(x)
-            att[r, L - len(x):] = 1
+        inp, att = left_pad(ids, pad)
+        L = inp.shape[1]
         kw = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=self.eos_ids)
         if sampling.min_new_tokens:
             kw["min_new_tokens"] = sampling.min_new_tokens

@@ -23,7 +23,7 @@ from steer_heal.engine.base import Sampling
 from steer_heal.engine.hf import HFEngine
 from steer_heal.evals import protocol as P
 from steer_heal.evals.mfv_data import human_label, human_profile
-from steer_heal.logprobs import final_hidden, lm_logits
+from steer_heal.logprobs import final_hidden, left_pad, lm_logits
 from steer_heal.steering.core import Steering
 from steer_heal.steering.hooks import steer
 
@@ -135,13 +135,7 @@ def _answer_logprobs(model, h: torch.Tensor, ids: torch.Tensor, n_prefill: int, 
 def _answer_full(model, tok, seqs: list[list[int]], n_prefill: int, digit_ids: list[int]):
     """No think tokens: one left-padded forward over prompt + suffix + prefill."""
     device = next(model.parameters()).device
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), tok.pad_token_id, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, L - len(s):] = torch.tensor(s)
-        att[i, L - len(s):] = 1
-    ids, att = ids.to(device), att.to(device)
+    ids, att = (x.to(device) for x in left_pad(seqs, tok.pad_token_id))
     return _answer_logprobs(model, final_hidden(model, ids, att), ids, n_prefill, digit_ids)
 
 

@@ -106,14 +106,12 @@ class DoseController:
 
 def observed_rewards(scorer: Scorer, controller: DoseController, which: list[str]):
     """The TRL reward functions, plus one that feeds the dose controller (weight 0, logged as `dose_kappa`)."""
-    from steer_heal.grpo.rollout import _user
+    from reward.trl_rewards import reward_inputs
 
     fns = make_reward_functions(scorer, which)
 
     def dose_kappa(prompts, completions, completion_ids=None, **kw):
-        users = kw.get("user") or [_user(p) for p in prompts]
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        ids = completion_ids or [scorer.tok(t, add_special_tokens=False).input_ids for t in texts]
+        users, ids, texts = reward_inputs(scorer, prompts, completions, completion_ids, kw)
         comp = scorer.components(users, ids, texts, which=["incoherence", "verbalisation"])
         controller.observe(comp)
         return [0.0] * len(prompts)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from reward.trl_rewards import user_text
 from steer_heal.chat import render_prompt
 from steer_heal.engine.base import Sampling
 from steer_heal.steering.core import Steering, SteeringVector
@@ -20,12 +21,6 @@ class SteerState:
         return Steering(self.vector, self.kappa)
 
 
-def _user(prompt) -> str:
-    if isinstance(prompt, list):
-        return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
-    return prompt
-
-
 def make_rollout_func(engine, student, state: SteerState, max_new_tokens: int, temperature: float = 1.0,
                       top_p: float = 1.0, timers: dict | None = None):
     """rollout_func(prompts, trainer) -> prompt_ids, completion_ids, logprobs (+ `user` for rewards).
@@ -37,7 +32,7 @@ def make_rollout_func(engine, student, state: SteerState, max_new_tokens: int, t
         import time
 
         t0 = time.perf_counter()
-        users = [_user(p) for p in prompts]
+        users = [user_text(p) for p in prompts]
         rendered = [render_prompt(engine.tok, u) for u in users]
         seed = int(trainer.state.global_step) * 7919 + int(trainer.accelerator.process_index)
         samp = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
