@@ -104,7 +104,7 @@ def test_beta_zero_equals_trl_loss(tiny, tmp_path):
     tr.kl.beta = 2.0  # with the penalty on, the loss grows by beta * mean relu(D - tau) / grad-accum
     pen, _, _ = rmse_kl_penalty(tr.model, st.live_off, pi, pm, ci, cm, 2.0, 0.0)
     with_pen = tr._compute_loss(tr.model, inputs)
-    assert float(with_pen - theirs) == pytest.approx(float(pen) / tr.current_gradient_accumulation_steps, rel=1e-4)
+    assert float((with_pen - theirs).detach()) == pytest.approx(float(pen.detach()) / tr.current_gradient_accumulation_steps, rel=1e-4)
     assert "kl_rmse" in tr._metrics["train"] and "barrier_active_frac" in tr._metrics["train"]
 
 
