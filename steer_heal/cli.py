@@ -107,10 +107,17 @@ def _score(args) -> int:
     lm = load_model(args.model, dtype=args.dtype)
     if args.validate:
         lines = ["| preset | component | target | vs | AUROC |", "|---|---|---|---|---|"]
+        from steer_heal.models import num_layers
+        from steer_heal.steering import extract_vector, layer_band
+
         for preset, items in load_labelled().items():
             p = load_preset(preset)
-            sc = Scorer(lm.model, lm.tokenizer, (p.persona_pos, p.persona_neg), RewardConfig(), batch_size=64)
-            comp = score_labelled(sc, items, which=["trait_llr", "incoherence", "verbalisation", "refusal"])
+            v = extract_vector(lm.model, lm.tokenizer, p.persona_pos, p.persona_neg, p.contexts[:64],
+                               layer_band(num_layers(lm.model)))  # for trait_projection
+            sc = Scorer(lm.model, lm.tokenizer, (p.persona_pos, p.persona_neg), RewardConfig(), vector=v,
+                        batch_size=64)
+            comp = score_labelled(sc, items, which=["trait_llr", "trait_projection", "incoherence", "verbalisation",
+                                                    "refusal"])
             for r in report(comp, [x["label"] for x in items]):
                 lines.append(f"| {preset} | {r['component']} | {r['target']} | {r['vs']} | {r['auroc']:.3f} |")
         text = "\n".join(lines)
