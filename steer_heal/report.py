@@ -124,3 +124,43 @@ def write_report(run_dir: str | Path) -> None:
     write_atomic(d / "outputs.html", _page("steer-heal outputs", f"<h2>Outputs: {html.escape(d.name)}</h2>"
                                             "<p>Greedy answers, no steering unless the column says so.</p>"
                                             f"<table>{head}{body}</table>"))
+
+
+BAKE_PANELS = [("trait_nats", "MFV trait_nats (signed log p)"), ("pmass", "MFV pmass_allowed"),
+               ("nll_prefill", "MFV nll_prefill"), ("reward", "mean GRPO reward"), ("kl_rmse", "kl_rmse to reference"),
+               ("kappa", "dose kappa")]
+
+
+def write_bake_report(run_dir: str | Path, base: dict | None = None) -> None:
+    """Online run: bake-by-bake trajectory (PNG + HTML with the table)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    d = Path(run_dir)
+    rows = read_jsonl(d / "bakes.jsonl")
+    if not rows:
+        return
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    steps = [x["step"] for x in rows]
+    bkeys = {"trait_nats": "trait_nats", "pmass": "pmass_allowed", "nll_prefill": "nll_prefill"}
+    for a, (key, title) in zip(axes.flat, BAKE_PANELS):
+        a.plot(steps, [x.get(key) for x in rows], "o-", color="tab:green", label="baked student")
+        if base and key in bkeys and base.get(bkeys[key]) is not None:
+            a.axhline(base[bkeys[key]], color="gray", ls="--", label="base")
+        a.set_title(title)
+        a.set_xlabel("GRPO step (bake)")
+        a.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        a.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    png = _png(fig)
+    plt.close(fig)
+    (d / "bakes.png").write_bytes(png)
+    from steer_heal.grpo.online import BAKE_COLUMNS
+
+    write_atomic(d / "bakes.html", _page("steer-heal online run", f"<h2>{html.escape(d.name)}</h2>"
+                 f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+                 f"<pre>{html.escape(format_table(rows, columns=BAKE_COLUMNS))}</pre>"))

@@ -56,6 +56,8 @@ def test_two_process_cpu_run_keeps_ranks_identical(tiny_dir, mfv_dir, tmp_path):
     assert r.stderr.count("importance-sampling correction") + r.stdout.count("importance-sampling correction") == 2
     rows = [json.loads(x) for x in (out / "bakes.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == [4]  # 4 steps, one bake
+    assert (out / "bakes.png").exists() and "bake" in (out / "bakes.html").read_text()
+    assert (out / "bake_00" / "cumulative" / "adapter_model.safetensors").exists()
     a, b = load_file(str(out / "rank0_weights.safetensors")), load_file(str(out / "rank1_weights.safetensors"))
     assert sorted(a) == sorted(b) and any(k.startswith("hist.") for k in a)
     for k in a:

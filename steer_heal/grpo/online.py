@@ -300,6 +300,14 @@ class OnlineRun:
         from steer_heal.rundir import format_table
 
         print("\n" + format_table(self.rd.rows(), columns=BAKE_COLUMNS), flush=True)
+        from steer_heal.report import write_bake_report
+
+        base = self.rd.load_json("base_mfv.json")
+        if base is not None:
+            from steer_heal.evals.mfv import MFVResult, trait_nats
+
+            base = dict(base, trait_nats=trait_nats(MFVResult.from_summary(base), self.preset.foundations))
+        write_bake_report(self.rd.path, base)
 
     def dump_rank_weights(self) -> None:
         from accelerate import PartialState
