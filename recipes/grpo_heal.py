@@ -17,6 +17,16 @@ from steer_heal.grpo.online import OnlineConfig, OnlineRun  # noqa: E402
 
 
 def main() -> int:
+    try:
+        return _main()
+    except (ValueError, RuntimeError, OSError) as e:  # ours carry their fix: one line, no trace
+        if type(e).__module__.startswith(("steer_heal", "reward")):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _main() -> int:
     cfg, args = TrlParser((OnlineConfig, GRPOConfig)).parse_args_and_config()
     if args.beta != 0.0:
         raise SystemExit("error: GRPOConfig.beta must be 0 (steer-heal's RMSE barrier replaces TRL's KL); "

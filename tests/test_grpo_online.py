@@ -94,3 +94,13 @@ def _close(x, y, skip):
         else:
             assert x[k] == y[k], k
     return True
+
+
+@pytest.mark.parametrize("extra,needle", [(["--model", "no-such/model-xyz"], "not found locally"),
+                                          (["--persona_pos", "Same", "--persona_neg", "same"], "identical")])
+def test_recipe_bad_input_is_one_line(extra, needle, tmp_path, mfv_dir):
+    r = _run(["--output_dir", str(tmp_path / "o"), *extra], {"STEER_HEAL_MFV_DIR": mfv_dir, "HF_HUB_OFFLINE": "1"},
+             tmp_path)
+    errs = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert r.returncode == 2 and len(errs) == 1 and needle in errs[0] and "fix" in errs[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr

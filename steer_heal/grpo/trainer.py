@@ -70,4 +70,10 @@ class SteerHealGRPOTrainer(GRPOTrainer):
                 m["kappa"].append(float(self.steer_state.kappa))
                 m["bake_round"].append(float(self.steer_state.bake_round))
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        return loss + pen / normalizer
+        total = loss + pen / normalizer
+        if not torch.isfinite(total):
+            from steer_heal.heal.train import HealDivergedError
+
+            raise HealDivergedError(f"GRPO loss is {float(total.detach())} at step {self.state.global_step}; fix: lower "
+                                    "learning_rate or kl_beta and resume from the last checkpoint")
+        return total
