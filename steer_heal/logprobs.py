@@ -23,11 +23,9 @@ class PackedBatch:
     input_ids: torch.Tensor  # [B, S] right-padded prompt+completion
     attention_mask: torch.Tensor  # [B, S]
     completion_mask: torch.Tensor  # [B, S] 1 where the token is a completion token
-    weights: torch.Tensor | None = None  # optional per-token loss weights [B, S]
 
     def to(self, device):
-        return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.completion_mask.to(device),
-                           None if self.weights is None else self.weights.to(device))
+        return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.completion_mask.to(device))
 
     def targets(self):
         """Rows (b, s) of the hidden states that predict a completion token, and those tokens."""

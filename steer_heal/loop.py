@@ -13,7 +13,7 @@ from reward.components import Scorer
 from steer_heal.chat import render_prompt
 from steer_heal.config import RunConfig
 from steer_heal.engine import HFEngine, Sampling
-from steer_heal.evals.mfv import MFVResult, evaluate_mfv, surgicality, trait_nats
+from steer_heal.evals.mfv import MFVResult, evaluate_mfv, mfv_columns, trait_nats
 from steer_heal.evals.mfv_data import load_vignettes
 from steer_heal.heal import HealDivergedError, heal_round
 from steer_heal.models import load_model, num_layers
@@ -65,6 +65,7 @@ def extract(ctx: Ctx, r: int) -> SteeringVector:
 
 
 SCORED = ["trait_llr", "incoherence", "verbalisation", "refusal"]
+FILTERED = ["incoherence", "verbalisation", "refusal"]  # what Scorer.keep reads
 
 
 def scorer(ctx: Ctx) -> Scorer:
@@ -74,7 +75,7 @@ def scorer(ctx: Ctx) -> Scorer:
 
 
 def generate_scored(ctx: Ctx, users: list[str], steering: Steering | None, seed: int, greedy: bool = False,
-                    max_new_tokens: int | None = None):
+                    max_new_tokens: int | None = None, which: list[str] = SCORED):
     """Generate from the baked student (steered) and score under the base model."""
     g = ctx.cfg.gen
     samp = Sampling(max_new_tokens=max_new_tokens or g.max_new_tokens, temperature=0.0 if greedy else g.temperature,
@@ -83,7 +84,7 @@ def generate_scored(ctx: Ctx, users: list[str], steering: Steering | None, seed:
     with ctx.student.live_off():
         ro = ctx.engine.generate(prompts, steering, samp, logprobs=False, desc="generate")
         comp = scorer(ctx).components(users, [r.completion_ids for r in ro], [r.text for r in ro],
-                                      prompt_ids=[r.prompt_ids for r in ro], which=SCORED)
+                                      prompt_ids=[r.prompt_ids for r in ro], which=which)
     return ro, comp
 
 
@@ -93,7 +94,8 @@ def walk_c(ctx: Ctx, v: SteeringVector, kappa: float, r: int) -> float:
     rng = random.Random(ctx.cfg.seed * 7 + r)
     for step in range(s.walk_max_steps):
         users = rng.sample(ctx.preset.prompts, min(s.n_probe, len(ctx.preset.prompts)))
-        _, sc = generate_scored(ctx, users, Steering(v, kappa), seed=ctx.cfg.seed + 100 * r + step)
+        _, sc = generate_scored(ctx, users, Steering(v, kappa), seed=ctx.cfg.seed + 100 * r + step,
+                                which=FILTERED)
         rate = sum(scorer(ctx).keep(sc)) / max(len(users), 1)
         ctx.log("walk_c", round=r, step=step, kappa=kappa, pass_rate=rate)
         if rate >= s.walk_target_rate or kappa <= lo * 1.0001:
@@ -150,18 +152,6 @@ def mfv(ctx: Ctx, steering: Steering | None, base: bool = False) -> MFVResult | 
     e = ctx.cfg.eval
     with (ctx.student.base() if base else ctx.student.live_off()):
         return evaluate_mfv(ctx.student.model, ctx.student.tok, ctx.mfv_rows, e.think_tokens, e.mfv_batch_size, steering)
-
-
-def mfv_columns(res: MFVResult | None, base: MFVResult | None, axis: dict, tag: str) -> dict:
-    if res is None:
-        return {}
-    out = {f"trait_nats_{tag}": trait_nats(res, axis), f"pmass_{tag}": res.pmass_allowed,
-           f"nll_prefill_{tag}": res.nll_prefill, f"unscorable_{tag}": res.frac_unscorable,
-           f"profile_{tag}": res.profile}
-    if base is not None:
-        out[f"d_trait_nats_{tag}"] = out[f"trait_nats_{tag}"] - trait_nats(base, axis)
-        out.update({f"{k}_{tag}": v for k, v in surgicality(res, base, axis).items()})
-    return out
 
 
 def summarise(ctx: Ctx, sc: dict) -> dict:
@@ -258,8 +248,8 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
                    trait_steered=steered["trait"], trait_healed=healed["trait"], coh_steered=steered["coherence"],
                    coh_healed=healed["coherence"], tail_nll_steered=steered["tail_nll"],
                    tail_nll_healed=healed["tail_nll"], cos_r0=v.cosine(v0),
-                   **mfv_columns(steered_mfv, base_mfv, ctx.preset.foundations, "steered"),
-                   **mfv_columns(healed_mfv, base_mfv, ctx.preset.foundations, "healed"),
+                   **mfv_columns(steered_mfv, base_mfv, ctx.preset.foundations, "_steered"),
+                   **mfv_columns(healed_mfv, base_mfv, ctx.preset.foundations, "_healed"),
                    seconds=time.perf_counter() - t0)
         ctx.rd.append_row(row)
         ctx.tracker.log({f"round/{k}": x for k, x in row.items() if not isinstance(x, list)}, step=r)

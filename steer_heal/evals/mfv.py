@@ -229,6 +229,19 @@ def surgicality(res: MFVResult, base: MFVResult, axis: dict[str, int]) -> dict:
     return dict(target_shift=target, offtarget_max=off, surgical=target > off)
 
 
+def mfv_columns(res: MFVResult | None, base: MFVResult | None, axis: dict, suffix: str = "") -> dict:
+    """The evaluation's columns for a round or bake row: trait_nats, coherence, and vs-base changes."""
+    if res is None:
+        return {}
+    out = {f"trait_nats{suffix}": trait_nats(res, axis), f"pmass{suffix}": res.pmass_allowed,
+           f"nll_prefill{suffix}": res.nll_prefill, f"unscorable{suffix}": res.frac_unscorable,
+           f"profile{suffix}": res.profile}
+    if base is not None:
+        out[f"d_trait_nats{suffix}"] = out[f"trait_nats{suffix}"] - trait_nats(base, axis)
+        out.update({f"{k}{suffix}": v for k, v in surgicality(res, base, axis).items()})
+    return out
+
+
 def format_profile(res: MFVResult, base: MFVResult | None = None) -> str:
     head = f"{'foundation':<12} {'model p':>8} {'nats':>7} {'human p':>8}" + (f" {'base p':>8} {'d nats':>7}" if base else "")
     lines = [head]

@@ -264,7 +264,7 @@ class OnlineRun:
 
     # ------------------------------------------------------------ bake
     def bake(self, trainer_state, optimizer, seconds: float) -> None:
-        from steer_heal.evals.mfv import surgicality, trait_nats
+        from steer_heal.evals.mfv import mfv_columns
 
         k = self.student.n_bakes
         bd = self.rd.path / f"bake_{k:02d}"
@@ -288,26 +288,18 @@ class OnlineRun:
         mean = lambda key: (sum(h[key] for h in hist if key in h) / max(1, sum(key in h for h in hist)))  # noqa: E731
         row = dict(bake=k, step=trainer_state.global_step, kappa=self.state.kappa, cos_r0=v.cosine(self.v0),
                    reward=mean("reward"), kl_rmse=mean("kl_rmse"), seconds=seconds)
+        row.update(mfv_columns(res, self.base_mfv, self.preset.foundations))
         if res is not None:
-            axis = self.preset.foundations
-            row.update(trait_nats=trait_nats(res, axis), pmass=res.pmass_allowed, nll_prefill=res.nll_prefill,
-                       unscorable=res.frac_unscorable, profile=res.profile)
-            if self.base_mfv is not None:
-                row["d_trait_nats"] = row["trait_nats"] - trait_nats(self.base_mfv, axis)
-                row["surgical"] = surgicality(res, self.base_mfv, axis)["surgical"]
             self.rd.save_json(f"bake_{k:02d}/mfv.json", dict(summary=res.summary(), rows=res.rows))
         self.rd.append_row(row, columns=BAKE_COLUMNS)
         from steer_heal.rundir import format_table
 
         print("\n" + format_table(self.rd.rows(), columns=BAKE_COLUMNS), flush=True)
+        from steer_heal.evals.mfv import trait_nats
         from steer_heal.report import write_bake_report
 
-        base = self.rd.load_json("base_mfv.json")
-        if base is not None:
-            from steer_heal.evals.mfv import MFVResult, trait_nats
-
-            base = dict(base, trait_nats=trait_nats(MFVResult.from_summary(base), self.preset.foundations))
-        write_bake_report(self.rd.path, base)
+        b = self.base_mfv
+        write_bake_report(self.rd.path, None if b is None else dict(b.summary(), trait_nats=trait_nats(b, self.preset.foundations)))
 
     def dump_rank_weights(self) -> None:
         from accelerate import PartialState

@@ -106,47 +106,43 @@ def heal_round(student, examples: list[tuple[list[int], list[int]]], cfg, round_
     res.val_nll_before = _val_nll(student, val_batches, cfg, ref_ctx) if val else float("nan")
     t0 = time.perf_counter()
     acc: dict = {"nll": 0.0, "D": 0.0, "bar": 0.0, "n": 0}
-    with tqdm(total=total, desc=f"heal r{round_idx}", disable=not progress, leave=False) as bar:
-        _train_epochs(student, train, cfg, params, opt, sched, lam, ref_ctx, rng, pad, round_idx, res, acc, bar, log_fn)
+    with tqdm(total=total, desc=f"heal r{round_idx}", disable=not progress, leave=False) as bar:  # closed on error too
+        for epoch in range(cfg.epochs):
+            batches = make_batches(train, cfg.batch_size, pad, rng)
+            for i, bt in enumerate(batches):
+                nll, D, bar_t, k, _ = heal_terms(student, bt, cfg, ref_ctx)
+                pen = bar_t.mean()
+                loss = (nll + lam * pen) / cfg.grad_accum
+                if not torch.isfinite(loss):
+                    raise HealDivergedError(f"heal loss is {float(loss.detach())} at round {round_idx} epoch {epoch}; "
+                                            "fix: lower heal.lr or heal.lam (the last good round is kept)")
+                log_now = res.steps % cfg.log_every == 0 and (i + 1) % cfg.grad_accum == 0
+                if log_now:  # per-term gradient norms on logging steps only (two extra backward passes)
+                    g_nll, g_bar = _grad_norm(nll, params), _grad_norm(lam * pen, params)
+                loss.backward()
+                res.tokens += k
+                acc["nll"] += float(nll.detach()) * k
+                acc["D"] += float(D.detach().mean()) * k
+                acc["bar"] += float((D > cfg.tau).float().mean()) * k
+                acc["n"] += k
+                if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches):
+                    gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    res.steps += 1
+                    bar.update(1)
+                    if log_now:
+                        row = dict(round=round_idx, step=res.steps, epoch=epoch, nll=float(nll.detach()), D=float(D.detach().mean()),
+                                   D_max=float(D.detach().max()), barrier_frac=float((D > cfg.tau).float().mean()),
+                                   grad_nll=g_nll, grad_barrier=g_bar, grad_total=float(gn),
+                                   lr=sched.get_last_lr()[0])
+                        res.log.append(row)
+                        if log_fn:
+                            log_fn(row)
     res.seconds = time.perf_counter() - t0
     student.model.eval()
     n = max(acc["n"], 1)
     res.train_nll, res.D_mean, res.barrier_frac = acc["nll"] / n, acc["D"] / n, acc["bar"] / n
     res.val_nll = _val_nll(student, val_batches, cfg, ref_ctx) if val else float("nan")
     return res
-
-
-def _train_epochs(student, train, cfg, params, opt, sched, lam, ref_ctx, rng, pad, round_idx, res, acc, bar, log_fn):
-    for epoch in range(cfg.epochs):
-        batches = make_batches(train, cfg.batch_size, pad, rng)
-        for i, bt in enumerate(batches):
-            nll, D, bar_t, k, _ = heal_terms(student, bt, cfg, ref_ctx)
-            pen = bar_t.mean()
-            loss = (nll + lam * pen) / cfg.grad_accum
-            if not torch.isfinite(loss):
-                raise HealDivergedError(f"heal loss is {float(loss.detach())} at round {round_idx} epoch {epoch}; "
-                                        "fix: lower heal.lr or heal.lam (the last good round is kept)")
-            log_now = res.steps % cfg.log_every == 0 and (i + 1) % cfg.grad_accum == 0
-            if log_now:  # per-term gradient norms on logging steps only (two extra backward passes)
-                g_nll, g_bar = _grad_norm(nll, params), _grad_norm(lam * pen, params)
-            loss.backward()
-            res.tokens += k
-            acc["nll"] += float(nll.detach()) * k
-            acc["D"] += float(D.detach().mean()) * k
-            acc["bar"] += float((D > cfg.tau).float().mean()) * k
-            acc["n"] += k
-            if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches):
-                gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                res.steps += 1
-                bar.update(1)
-                if log_now:
-                    row = dict(round=round_idx, step=res.steps, epoch=epoch, nll=float(nll.detach()), D=float(D.detach().mean()),
-                               D_max=float(D.detach().max()), barrier_frac=float((D > cfg.tau).float().mean()),
-                               grad_nll=g_nll, grad_barrier=g_bar, grad_total=float(gn),
-                               lr=sched.get_last_lr()[0])
-                    res.log.append(row)
-                    if log_fn:
-                        log_fn(row)
