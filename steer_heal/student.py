@@ -119,9 +119,14 @@ class Student:
             m.base_layer.weight.data = W
 
     def merged_weights(self):
-        """(module name without PEFT prefixes, weight) of each baked target module: for engine pushes."""
-        for n, m in self.layers.items():
-            yield n.replace("base_model.model.", "", 1), m.base_layer.weight.data
+        """(HF checkpoint name, tensor) of every parameter in the decoder layers the LoRA touches, baked
+        weights included: an engine push. Whole layers, because engines fuse q/k/v and gate/up and
+        reload a fused weight only from all of its parts."""
+        want = {f".layers.{l}." for l in self.lora_layers}
+        for n, p in self.model.get_base_model().named_parameters():
+            if "lora_" in n or not any(w in n for w in want):
+                continue
+            yield n.replace(".base_layer.", "."), p.data
 
     # ------------------------------------------------------------ cumulative adapter
     def rank(self) -> int:

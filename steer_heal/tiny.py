@@ -1,6 +1,6 @@
 """Tiny random chat models (2 layers, hidden 64) with a real byte-level BPE tokenizer, built offline.
 
-Used by the unit tests and the `smoke` config: `model: tiny-random/llama` (or qwen3, gemma3).
+Used by the unit tests and the `smoke` config: `model: tiny-random/llama` (or qwen2, qwen3, gemma3).
 """
 from __future__ import annotations
 
@@ -45,22 +45,27 @@ def _train_tokenizer(vocab_size: int = 512):
 def _config(arch: str, vocab: int, eos: int):
     if arch.endswith("-262k"):  # gemma-3's vocabulary size on a tiny body: for KL memory benchmarks
         arch, vocab = arch[:-len("-262k")], 262144
+    # head_dim 32: the smallest head size vLLM's CPU attention takes (the vLLM engine tests use these)
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
                   eos_token_id=eos, pad_token_id=eos, bos_token_id=None, tie_word_embeddings=True)
     if arch == "llama":
         from transformers import LlamaConfig
 
         return LlamaConfig(**common)
+    if arch == "qwen2":
+        from transformers import Qwen2Config
+
+        return Qwen2Config(**common)
     if arch == "qwen3":
         from transformers import Qwen3Config
 
-        return Qwen3Config(head_dim=16, **common)
+        return Qwen3Config(head_dim=32, **common)
     if arch == "gemma3":
         from transformers import Gemma3TextConfig
 
-        return Gemma3TextConfig(head_dim=16, sliding_window=64, **common)
-    raise ValueError(f"unknown tiny arch '{arch}'; fix: use one of llama, qwen3, gemma3 (optionally -262k)")
+        return Gemma3TextConfig(head_dim=32, sliding_window=64, **common)
+    raise ValueError(f"unknown tiny arch '{arch}'; fix: use one of llama, qwen2, qwen3, gemma3 (optionally -262k)")
 
 
 def build_tiny_model(arch: str = "llama", out: str | Path | None = None, seed: int = 0) -> Path:

@@ -15,7 +15,7 @@ def tiny_dir(tmp_path_factory):
     from steer_heal.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
-    return {a: build_tiny_model(a, root / a) for a in ("llama", "qwen3", "gemma3")}
+    return {a: build_tiny_model(a, root / a) for a in ("llama", "qwen2", "qwen3", "gemma3")}
 
 
 @pytest.fixture

