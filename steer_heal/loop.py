@@ -12,7 +12,7 @@ import torch
 from reward.components import Scorer
 from steer_heal.chat import render_prompt
 from steer_heal.config import RunConfig
-from steer_heal.engine import HFEngine, Sampling
+from steer_heal.engine import HFEngine, RolloutEngine, Sampling, make_engine
 from steer_heal.evals.mfv import MFVResult, evaluate_mfv, mfv_columns, trait_nats
 from steer_heal.evals.mfv_data import load_vignettes
 from steer_heal.heal import HealDivergedError, heal_round
@@ -41,7 +41,7 @@ class Ctx:
     rd: RunDir
     preset: Preset
     student: Student
-    engine: HFEngine
+    engine: RolloutEngine  # serves the baked student (hf: its own modules; vllm: pushed at each bake)
     layers: list[int]
     tracker: Tracker
     mfv_rows: list[dict]
@@ -75,14 +75,14 @@ def scorer(ctx: Ctx) -> Scorer:
 
 
 def generate_scored(ctx: Ctx, users: list[str], steering: Steering | None, seed: int, greedy: bool = False,
-                    max_new_tokens: int | None = None, which: list[str] = SCORED):
+                    max_new_tokens: int | None = None, which: list[str] = SCORED, engine=None):
     """Generate from the baked student (steered) and score under the base model."""
     g = ctx.cfg.gen
     samp = Sampling(max_new_tokens=max_new_tokens or g.max_new_tokens, temperature=0.0 if greedy else g.temperature,
                     top_p=g.top_p, seed=seed)
     prompts = [render_prompt(ctx.student.tok, u) for u in users]
     with ctx.student.live_off():
-        ro = ctx.engine.generate(prompts, steering, samp, logprobs=False, desc="generate")
+        ro = (engine or ctx.engine).generate(prompts, steering, samp, logprobs=False, desc="generate")
         comp = scorer(ctx).components(users, [r.completion_ids for r in ro], [r.text for r in ro],
                                       prompt_ids=[r.prompt_ids for r in ro], which=which)
     return ro, comp
@@ -138,8 +138,11 @@ def evaluate_fixed(ctx: Ctx, steering: Steering | None, base: bool = False) -> d
     """Greedy answers to the preset's fixed prompts, scored (interim until the MFV evaluation lands)."""
     users = ctx.preset.eval_prompts[:ctx.cfg.eval.n_prompts]
     if base:
+        # an engine with its own weight copy holds the base model only before the first bake
+        eng = ctx.engine if ctx.student.n_bakes == 0 else HFEngine(ctx.student.model, ctx.student.tok, ctx.cfg.gen.batch_size)
         with ctx.student.base():
-            ro, sc = generate_scored(ctx, users, None, seed=0, greedy=True, max_new_tokens=ctx.cfg.eval.max_new_tokens)
+            ro, sc = generate_scored(ctx, users, None, seed=0, greedy=True, max_new_tokens=ctx.cfg.eval.max_new_tokens,
+                                     engine=eng)
     else:
         ro, sc = generate_scored(ctx, users, steering, seed=0, greedy=True, max_new_tokens=ctx.cfg.eval.max_new_tokens)
     return summarise(ctx, sc) | {"texts": [x.text for x in ro], "prompts": users}
@@ -173,6 +176,12 @@ def heal(ctx: Ctx, kept: list[dict], r: int):
 def bake(ctx: Ctx, r: int) -> None:
     ctx.student.bake()
     ctx.student.save_cumulative(ctx.rd.round_dir(r) / "cumulative")
+    ctx.engine.push(ctx.student)  # vLLM: load the baked layers in place (HF serves the student itself)
+    if not isinstance(ctx.engine, HFEngine):
+        from steer_heal.engine import check_push
+
+        prompts = [render_prompt(ctx.student.tok, u) for u in ctx.preset.eval_prompts[:4]]
+        ctx.log("engine_push", round=r, bakes=ctx.student.n_bakes, **check_push(ctx.engine, ctx.student, prompts))
 
 
 # ------------------------------------------------------------------ main loop
@@ -186,7 +195,7 @@ def build(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Ctx:
     rd = RunDir(run_dir, cfg, resume=resume)
     h = cfg.heal
     student = Student(lm.model, lm.tokenizer, h.lora_r, h.lora_alpha, h.lora_band, h.target_modules, base_path=lm.path)
-    engine = HFEngine(student.model, lm.tokenizer, batch_size=cfg.gen.batch_size, progress=True)
+    engine = make_engine(cfg.engine, student, lm.tokenizer, layers, cfg.gen.batch_size, cfg.vllm, cfg.seed, progress=True)
     e = cfg.eval
     # subset seed fixed at 0: runs with different seeds are evaluated on the same vignettes
     rows = load_vignettes(e.mfv_dir or None, e.mfv_config, e.mfv_condition, e.mfv_n or None, 0) if e.mfv else []
@@ -199,6 +208,7 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
     start = len(rows)
     if start:  # resume: rebuild the baked student from the last completed round's cumulative adapter
         ctx.student.load_cumulative(ctx.rd.round_dir(start - 1) / "cumulative")
+        ctx.engine.push(ctx.student)
         ctx.log("resume", from_round=start)
     base_eval = ctx.rd.load_json("base_eval.json")
     if base_eval is None:

@@ -4,11 +4,25 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from contextlib import contextmanager
+
 from steer_heal.chat import encode_prompt
 from steer_heal.engine.base import Rollout, Sampling
 from steer_heal.logprobs import completion_logprobs, left_pad, pack
 from steer_heal.steering.core import Steering
 from steer_heal.steering.hooks import steer
+
+
+@contextmanager
+def eval_mode(model):
+    """Generation in eval mode, the training flag put back: in train mode (as inside a GRPO step,
+    gradient checkpointing on) HF's generate turns off the KV cache and greedy outputs change."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
 
 
 class HFEngine:
@@ -43,7 +57,7 @@ class HFEngine:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-        with steer(self.model, steering):
+        with steer(self.model, steering), eval_mode(self.model):
             out = self.model.generate(input_ids=inp.to(device), attention_mask=att.to(device),
                                       return_dict_in_generate=True, use_cache=True, **kw)
         gen = out.sequences[:, L:].cpu()
@@ -90,7 +104,7 @@ class HFEngine:
             if not part:
                 continue
             batch = pack([r.prompt_ids for r in part], [r.completion_ids for r in part], self.tok.pad_token_id)
-            with steer(self.model, steering):
+            with steer(self.model, steering), eval_mode(self.model):
                 lps = completion_logprobs(self.model, batch)
             for r, lp in zip(part, lps):
                 r.logprobs = lp.tolist()

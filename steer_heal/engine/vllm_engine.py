@@ -51,6 +51,24 @@ def _hf_architecture(model_path: str) -> str:
     return archs[0] if archs else ""
 
 
+def _build_llm(LLM, kw):
+    """vLLM seeds the global RNGs and may cut torch's thread count when it runs in-process; the
+    trainer beside it keeps its own."""
+    import random
+
+    import numpy as np
+
+    threads, py_state, np_state = torch.get_num_threads(), random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        llm = LLM(**kw)
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return llm
+
+
 class VLLMEngine:
     """Serves the baked student (its own weight copy, refreshed by `push`) plus optional steering."""
 
@@ -69,6 +87,7 @@ class VLLMEngine:
                              "fix: use engine: hf for this model")
         cpu = not torch.cuda.is_available()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # colocated: engine core in this process
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the round table readable
         if cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gib))))
             # vLLM pins OMP threads to cores by default; leave the trainer's thread settings alone
@@ -91,9 +110,9 @@ class VLLMEngine:
             kw.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.sleep)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             kw["distributed_executor_backend"] = "external_launcher"  # one engine per trainer rank
-        self.llm = LLM(**kw)
+        self.llm = _build_llm(LLM, kw)
         self.eos_ids = self._eos_ids(model_path)
-        self._steering: tuple[int, float] | None = None  # (id of the vector, coeff) now in the buffers
+        self._steering: tuple | None = None  # (vector, coeff) now in the buffers; None: zeros
         self._sleeping = False
         have = self.llm.collective_rpc("steer_heal_layers")[0]
         if sorted(have) != self.layers:
@@ -115,8 +134,10 @@ class VLLMEngine:
     # ------------------------------------------------------------ state changes
     def set_steering(self, steering: Steering | None) -> None:
         """Write c * v into the band buffers in place (zeros for None / c = 0); no rebuild."""
-        key = None if steering is None or steering.coeff == 0 else (id(steering.vector), float(steering.coeff))
-        if key == self._steering:
+        # the key holds the vector itself (not its id, which Python may reuse once a vector is freed)
+        key = None if steering is None or steering.coeff == 0 else (steering.vector, float(steering.coeff))
+        cur = self._steering
+        if (key is None and cur is None) or (key and cur and key[0] is cur[0] and key[1] == cur[1]):
             return
         if key is None:
             layers, deltas = self.layers, torch.zeros(len(self.layers), self._hidden())
@@ -140,8 +161,7 @@ class VLLMEngine:
             tensors.append(w.detach())
         self.wake()
         self.llm.collective_rpc("steer_heal_load_weights", args=(names, tensors))
-        self.llm.reset_prefix_cache()
-        self._steering = self._steering  # buffers are not weights: steering is unchanged by a push
+        self.llm.reset_prefix_cache()  # buffers are not weights: the steering in place stays as it was
 
     def sleep(self) -> None:
         if self.cfg.sleep and torch.cuda.is_available() and not self._sleeping:

@@ -70,3 +70,4 @@ class SteerHealWorkerExtension:
         finally:
             quiet.setLevel(level)
         return len(loaded) if loaded is not None else len(names)
+

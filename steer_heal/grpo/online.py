@@ -33,6 +33,10 @@ class OnlineConfig:
     persona_neg: str = ""
     run_dir: str = ""
     seed_prompts: int = 0  # 0: all the preset's generation prompts
+    # rollout engine: hf | vllm (colocated; sized by trl's vllm_gpu_memory_utilization,
+    # vllm_enable_sleep_mode and vllm_max_model_length; keep use_vllm false: rollouts come from here)
+    engine: str = "hf"
+    vllm_enforce_eager: str = "auto"  # auto: compiled + CUDA graphs on GPU, eager on CPU
     # steering
     layer_band: list[float] = field(default_factory=lambda: [0.45, 0.55])
     n_contexts: int = 64
@@ -152,7 +156,6 @@ class OnlineRun:
     """Holds the student, the engine, the steering state and the run directory of an online run."""
 
     def __init__(self, cfg: OnlineConfig, grpo_args, seed: int = 42):
-        from steer_heal.engine import HFEngine
         from steer_heal.evals.mfv_data import load_vignettes
         from steer_heal.models import load_model, num_layers
         from steer_heal.presets import load_preset
@@ -175,13 +178,28 @@ class OnlineRun:
                                base_path=lm.path)
         self.student.reset_live(seed=seed * 1000 - 1)  # the first live LoRA is the same on every rank
         self.tok = lm.tokenizer
-        self.engine = HFEngine(self.student.model, self.tok, batch_size=64)
+        self.engine = self._engine(lm.tokenizer, seed)
         self.mfv_rows = load_vignettes(cfg.mfv_dir or None, n=cfg.mfv_n or None, seed=0) if cfg.mfv else []
         self.base_mfv = None
         self.v0 = None
         self.state: SteerState | None = None
         self.reward_cfg = RewardConfig(trait=cfg.reward_trait, w_trait=cfg.w_trait, w_verb=cfg.w_verb,
                                        w_incoh=cfg.w_incoh, w_refusal=cfg.w_refusal)
+
+    def _engine(self, tok, seed: int):
+        from steer_heal.engine import VLLMConfig, make_engine
+
+        a = self.grpo_args
+        if getattr(a, "use_vllm", False):
+            raise ValueError("use_vllm=true would make TRL build its own unsteered vLLM; fix: set use_vllm: false "
+                             "and engine: vllm (the steered engine serves the rollouts)")
+        eager = {"auto": None, "true": True, "false": False}[str(self.cfg.vllm_enforce_eager).lower()]
+        vc = VLLMConfig(gpu_memory_utilization=a.vllm_gpu_memory_utilization, enforce_eager=eager,
+                        sleep=a.vllm_enable_sleep_mode, max_model_len=a.vllm_max_model_length or 2048)
+        from accelerate import PartialState
+
+        # each rank samples its own prompts: a distinct engine seed per rank
+        return make_engine(self.cfg.engine, self.student, tok, self.layers, 64, vc, seed + PartialState().process_index)
 
     @property
     def personas(self) -> tuple[str, str]:
@@ -227,6 +245,7 @@ class OnlineRun:
             meta = json.loads((st / "state.json").read_text())
             if meta["n_bakes"]:
                 self.student.load_cumulative(st / "cumulative")
+                self.engine.push(self.student)
             self.state = SteerState(SteeringVector.load(st / "vector.safetensors"), meta["kappa"], meta["n_bakes"])
             step = meta["step"]
             if self.main:
@@ -250,6 +269,19 @@ class OnlineRun:
             base = res.summary()
             self.rd.save_json("base_mfv.json", base)
         self.base_mfv = MFVResult.from_summary(base) if base else None
+
+    def check_push(self) -> None:
+        """Greedy agreement of the engine with the HF baked student on 4 prompts (GPU kernels may
+        differ by a token now and then; a push that failed shows as ~0)."""
+        from steer_heal.chat import render_prompt
+        from steer_heal.engine import check_push
+
+        prompts = [render_prompt(self.tok, u) for u in self.preset.eval_prompts[:4]]
+        res = check_push(self.engine, self.student, prompts)
+        self.rd.event("engine_push", bakes=self.student.n_bakes, **res)
+        if res["greedy_match"] < res["n"] // 2:
+            print(f"warning: after the weight push only {res['greedy_match']}/{res['n']} greedy completions of the "
+                  "engine match the HF baked student", flush=True)
 
     def save_state(self, d: Path) -> None:
         if not self.main:
@@ -280,6 +312,8 @@ class OnlineRun:
         v = self.extract()
         self.state.vector, self.state.bake_round = v, k + 1
         self.engine.push(self.student)
+        if self.main:
+            self.check_push()
         if not self.main:
             return
         v.save(bd / "vector.safetensors")

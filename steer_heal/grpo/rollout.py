@@ -36,11 +36,8 @@ def make_rollout_func(engine, student, state: SteerState, max_new_tokens: int, t
         rendered = [render_prompt(engine.tok, u) for u in users]
         seed = int(trainer.state.global_step) * 7919 + int(trainer.accelerator.process_index)
         samp = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        was_training = student.model.training
-        student.model.eval()
         with student.live_off():  # behaviour policy: baked student + steering, no live LoRA
             ro = engine.generate(rendered, state.steering, samp, logprobs=True)
-        student.model.train(was_training)
         if timers is not None:
             timers["rollout"] = timers.get("rollout", 0.0) + time.perf_counter() - t0
         return {"prompt_ids": [r.prompt_ids for r in ro], "completion_ids": [r.completion_ids for r in ro],
