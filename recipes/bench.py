@@ -2,6 +2,8 @@
 
 Rows:
   gen    steered tokens/s: batched HF engine vs the seed's sequential batch-1 generate, same prompts
+  vllm   tokens/s of vLLM (in-process, eager on CPU): stock model vs the steerable engine with steering
+         off vs steered, same prompts and lengths (EOS held off so every row decodes the same tokens)
   heal   completion tokens/s: default batch vs batch 1, same examples
   memory peak RSS over the loaded model: NLL-only step vs NLL + chunked exact KL (vs unchunked KL)
 Memory rows run in fresh subprocesses so each peak is its own.
@@ -43,6 +45,59 @@ def bench_generation(lm, preset, n_prompts: int, new_tokens: int, batch: int, v)
         rows.append(dict(what=f"steered generation: {name}", value=n / dt, unit="tok/s", detail=f"{n} tokens, {dt:.1f}s"))
     rows.append(dict(what="steered generation speed-up (batched / sequential)", value=rows[0]["value"] / rows[1]["value"],
                      unit="x", detail="target >= 8x"))
+    return rows
+
+
+def bench_vllm(lm, preset, n_prompts: int, new_tokens: int, v, repeats: int = 3) -> list[dict]:
+    from steer_heal.engine.vllm_engine import VLLMConfig, VLLMEngine, _build_llm, sampling_params
+
+    tok = lm.tokenizer
+    prompts = [render_prompt(tok, u) for u in (preset.prompts * 4)[:n_prompts]]
+    samp = Sampling(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.0)
+    cfg = VLLMConfig(max_model_len=1024)
+
+    def timed(gen) -> tuple[float, str]:
+        gen(prompts[:4])  # warm-up
+        best = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            n = gen(prompts)
+            best.append((n / (time.perf_counter() - t), n))
+        tps, n = sorted(best)[len(best) // 2]  # median of the repeats
+        return tps, f"{n} tokens, median of {repeats}"
+
+    rows = []
+    # stock vLLM: the same checkpoint without steering buffers (the baseline the steering costs against)
+    from vllm import LLM
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    llm = _build_llm(LLM, dict(model=lm.path, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0))
+    sp = sampling_params(samp, tok, [tok.eos_token_id], False)
+
+    def stock(ps):
+        outs = llm.generate([{"prompt_token_ids": tok(p, add_special_tokens=False).input_ids} for p in ps], sp, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    tps, d = timed(stock)
+    rows.append(dict(what="vLLM stock model (no steering buffers)", value=tps, unit="tok/s", detail=d))
+    del llm
+    import gc
+
+    gc.collect()
+    eng = VLLMEngine(lm.path, tok, list(v.layers), cfg, dtype=torch.float32)
+    for name, st in (("vLLM steerable engine, steering off", None), ("vLLM steered (c = 1)", Steering(v, 1.0))):
+        tps, d = timed(lambda ps, st=st: sum(len(r.completion_ids) for r in eng.generate(ps, st, samp, logprobs=False)))
+        rows.append(dict(what=name, value=tps, unit="tok/s", detail=d))
+    eng.close()
+    rows.append(dict(what="vLLM steered / stock", value=rows[2]["value"] / rows[0]["value"], unit="x",
+                     detail="target >= 0.9x"))
+    for name, bs in ((f"HF batched (batch {n_prompts})", n_prompts), ("HF sequential (batch 1)", 1)):
+        eng_hf = HFEngine(lm.model, tok, batch_size=bs)
+        ps = prompts if bs > 1 else prompts[:16]  # batch 1 is slow: 16 prompts are enough for a rate
+        t = time.perf_counter()
+        n = sum(len(r.completion_ids) for r in eng_hf.generate(ps, Steering(v, 1.0), samp, logprobs=False))
+        dt = time.perf_counter() - t
+        rows.append(dict(what=f"steered {name}, same lengths", value=n / dt, unit="tok/s", detail=f"{n} tokens, {dt:.1f}s"))
     return rows
 
 
@@ -196,7 +251,7 @@ def main() -> None:
     ap.add_argument("--heal-batch", type=int, default=HealConfig().batch_size)
     ap.add_argument("--mfv-think", type=int, default=32)
     ap.add_argument("--mfv-batch", type=int, default=16)
-    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: gen heal memory mfv grpo")
+    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: gen vllm heal memory mfv grpo")
     a = ap.parse_args()
     torch.manual_seed(0)
     lm = load_model(a.model, dtype="float32")
@@ -207,6 +262,9 @@ def main() -> None:
     head = f"steer-heal bench  model={a.model}  torch threads={torch.get_num_threads()}  cpu={os.cpu_count()}"
     if "gen" not in a.skip:
         rows += bench_generation(lm, preset, a.prompts, a.new_tokens, a.gen_batch, v)
+        print_table(rows, head)
+    if "vllm" not in a.skip:
+        rows += bench_vllm(lm, preset, a.prompts, a.new_tokens, v)
         print_table(rows, head)
     if "heal" not in a.skip:
         rows += bench_heal(lm, preset, a.heal_examples, a.heal_batch)

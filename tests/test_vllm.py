@@ -159,10 +159,11 @@ def test_wrong_layers_and_unsupported_model_are_one_line_errors(tiny_dir, tmp_pa
 def test_smollm2_steering_and_weight_push_match_hf(smol):
     """Acceptance: 8 prompts x 32 greedy tokens, steering off and at two coefficients, then a bake
     pushed into the running engine: vLLM equals the HF engine / the HF baked student."""
-    from steer_heal.models import num_layers
+    from steer_heal.models import load_model, num_layers
     from steer_heal.presets import load_preset
 
-    m, tok = smol.model, smol.tokenizer
+    lm = load_model(smol.path, dtype="float32", device="cpu")  # own copy: the Student wraps and bakes it
+    m, tok = lm.model, lm.tokenizer
     pre = load_preset("care-over-authority")
     layers = layer_band(num_layers(m), (0.45, 0.55))
     v = extract_vector(m, tok, pre.persona_pos, pre.persona_neg, pre.contexts[:16], layers, 16)
@@ -192,7 +193,6 @@ def test_smollm2_steering_and_weight_push_match_hf(smol):
             assert _ids(a) == _ids(b)
     finally:
         eng.close()
-        st.model.unload()  # the session's SmolLM2 without the LoRA wrappers for the next tests
     print("vllm == hf (8 prompts x 32 tokens):", report)
 
 

@@ -51,6 +51,21 @@ def _hf_architecture(model_path: str) -> str:
     return archs[0] if archs else ""
 
 
+def sampling_params(sampling: Sampling, tok, eos_ids: list[int], logprobs: bool, i: int = 0):
+    """Our Sampling as vLLM SamplingParams (row i of a call gets its own seed)."""
+    from vllm import SamplingParams
+
+    kw = dict(max_tokens=sampling.max_new_tokens, min_tokens=sampling.min_new_tokens,
+              stop_token_ids=eos_ids, skip_special_tokens=True, logprobs=0 if logprobs else None)
+    if sampling.banned:
+        kw["bad_words"] = [tok.decode(b) for b in sampling.banned]
+    if sampling.greedy:
+        kw.update(temperature=0.0)
+    else:  # one seed per row: reproducible, and rows of one prompt still differ
+        kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0, seed=sampling.seed * 100003 + i)
+    return SamplingParams(**kw)
+
+
 def _build_llm(LLM, kw):
     """vLLM seeds the global RNGs and may cut torch's thread count when it runs in-process; the
     trainer beside it keeps its own."""
@@ -174,19 +189,6 @@ class VLLMEngine:
             self._sleeping = False
 
     # ------------------------------------------------------------ generation
-    def sampling_params(self, sampling: Sampling, logprobs: bool, i: int = 0):
-        from vllm import SamplingParams
-
-        kw = dict(max_tokens=sampling.max_new_tokens, min_tokens=sampling.min_new_tokens,
-                  stop_token_ids=self.eos_ids, skip_special_tokens=True, logprobs=0 if logprobs else None)
-        if sampling.banned:
-            kw["bad_words"] = [self.tok.decode(b) for b in sampling.banned]
-        if sampling.greedy:
-            kw.update(temperature=0.0)
-        else:  # one seed per row: reproducible, and rows of one prompt still differ
-            kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0, seed=sampling.seed * 100003 + i)
-        return SamplingParams(**kw)
-
     @torch.no_grad()
     def generate(self, prompts: list[str], steering: Steering | None = None, sampling: Sampling | None = None,
                  logprobs: bool = True, desc: str | None = None) -> list[Rollout]:
@@ -194,7 +196,7 @@ class VLLMEngine:
         ids = [encode_prompt(self.tok, p) for p in prompts]
         self.wake()
         self.set_steering(steering)
-        params = [self.sampling_params(sampling, logprobs, i) for i in range(len(ids))]
+        params = [sampling_params(sampling, self.tok, self.eos_ids, logprobs, i) for i in range(len(ids))]
         outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=bool(desc))
         self.sleep()
         res = []
