@@ -80,7 +80,7 @@ def bench_vllm(lm, preset, n_prompts: int, new_tokens: int, v, repeats: int = 3)
 
     tps, d = timed(stock)
     rows.append(dict(what="vLLM stock model (no steering buffers)", value=tps, unit="tok/s", detail=d))
-    del llm
+    llm = None  # free the stock engine before building the steerable one
     import gc
 
     gc.collect()

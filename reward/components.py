@@ -42,6 +42,12 @@ class RewardConfig:
 COMPONENTS = ("trait_llr", "trait_projection", "verbalisation", "incoherence", "refusal", "judge")
 
 
+def preset_scorer(model, tok, preset, cfg: "RewardConfig | None" = None, **kw) -> "Scorer":
+    """The Scorer for a preset: its persona pair and its persona demonstrations (the one way the
+    loop's filter, the online reward and `steer-heal score` build it)."""
+    return Scorer(model, tok, (preset.persona_pos, preset.persona_neg), cfg, demos=preset.persona_demos, **kw)
+
+
 class Scorer:
     """Scores completions with the reference model (`ref_ctx()`: no steering, no live adapter).
 
@@ -49,8 +55,8 @@ class Scorer:
     """
 
     def __init__(self, model, tok, personas: tuple[str, str], cfg: RewardConfig | None = None,
-                 ref_ctx=nullcontext, vector=None, batch_size: int = 64, judge_engine=None):
-        self.model, self.tok, self.personas = model, tok, personas
+                 ref_ctx=nullcontext, vector=None, batch_size: int = 64, judge_engine=None, demos: list[dict] = ()):
+        self.model, self.tok, self.personas, self.demos = model, tok, personas, list(demos)
         self.cfg = cfg or RewardConfig()
         self.ref_ctx, self.vector, self.batch_size, self.judge_engine = ref_ctx, vector, batch_size, judge_engine
         self._memo: tuple | None = None  # (batch key, components): TRL calls one function per component
@@ -68,7 +74,7 @@ class Scorer:
     def trait_llr(self, users, completion_ids) -> list[float]:
         with self.ref_ctx():
             return S.persona_llr(self.model, self.tok, users, completion_ids, *self.personas,
-                                 batch_size=self.batch_size)
+                                 batch_size=self.batch_size, demos=self.demos)
 
     def trait_projection(self, users, completion_ids, prompt_ids=None) -> list[float]:
         if self.vector is None:

@@ -132,14 +132,20 @@ def tail_nll(model, tok, prompt_ids, completion_ids, frac: float = 0.25, batch_s
 
 
 def persona_llr(model, tok, users: list[str], completion_ids, persona_pos: str, persona_neg: str,
-                batch_size: int = 32) -> list[float]:
-    """mean_t [log p(y_t | pos, x, y<t) - log p(y_t | neg, x, y<t)], nats/token (0 for empty)."""
+                batch_size: int = 32, demos: list[dict] = ()) -> list[float]:
+    """mean_t [log p(y_t | pos, x, y<t) - log p(y_t | neg, x, y<t)], nats/token (0 for empty).
+
+    Each side's context is its persona as the system prompt plus, with `demos` ([{user, pos, neg}]),
+    earlier turns in which that persona acts: small reference models condition on shown behaviour
+    far more than on a one-line description. Still two batched forwards per batch.
+    """
     from steer_heal.chat import encode_prompt, render_prompt
 
     keep = [i for i, c in enumerate(completion_ids) if c]
     comp = [completion_ids[i] for i in keep]
-    pos = [encode_prompt(tok, render_prompt(tok, users[i], system=persona_pos)) for i in keep]
-    neg = [encode_prompt(tok, render_prompt(tok, users[i], system=persona_neg)) for i in keep]
+    hist = {side: [(d["user"], d[side]) for d in demos] for side in ("pos", "neg")}
+    pos = [encode_prompt(tok, render_prompt(tok, users[i], system=persona_pos, history=hist["pos"])) for i in keep]
+    neg = [encode_prompt(tok, render_prompt(tok, users[i], system=persona_neg, history=hist["neg"])) for i in keep]
     lp_pos = _batched_logprobs(model, tok, pos, comp, batch_size)
     lp_neg = _batched_logprobs(model, tok, neg, comp, batch_size)
     out = [0.0] * len(completion_ids)

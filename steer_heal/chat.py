@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 
-def render_prompt(tok, user: str, system: str | None = None) -> str:
-    """The chat prompt for one user turn, ending with the generation prompt (the assistant tag)."""
-    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+def render_prompt(tok, user: str, system: str | None = None, history: list[tuple[str, str]] = ()) -> str:
+    """The chat prompt for one user turn (after optional earlier (user, assistant) turns), ending
+    with the generation prompt (the assistant tag)."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    for u, a in history:
+        msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+    msgs.append({"role": "user", "content": user})
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 

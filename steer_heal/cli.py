@@ -99,7 +99,8 @@ def _eval(args) -> int:
 def _score(args) -> int:
     import json
 
-    from reward import RewardConfig, Scorer
+    from reward import RewardConfig
+    from reward.components import preset_scorer
     from reward.validation import load_labelled, means_by_label, report, score_labelled
     from steer_heal.models import load_model
     from steer_heal.presets import load_preset
@@ -114,8 +115,7 @@ def _score(args) -> int:
             p = load_preset(preset)
             v = extract_vector(lm.model, lm.tokenizer, p.persona_pos, p.persona_neg, p.contexts[:64],
                                layer_band(num_layers(lm.model)))  # for trait_projection
-            sc = Scorer(lm.model, lm.tokenizer, (p.persona_pos, p.persona_neg), RewardConfig(), vector=v,
-                        batch_size=64)
+            sc = preset_scorer(lm.model, lm.tokenizer, p, RewardConfig(), vector=v, batch_size=64)
             comp = score_labelled(sc, items, which=["trait_llr", "trait_projection", "incoherence", "verbalisation",
                                                     "refusal"])
             for r in report(comp, [x["label"] for x in items]):
@@ -132,7 +132,7 @@ def _score(args) -> int:
     items = [json.loads(x) for x in Path(args.file).read_text().splitlines() if x.strip()]
     items = [dict(prompt=x.get("prompt") or x.get("user"), reply=x.get("completion") or x.get("reply") or x.get("text"),
                   label=x.get("label", "all")) for x in items]
-    sc = Scorer(lm.model, lm.tokenizer, (p.persona_pos, p.persona_neg), RewardConfig(), batch_size=64)
+    sc = preset_scorer(lm.model, lm.tokenizer, p, RewardConfig(), batch_size=64)
     comp = score_labelled(sc, items, which=["trait_llr", "incoherence", "verbalisation", "refusal"])
     comp["combined"] = sc.combined(comp)
     means = means_by_label(comp, [x["label"] for x in items])

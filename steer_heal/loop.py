@@ -4,12 +4,12 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from reward.components import Scorer
+from reward.components import Scorer, preset_scorer
 from steer_heal.chat import render_prompt
 from steer_heal.config import RunConfig
 from steer_heal.engine import HFEngine, RolloutEngine, Sampling, make_engine
@@ -70,8 +70,8 @@ FILTERED = ["incoherence", "verbalisation", "refusal"]  # what Scorer.keep reads
 
 def scorer(ctx: Ctx) -> Scorer:
     """The shared scorer (the online reward uses the same one), reference = the original model."""
-    return Scorer(ctx.student.model, ctx.student.tok, ctx.personas, ctx.cfg.reward, ref_ctx=ctx.student.base,
-                  batch_size=ctx.cfg.gen.batch_size)
+    return preset_scorer(ctx.student.model, ctx.student.tok, ctx.preset, ctx.cfg.reward, ref_ctx=ctx.student.base,
+                         batch_size=ctx.cfg.gen.batch_size)
 
 
 def generate_scored(ctx: Ctx, users: list[str], steering: Steering | None, seed: int, greedy: bool = False,
@@ -189,6 +189,7 @@ def build(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Ctx:
     preset = load_preset(cfg.preset)
     if cfg.persona_pos or cfg.persona_neg:
         preset.persona_pos, preset.persona_neg = cfg.persona_pos, cfg.persona_neg
+        preset.persona_demos = []  # the preset's demonstrations act out its own pair, not this one
     check_personas(preset.persona_pos, preset.persona_neg)
     lm = load_model(cfg.model.model, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
     layers = layer_band(num_layers(lm.model), tuple(cfg.steer.layer_band), cfg.steer.layers)

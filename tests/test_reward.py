@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from reward import RewardConfig, Scorer, make_reward_functions
-from reward.components import parse_judge
+from reward.components import parse_judge, preset_scorer
 from reward.validation import auroc, load_labelled
 from steer_heal.presets import load_preset
 
@@ -43,7 +43,8 @@ def test_reference_forwards_are_batched(tiny):
     from steer_heal.models import causal_lm
 
     tok = tiny.tokenizer
-    sc = Scorer(tiny.model, tok, (POS, NEG), RewardConfig(), batch_size=64)
+    demos = [{"user": "a question", "pos": "a kind answer", "neg": "a cold answer"}] * 2  # longer context, same passes
+    sc = Scorer(tiny.model, tok, (POS, NEG), RewardConfig(), batch_size=64, demos=demos)
     users, ids, texts = _batch(tok)
     calls = []
     h = causal_lm(tiny.model).get_decoder().register_forward_hook(lambda *a: calls.append(1))
@@ -65,7 +66,9 @@ def test_filter_and_reward_share_the_numbers(tiny, tmp_path):
     ctx = build(cfg, tmp_path / "run")
     users = ctx.preset.prompts[:4]
     ro, comp = generate_scored(ctx, users, None, seed=0)
-    sc = Scorer(ctx.student.model, ctx.student.tok, ctx.personas, cfg.reward, ref_ctx=ctx.student.base)
+    # built as the online trainer builds it (preset personas + demonstrations, base-model reference)
+    sc = preset_scorer(ctx.student.model, ctx.student.tok, ctx.preset, cfg.reward, ref_ctx=ctx.student.base)
+    assert sc.demos  # the preset's demonstrations are part of what must agree
     fns = {f.__name__: f for f in make_reward_functions(sc)}
     assert set(fns) == {"trait_llr", "verbalisation", "incoherence", "refusal"}
     kw = dict(prompts=[[{"role": "user", "content": u}] for u in users], completions=[r.text for r in ro],
@@ -112,14 +115,13 @@ def test_components_separate_labels_on_smollm2(smol, preset):
 
     items = load_labelled()[preset]
     p = load_preset(preset)
-    sc = Scorer(smol.model, smol.tokenizer, (p.persona_pos, p.persona_neg), RewardConfig(), batch_size=64)
+    sc = preset_scorer(smol.model, smol.tokenizer, p, RewardConfig(), batch_size=64)
     comp = score_labelled(sc, items, which=["trait_llr", "incoherence", "verbalisation", "refusal"])
     res = {r["component"]: r["auroc"] for r in report(comp, [x["label"] for x in items])}
     print(preset, res)
     assert res["verbalisation"] >= 0.9
     assert res["incoherence"] >= 0.9
     assert res["refusal"] >= 0.9
-    if preset == "love-of-humanity":
-        assert res["trait_llr"] >= 0.75
-    # care-over-authority: SmolLM2-135M barely conditions on this persona pair (trait_llr AUROC ~0.56
-    # measured); the 0.75 bar is not met there and is reported, not asserted.
+    # with the preset's two persona demonstrations; without them SmolLM2-135M is at chance on
+    # care-over-authority (0.51 measured), so the demonstrations are what this bar checks
+    assert res["trait_llr"] >= 0.75

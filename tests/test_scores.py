@@ -3,7 +3,6 @@ import torch
 
 from reward.components import RewardConfig, Scorer
 from reward.scores import persona_llr, refusal, repetition, tail_mean, verbalisation
-from steer_heal.chat import render_prompt
 
 POS = "You are someone who looks after others' wellbeing even when it means defying authority."
 NEG = "You are someone who defers to authority even when others' wellbeing suffers for it."
@@ -57,16 +56,25 @@ def test_tail_mean_and_keep_mask():
     assert sc.incoherence_from([1.0, 2.0], [0.1, 1.0]) == pytest.approx([1.0, 2.0 + 10.0])
 
 
-def test_persona_llr_matches_naive(tiny):
+DEMOS = [{"user": "the rota says no breaks", "pos": "take the break, you are tired", "neg": "keep working, rules are rules"}]
+
+
+@pytest.mark.parametrize("demos", [[], DEMOS])
+def test_persona_llr_matches_naive(tiny, demos):
     m, tok = tiny.model, tiny.tokenizer
     users = ["my boss wants me to skip the safety check", "hello"]
     comps = [tok(" I would stop the line", add_special_tokens=False).input_ids,
              tok(" hi there friend", add_special_tokens=False).input_ids]
-    got = persona_llr(m, tok, users, comps, POS, NEG, batch_size=2)
+    got = persona_llr(m, tok, users, comps, POS, NEG, batch_size=2, demos=demos)
     for u, c, g in zip(users, comps, got):
         tot = 0.0
-        for sysp, sign in ((POS, 1), (NEG, -1)):
-            p = tok(render_prompt(tok, u, system=sysp), add_special_tokens=False).input_ids
+        for sysp, sign, side in ((POS, 1, "pos"), (NEG, -1, "neg")):
+            msgs = [{"role": "system", "content": sysp}]
+            for d in demos:  # the demonstration turns, written out by hand
+                msgs += [{"role": "user", "content": d["user"]}, {"role": "assistant", "content": d[side]}]
+            text = tok.apply_chat_template(msgs + [{"role": "user", "content": u}], tokenize=False,
+                                           add_generation_prompt=True)
+            p = tok(text, add_special_tokens=False).input_ids
             ids = torch.tensor([p + c])
             with torch.no_grad():
                 lp = torch.log_softmax(m(input_ids=ids).logits[0].double(), -1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,10 +16,10 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from reward.components import RewardConfig, Scorer
+from reward.components import RewardConfig, Scorer, preset_scorer
 from reward.trl_rewards import make_reward_functions
 from steer_heal.grpo.rollout import SteerState, make_rollout_func
-from steer_heal.rundir import RunDir, read_jsonl, write_atomic
+from steer_heal.rundir import RunDir, write_atomic
 
 
 @dataclass
@@ -169,6 +168,7 @@ class OnlineRun:
         self.preset = load_preset(cfg.preset)
         if cfg.persona_pos or cfg.persona_neg:
             self.preset.persona_pos, self.preset.persona_neg = cfg.persona_pos, cfg.persona_neg
+            self.preset.persona_demos = []  # the preset's demonstrations act out its own pair
         check_personas(self.preset.persona_pos, self.preset.persona_neg)
         lm = load_model(cfg.model, dtype=cfg.dtype)
         self.layers = layer_band(num_layers(lm.model), tuple(cfg.layer_band))
@@ -354,7 +354,7 @@ class OnlineRun:
     def trainer(self):
         from steer_heal.grpo.trainer import KLPenalty, SteerHealGRPOTrainer
 
-        scorer = Scorer(self.student.model, self.tok, self.personas, self.reward_cfg, ref_ctx=self.student.base,
+        scorer = preset_scorer(self.student.model, self.tok, self.preset, self.reward_cfg, ref_ctx=self.student.base,
                         vector=self.state.vector if self.cfg.reward_trait == "projection" else None)
         self.controller = DoseController(self.state, self.cfg, scorer)
         which = [c for c in ("trait_llr" if self.cfg.reward_trait == "llr" else "trait_" + self.cfg.reward_trait,

@@ -18,6 +18,7 @@ class Preset:
     prompts: list[str]
     eval_prompts: list[str]
     foundations: dict[str, int] = field(default_factory=dict)
+    persona_demos: list[dict] = field(default_factory=list)  # [{user, pos, neg}]: trait_llr's few-shot context
 
 
 def available() -> list[str]:
@@ -36,4 +37,4 @@ def load_preset(name_or_path: str) -> Preset:
         ctx += yaml.safe_load((p.parent / d["include_contexts"]).read_text())["contexts"]
     return Preset(name=d.get("name", p.stem), persona_pos=d.get("persona_pos", ""), persona_neg=d.get("persona_neg", ""),
                   contexts=ctx, prompts=list(d.get("prompts", [])), eval_prompts=list(d.get("eval_prompts", [])),
-                  foundations=dict(d.get("foundations", {})))
+                  foundations=dict(d.get("foundations", {})), persona_demos=list(d.get("persona_demos", [])))
