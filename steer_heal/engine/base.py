@@ -31,6 +31,15 @@ class Rollout:
     finished: bool = False  # stopped on EOS before max_new_tokens
 
 
+def eos_token_ids(tok, generation_config=None) -> list[int]:
+    """Every id that ends a completion: the tokenizer's eos plus the generation config's (chat models
+    often list several, e.g. <|im_end|> and <|endoftext|>)."""
+    ids = {tok.eos_token_id}
+    e = getattr(generation_config, "eos_token_id", None)
+    ids.update(e if isinstance(e, list) else [e])
+    return sorted(i for i in ids if i is not None)
+
+
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[str], steering: Steering | None, sampling: Sampling) -> list[Rollout]:
         """Complete rendered chat prompts under optional steering; order preserved."""

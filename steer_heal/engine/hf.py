@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 from contextlib import contextmanager
 
 from steer_heal.chat import encode_prompt
-from steer_heal.engine.base import Rollout, Sampling
+from steer_heal.engine.base import Rollout, Sampling, eos_token_ids
 from steer_heal.logprobs import completion_logprobs, left_pad, pack
 from steer_heal.steering.core import Steering
 from steer_heal.steering.hooks import steer
@@ -30,14 +30,7 @@ class HFEngine:
 
     def __init__(self, model, tok, batch_size: int = 32, progress: bool = False):
         self.model, self.tok, self.batch_size, self.progress = model, tok, batch_size, progress
-        self.eos_ids = self._eos_ids()
-
-    def _eos_ids(self) -> list[int]:
-        ids = {self.tok.eos_token_id}
-        gc = getattr(self.model, "generation_config", None)
-        e = getattr(gc, "eos_token_id", None)
-        ids.update(e if isinstance(e, list) else [e])
-        return sorted(i for i in ids if i is not None)
+        self.eos_ids = eos_token_ids(tok, getattr(model, "generation_config", None))
 
     @torch.no_grad()
     def generate_batch(self, ids: list[list[int]], steering: Steering | None, sampling: Sampling,

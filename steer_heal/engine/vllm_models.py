@@ -23,7 +23,7 @@ import torch
 # (Gemma3ForConditionalGeneration); their text decoder is steered the same way.
 SUPPORTED = {
     "LlamaForCausalLM": ("vllm.model_executor.models.llama", "LlamaForCausalLM"),
-    "MistralForCausalLM": ("vllm.model_executor.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("vllm.model_executor.models.mistral", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("vllm.model_executor.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("vllm.model_executor.models.qwen3", "Qwen3ForCausalLM"),
     "Gemma3ForCausalLM": ("vllm.model_executor.models.gemma3", "Gemma3ForCausalLM"),
@@ -87,6 +87,7 @@ def _make_class(arch: str):
 
 
 _REGISTERED: dict[str, type] = {}
+UNAVAILABLE: dict[str, str] = {}  # arch -> why its vLLM class could not be imported here
 
 
 def register() -> None:
@@ -99,7 +100,8 @@ def register() -> None:
             continue
         try:
             cls = _make_class(arch)
-        except (ImportError, AttributeError):  # an older/newer vLLM without this model
+        except (ImportError, AttributeError) as e:  # another vLLM version, or a missing extra (torchvision)
+            UNAVAILABLE[arch] = f"{type(e).__name__}: {e}"
             continue
         _REGISTERED[name] = cls
         ModelRegistry.register_model(name, cls)
