@@ -29,20 +29,25 @@ from steer_heal.presets import load_preset  # noqa: E402
 from steer_heal.steering import Steering, extract_vector, layer_band  # noqa: E402
 
 
-def bench_generation(lm, preset, n_prompts: int, new_tokens: int, batch: int, v) -> list[dict]:
-    m, tok = lm.model, lm.tokenizer
-    prompts = [render_prompt(tok, u) for u in (preset.prompts * 4)[:n_prompts]]
-    s = Steering(v, 1.0)
-    samp = Sampling(max_new_tokens=new_tokens, temperature=0.0)
+def _hf_rates(lm, prompts, steering, samp, batch: int, label: str, n_sequential: int | None = None) -> list[dict]:
+    """Steered HF engine tokens/s at `batch` and at batch 1 (on the first `n_sequential` prompts)."""
     rows = []
     for name, bs in ((f"HF batched (batch {batch})", batch), ("HF sequential (batch 1, seed's approach)", 1)):
-        eng = HFEngine(m, tok, batch_size=bs)
-        eng.generate(prompts[:2], s, Sampling(max_new_tokens=4, temperature=0.0), logprobs=False)  # warm-up
+        eng = HFEngine(lm.model, lm.tokenizer, batch_size=bs)
+        eng.generate(prompts[:2], steering, Sampling(max_new_tokens=4, temperature=0.0), logprobs=False)  # warm-up
+        ps = prompts if bs > 1 else prompts[:n_sequential]
         t = time.perf_counter()
-        ro = eng.generate(prompts, s, samp, logprobs=False)
+        ro = eng.generate(ps, steering, samp, logprobs=False)
         dt = time.perf_counter() - t
         n = sum(len(r.completion_ids) for r in ro)
-        rows.append(dict(what=f"steered generation: {name}", value=n / dt, unit="tok/s", detail=f"{n} tokens, {dt:.1f}s"))
+        rows.append(dict(what=label.format(name), value=n / dt, unit="tok/s", detail=f"{n} tokens, {dt:.1f}s"))
+    return rows
+
+
+def bench_generation(lm, preset, n_prompts: int, new_tokens: int, batch: int, v) -> list[dict]:
+    prompts = [render_prompt(lm.tokenizer, u) for u in (preset.prompts * 4)[:n_prompts]]
+    rows = _hf_rates(lm, prompts, Steering(v, 1.0), Sampling(max_new_tokens=new_tokens, temperature=0.0), batch,
+                     "steered generation: {}")
     rows.append(dict(what="steered generation speed-up (batched / sequential)", value=rows[0]["value"] / rows[1]["value"],
                      unit="x", detail="target >= 8x"))
     return rows
@@ -91,14 +96,8 @@ def bench_vllm(lm, preset, n_prompts: int, new_tokens: int, v, repeats: int = 3)
     eng.close()
     rows.append(dict(what="vLLM steered / stock", value=rows[2]["value"] / rows[0]["value"], unit="x",
                      detail="target >= 0.9x"))
-    for name, bs in ((f"HF batched (batch {n_prompts})", n_prompts), ("HF sequential (batch 1)", 1)):
-        eng_hf = HFEngine(lm.model, tok, batch_size=bs)
-        ps = prompts if bs > 1 else prompts[:16]  # batch 1 is slow: 16 prompts are enough for a rate
-        t = time.perf_counter()
-        n = sum(len(r.completion_ids) for r in eng_hf.generate(ps, Steering(v, 1.0), samp, logprobs=False))
-        dt = time.perf_counter() - t
-        rows.append(dict(what=f"steered {name}, same lengths", value=n / dt, unit="tok/s", detail=f"{n} tokens, {dt:.1f}s"))
-    return rows
+    # batch 1 is slow: 16 prompts are enough for a rate
+    return rows + _hf_rates(lm, prompts, Steering(v, 1.0), samp, n_prompts, "steered {}, same lengths", 16)
 
 
 def bench_heal(lm, preset, n_examples: int, batch: int) -> list[dict]:

@@ -12,7 +12,7 @@ import torch
 from reward.components import Scorer, preset_scorer
 from steer_heal.chat import render_prompt
 from steer_heal.config import RunConfig
-from steer_heal.engine import HFEngine, RolloutEngine, Sampling, make_engine
+from steer_heal.engine import HFEngine, RolloutEngine, Sampling, check_push, make_engine
 from steer_heal.evals.mfv import MFVResult, evaluate_mfv, mfv_columns, trait_nats
 from steer_heal.evals.mfv_data import load_vignettes
 from steer_heal.heal import HealDivergedError, heal_round
@@ -178,10 +178,8 @@ def bake(ctx: Ctx, r: int) -> None:
     ctx.student.save_cumulative(ctx.rd.round_dir(r) / "cumulative")
     ctx.engine.push(ctx.student)  # vLLM: load the baked layers in place (HF serves the student itself)
     if not isinstance(ctx.engine, HFEngine):
-        from steer_heal.engine import check_push
-
-        prompts = [render_prompt(ctx.student.tok, u) for u in ctx.preset.eval_prompts[:4]]
-        ctx.log("engine_push", round=r, bakes=ctx.student.n_bakes, **check_push(ctx.engine, ctx.student, prompts))
+        ctx.log("engine_push", round=r, bakes=ctx.student.n_bakes,
+                **check_push(ctx.engine, ctx.student, ctx.preset.eval_prompts[:4]))
 
 
 # ------------------------------------------------------------------ main loop

@@ -270,19 +270,6 @@ class OnlineRun:
             self.rd.save_json("base_mfv.json", base)
         self.base_mfv = MFVResult.from_summary(base) if base else None
 
-    def check_push(self) -> None:
-        """Greedy agreement of the engine with the HF baked student on 4 prompts (GPU kernels may
-        differ by a token now and then; a push that failed shows as ~0)."""
-        from steer_heal.chat import render_prompt
-        from steer_heal.engine import check_push
-
-        prompts = [render_prompt(self.tok, u) for u in self.preset.eval_prompts[:4]]
-        res = check_push(self.engine, self.student, prompts)
-        self.rd.event("engine_push", bakes=self.student.n_bakes, **res)
-        if res["greedy_match"] < res["n"] // 2:
-            print(f"warning: after the weight push only {res['greedy_match']}/{res['n']} greedy completions of the "
-                  "engine match the HF baked student", flush=True)
-
     def save_state(self, d: Path) -> None:
         if not self.main:
             return
@@ -312,10 +299,12 @@ class OnlineRun:
         v = self.extract()
         self.state.vector, self.state.bake_round = v, k + 1
         self.engine.push(self.student)
-        if self.main:
-            self.check_push()
         if not self.main:
             return
+        from steer_heal.engine import check_push
+
+        self.rd.event("engine_push", bakes=self.student.n_bakes,
+                      **check_push(self.engine, self.student, self.preset.eval_prompts[:4]))
         v.save(bd / "vector.safetensors")
         res = self.evaluate()
         hist = [h for h in trainer_state.log_history if h.get("step", 0) > trainer_state.global_step - self.cfg.bake_every]
