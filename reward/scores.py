@@ -102,13 +102,85 @@ def refusal(text: str) -> float:
 
 
 # ---------------------------------------------------------------- model scores
-def _batched_logprobs(model, tok, prompt_ids, completion_ids, batch_size):
+def _batched_logprobs(model, tok, prompt_ids, completion_ids, batch_size, cache_prefix: bool = True):
+    """Per row: log p(completion token | prompt, earlier completion tokens), under `model` as it stands.
+
+    Rows whose prompts share a long token prefix (a system prompt, persona demonstrations, a
+    template's default system block) run that prefix once, at batch 1, and reuse its KV cache for
+    every row (`cache_prefix`); the numbers equal the uncached pass (tested)."""
     from steer_heal.logprobs import completion_logprobs, pack
 
+    if not prompt_ids:
+        return []
+    Lp = shared_prefix_len(tok, prompt_ids) if cache_prefix else 0
+    if Lp >= MIN_PREFIX:
+        return _prefixed_logprobs(model, prompt_ids[0][:Lp], [p[Lp:] for p in prompt_ids], completion_ids,
+                                  batch_size)
     out = []
     for i in range(0, len(prompt_ids), batch_size):
         out += completion_logprobs(model, pack(prompt_ids[i:i + batch_size], completion_ids[i:i + batch_size],
                                                tok.pad_token_id))
+    return out
+
+
+MIN_PREFIX = 16  # shorter shared prefixes are not worth a cache
+
+
+def shared_prefix_len(tok, rows: list[list[int]]) -> int:
+    """Tokens every row starts with, cut back to just after the last special token in them (a turn
+    boundary: tokenisation never merges across it), and always leaving each row one token of its own
+    (the hidden state that predicts the first completion token)."""
+    L = min(len(r) for r in rows) - 1
+    n = 0
+    while n < L and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    while n > 0 and rows[0][n - 1] not in special:
+        n -= 1
+    return n
+
+
+@torch.no_grad()
+def _prefixed_logprobs(model, prefix: list[int], suffixes: list[list[int]], completions: list[list[int]],
+                       batch_size: int) -> list[torch.Tensor]:
+    import copy
+
+    from steer_heal.logprobs import auto_chunk, lm_logits
+    from steer_heal.models import causal_lm
+
+    lm = causal_lm(model)
+    dec = lm.get_decoder()
+    device = next(model.parameters()).device
+    Lp = len(prefix)
+    pre = dec(input_ids=torch.tensor([prefix], device=device), position_ids=torch.arange(Lp, device=device)[None],
+              use_cache=True).past_key_values
+    chunk = auto_chunk(lm.get_output_embeddings().weight.shape[0])
+    out: list[torch.Tensor] = []
+    for i in range(0, len(suffixes), batch_size):
+        sfx, cmp = suffixes[i:i + batch_size], completions[i:i + batch_size]
+        B = len(sfx)
+        rows = [s + c for s, c in zip(sfx, cmp)]
+        S = max(len(r) for r in rows)
+        ids = torch.zeros((B, S), dtype=torch.long)
+        att = torch.zeros((B, Lp + S), dtype=torch.long)
+        att[:, :Lp] = 1
+        for j, r in enumerate(rows):
+            ids[j, :len(r)] = torch.tensor(r)
+            att[j, Lp:Lp + len(r)] = 1
+        cache = copy.deepcopy(pre)
+        cache.batch_repeat_interleave(B)
+        pos = (Lp + torch.arange(S))[None].expand(B, S)
+        h = dec(input_ids=ids.to(device), attention_mask=att.to(device), position_ids=pos.to(device),
+                past_key_values=cache, use_cache=True).last_hidden_state
+        # hidden at suffix position t predicts token t + 1: the completion starts at len(suffix)
+        b = torch.tensor([j for j, (s, c) in enumerate(zip(sfx, cmp)) for _ in c], dtype=torch.long)
+        t = torch.tensor([len(s) - 1 + k for s, c in zip(sfx, cmp) for k in range(len(c))], dtype=torch.long)
+        tgt = torch.tensor([x for c in cmp for x in c], dtype=torch.long, device=device)
+        lp = torch.empty(len(b), dtype=torch.float32, device=device)
+        for k in range(0, len(b), chunk):
+            logits = lm_logits(model, h[b[k:k + chunk].to(device), t[k:k + chunk].to(device)])
+            lp[k:k + chunk] = torch.log_softmax(logits, -1).gather(-1, tgt[k:k + chunk, None])[:, 0]
+        out += [x.cpu() for x in torch.split(lp, [len(c) for c in cmp])]
     return out
 
 
@@ -120,11 +192,12 @@ def tail_mean(lp: torch.Tensor, frac: float = 0.25) -> float:
     return float(-lp[-k:].mean())
 
 
-def tail_nll(model, tok, prompt_ids, completion_ids, frac: float = 0.25, batch_size: int = 32) -> list[float]:
+def tail_nll(model, tok, prompt_ids, completion_ids, frac: float = 0.25, batch_size: int = 32,
+             cache_prefix: bool = True) -> list[float]:
     """Tail NLL of each completion under `model` as it stands (caller sets the reference context)."""
     nonempty = [i for i, c in enumerate(completion_ids) if c]
     lps = _batched_logprobs(model, tok, [prompt_ids[i] for i in nonempty], [completion_ids[i] for i in nonempty],
-                            batch_size)
+                            batch_size, cache_prefix)
     out = [float("inf")] * len(completion_ids)
     for i, lp in zip(nonempty, lps):
         out[i] = tail_mean(lp, frac)
@@ -132,12 +205,13 @@ def tail_nll(model, tok, prompt_ids, completion_ids, frac: float = 0.25, batch_s
 
 
 def persona_llr(model, tok, users: list[str], completion_ids, persona_pos: str, persona_neg: str,
-                batch_size: int = 32, demos: list[dict] = ()) -> list[float]:
+                batch_size: int = 32, demos: list[dict] = (), cache_prefix: bool = True) -> list[float]:
     """mean_t [log p(y_t | pos, x, y<t) - log p(y_t | neg, x, y<t)], nats/token (0 for empty).
 
     Each side's context is its persona as the system prompt plus, with `demos` ([{user, pos, neg}]),
     earlier turns in which that persona acts: small reference models condition on shown behaviour
-    far more than on a one-line description. Still two batched forwards per batch.
+    far more than on a one-line description. Each side's context is the same for every row, so it
+    runs once per call and its KV cache serves the batch (`cache_prefix`).
     """
     from steer_heal.chat import encode_prompt, render_prompt
 
@@ -146,8 +220,8 @@ def persona_llr(model, tok, users: list[str], completion_ids, persona_pos: str, 
     hist = {side: [(d["user"], d[side]) for d in demos] for side in ("pos", "neg")}
     pos = [encode_prompt(tok, render_prompt(tok, users[i], system=persona_pos, history=hist["pos"])) for i in keep]
     neg = [encode_prompt(tok, render_prompt(tok, users[i], system=persona_neg, history=hist["neg"])) for i in keep]
-    lp_pos = _batched_logprobs(model, tok, pos, comp, batch_size)
-    lp_neg = _batched_logprobs(model, tok, neg, comp, batch_size)
+    lp_pos = _batched_logprobs(model, tok, pos, comp, batch_size, cache_prefix)
+    lp_neg = _batched_logprobs(model, tok, neg, comp, batch_size, cache_prefix)
     out = [0.0] * len(completion_ids)
     for i, a, b in zip(keep, lp_pos, lp_neg):
         out[i] = float((a - b).mean())

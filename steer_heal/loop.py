@@ -15,6 +15,7 @@ from steer_heal.config import RunConfig
 from steer_heal.engine import HFEngine, RolloutEngine, Sampling, check_push, make_engine
 from steer_heal.evals.mfv import MFVResult, evaluate_mfv, mfv_columns, trait_nats
 from steer_heal.evals.mfv_data import load_vignettes
+from steer_heal.evals.student import student_scores
 from steer_heal.heal import HealDivergedError, heal_round
 from steer_heal.models import load_model, num_layers
 from steer_heal.presets import Preset, load_preset
@@ -135,17 +136,16 @@ def collect(ctx: Ctx, v: SteeringVector, kappa: float, r: int):
 
 
 def evaluate_fixed(ctx: Ctx, steering: Steering | None, base: bool = False) -> dict:
-    """Greedy answers to the preset's fixed prompts, scored (interim until the MFV evaluation lands)."""
+    """Greedy answers to the preset's fixed prompts, scored by the shared Scorer."""
     users = ctx.preset.eval_prompts[:ctx.cfg.eval.n_prompts]
+    n_tok = ctx.cfg.eval.max_new_tokens
     if base:
         # an engine with its own weight copy holds the base model only before the first bake
         eng = ctx.engine if ctx.student.n_bakes == 0 else HFEngine(ctx.student.model, ctx.student.tok, ctx.cfg.gen.batch_size)
         with ctx.student.base():
-            ro, sc = generate_scored(ctx, users, None, seed=0, greedy=True, max_new_tokens=ctx.cfg.eval.max_new_tokens,
-                                     engine=eng)
-    else:
-        ro, sc = generate_scored(ctx, users, steering, seed=0, greedy=True, max_new_tokens=ctx.cfg.eval.max_new_tokens)
-    return summarise(ctx, sc) | {"texts": [x.text for x in ro], "prompts": users}
+            return student_scores(eng, scorer(ctx), users, None, n_tok, desc="generate")
+    with ctx.student.live_off():
+        return student_scores(ctx.engine, scorer(ctx), users, steering, n_tok, desc="generate")
 
 
 def mfv(ctx: Ctx, steering: Steering | None, base: bool = False) -> MFVResult | None:
@@ -155,14 +155,6 @@ def mfv(ctx: Ctx, steering: Steering | None, base: bool = False) -> MFVResult | 
     e = ctx.cfg.eval
     with (ctx.student.base() if base else ctx.student.live_off()):
         return evaluate_mfv(ctx.student.model, ctx.student.tok, ctx.mfv_rows, e.think_tokens, e.mfv_batch_size, steering)
-
-
-def summarise(ctx: Ctx, sc: dict) -> dict:
-    fin = [t for t in sc["tail_nll"] if math.isfinite(t)]
-    n = max(len(sc["tail_nll"]), 1)
-    return dict(trait=sum(sc["trait_llr"]) / n, coherence=sum(scorer(ctx).coherent(sc)) / n,
-                tail_nll=sum(fin) / max(len(fin), 1), repetition=sum(sc["repetition"]) / n,
-                verbalisation=sum(sc["verbalisation"]) / n)
 
 
 def heal(ctx: Ctx, kept: list[dict], r: int):
@@ -220,6 +212,7 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
         ctx.rd.save_json("base_eval.json", base_eval)
     base_mfv = MFVResult.from_summary(base_eval["mfv"]) if "mfv" in base_eval else None
     kappa = rows[-1]["kappa"] if rows else None
+    gen_tokens = rows[-1].get("gen_tokens", 0) if rows else 0
     v0 = SteeringVector.load(ctx.rd.round_dir(0) / "vector.safetensors") if start else None
     for r in range(start, cfg.rounds):
         t0 = time.perf_counter()
@@ -227,10 +220,12 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
         ctx.student.reset_live()  # fresh LoRA drawn from the round's seed: a resumed round is identical
         v = extract(ctx, r)
         v0 = v0 or v
+        n0 = ctx.engine.n_generated  # the budget: calibration, walk-C probes and the round's rollouts
         if kappa is None:
             kappa = calibrate(ctx, v) if cfg.steer.calibrate else cfg.steer.kappa
         kappa = walk_c(ctx, v, kappa, r)
         samples = collect(ctx, v, kappa, r)
+        gen_tokens += ctx.engine.n_generated - n0
         kept = [x for x in samples if x["kept"]]
         if len(kept) < cfg.min_train:
             ctx.log("filter_empty", round=r, kept=len(kept), generated=len(samples))
@@ -251,7 +246,8 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
         for tag, res in (("steered", steered_mfv), ("healed", healed_mfv)):
             if res is not None:
                 ctx.rd.save_json(f"round_{r:02d}/mfv_{tag}.json", dict(summary=res.summary(), rows=res.rows))
-        row = dict(round=r, kappa=kappa, generated=len(samples), kept=len(kept), heal_nll=hres.train_nll,
+        row = dict(round=r, kappa=kappa, generated=len(samples), kept=len(kept), gen_tokens=gen_tokens,
+                   heal_nll=hres.train_nll,
                    val_nll=hres.val_nll, val_nll_before=hres.val_nll_before, heal_D=hres.D_mean,
                    barrier_frac=hres.barrier_frac, lam=hres.lam, heal_tokens_per_s=hres.tokens_per_s,
                    trait_steered=steered["trait"], trait_healed=healed["trait"], coh_steered=steered["coherence"],

@@ -115,6 +115,7 @@ class RunDir:
 
 
 COLUMNS = [("round", "r", "{:d}"), ("kappa", "kappa", "{:.3g}"), ("generated", "gen", "{:d}"), ("kept", "kept", "{:d}"),
+           ("gen_tokens", "gen_tok", "{:d}"),
            ("heal_nll", "heal_nll", "{:.3f}"), ("val_nll", "val_nll", "{:.3f}"), ("heal_D", "D", "{:.3f}"),
            ("trait_steered", "trait_st", "{:+.3f}"), ("trait_healed", "trait_he", "{:+.3f}"),
            ("trait_nats_steered", "tnats_st", "{:+.2f}"), ("trait_nats_healed", "tnats_he", "{:+.2f}"),

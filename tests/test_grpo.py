@@ -122,7 +122,7 @@ def test_steered_rollouts_match_engine_and_differ_from_unsteered(tiny):
     state = SteerState(v, 6.0)
     eng = HFEngine(st.model, tok)
     fn = make_rollout_func(eng, st, state, max_new_tokens=8, temperature=0.0)
-    trainer = SimpleNamespace(state=SimpleNamespace(global_step=0), accelerator=SimpleNamespace(process_index=0))
+    trainer = SimpleNamespace(state=SimpleNamespace(global_step=0), accelerator=SimpleNamespace(process_index=0, device="cpu"))
     prompts = [[{"role": "user", "content": u}] for u in ["hi", "hi", "tell me a story", "tell me a story"]]
     out = fn(prompts, trainer)
     assert out["user"] == ["hi", "hi", "tell me a story", "tell me a story"]

@@ -39,7 +39,8 @@ def _batch(tok, n=64, T=128, seed=0):
 
 
 def test_reference_forwards_are_batched(tiny):
-    """64 completions x 128 tokens: trait_llr costs two decoder passes, incoherence one."""
+    """64 completions x 128 tokens: trait_llr costs two batched decoder passes (plus each persona
+    context once, at batch 1, for its KV cache), incoherence one."""
     from steer_heal.models import causal_lm
 
     tok = tiny.tokenizer
@@ -47,12 +48,14 @@ def test_reference_forwards_are_batched(tiny):
     sc = Scorer(tiny.model, tok, (POS, NEG), RewardConfig(), batch_size=64, demos=demos)
     users, ids, texts = _batch(tok)
     calls = []
-    h = causal_lm(tiny.model).get_decoder().register_forward_hook(lambda *a: calls.append(1))
+    h = causal_lm(tiny.model).get_decoder().register_forward_hook(
+        lambda m, a, out: calls.append(out.last_hidden_state.shape[0]))
     try:
-        for name, expected in (("trait_llr", 2), ("incoherence", 1), ("verbalisation", 0), ("refusal", 0)):
+        for name, expected in (("trait_llr", [1, 1, 64, 64]), ("incoherence", [64]), ("verbalisation", []),
+                               ("refusal", [])):
             calls.clear()
             sc.components(users, ids, texts, which=[name])
-            assert len(calls) == expected, (name, len(calls))
+            assert sorted(calls) == expected, (name, calls)
     finally:
         h.remove()
 

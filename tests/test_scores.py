@@ -80,3 +80,36 @@ def test_persona_llr_matches_naive(tiny, demos):
                 lp = torch.log_softmax(m(input_ids=ids).logits[0].double(), -1)
             tot += sign * sum(float(lp[len(p) + t - 1, x]) for t, x in enumerate(c)) / len(c)
         assert g == pytest.approx(tot, abs=1e-4)
+
+
+def test_prefix_cached_scores_equal_uncached(tiny_any):
+    """trait_llr and tail NLL with the shared persona context run once (KV cache) = the plain pass."""
+    from reward.scores import persona_llr, shared_prefix_len, tail_nll
+    from steer_heal.chat import encode_prompt, render_prompt
+
+    m, tok = tiny_any.model, tiny_any.tokenizer
+    users = ["hi", "tell me about rivers and the sea", "why", "what should I do today"]
+    comps = [tok(t, add_special_tokens=False).input_ids for t in
+             [" well then", " yes yes yes yes no", " it is four, my friend, and more", " because"]]
+    demos = [{"user": "a question about rules", "pos": "I would help them anyway.", "neg": "Rules come first."},
+             {"user": "my boss says no", "pos": "Their wellbeing matters more.", "neg": "Do as told."}]
+    args = (m, tok, users, comps, "You are someone who cares for others", "You are someone who obeys")
+    a = persona_llr(*args, batch_size=3, demos=demos, cache_prefix=True)
+    b = persona_llr(*args, batch_size=3, demos=demos, cache_prefix=False)
+    assert max(abs(x) for x in b) > 1e-3
+    assert a == pytest.approx(b, abs=1e-4)
+    prompts = [encode_prompt(tok, render_prompt(tok, u, system="A long shared system prompt " * 4)) for u in users]
+    assert shared_prefix_len(tok, prompts) >= 16  # the system block is shared and long enough to cache
+    assert tail_nll(m, tok, prompts, comps, batch_size=3, cache_prefix=True) == pytest.approx(
+        tail_nll(m, tok, prompts, comps, batch_size=3, cache_prefix=False), abs=1e-4)
+
+
+def test_shared_prefix_len_stops_at_a_special_token(tiny):
+    from reward.scores import shared_prefix_len
+
+    tok = tiny.tokenizer
+    sp = tok.convert_tokens_to_ids("<|im_start|>")
+    rows = [[10, 11, sp, 12, 13, 14], [10, 11, sp, 12, 13, 15, 16]]
+    assert shared_prefix_len(tok, rows) == 3  # the common 12, 13 may tokenise differently: cut after sp
+    assert shared_prefix_len(tok, [[sp, 5], [sp, 5]]) == 1  # each row keeps at least its last token
+    assert shared_prefix_len(tok, [[10, 11], [12, 11]]) == 0

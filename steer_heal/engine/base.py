@@ -41,6 +41,14 @@ def eos_token_ids(tok, generation_config=None) -> list[int]:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[str], steering: Steering | None, sampling: Sampling) -> list[Rollout]:
+    tok: object  # the tokenizer prompts are rendered with
+    n_generated: int  # completion tokens generated so far (the budget counts diff it around a stage)
+
+    def push(self, student) -> None:
+        """Make the engine serve the student's current baked weights."""
+        ...
+
+    def generate(self, prompts: list[str], steering: Steering | None, sampling: Sampling,
+                 logprobs: bool = True, desc: str | None = None) -> list[Rollout]:
         """Complete rendered chat prompts under optional steering; order preserved."""
         ...

@@ -31,6 +31,7 @@ class HFEngine:
     def __init__(self, model, tok, batch_size: int = 32, progress: bool = False):
         self.model, self.tok, self.batch_size, self.progress = model, tok, batch_size, progress
         self.eos_ids = eos_token_ids(tok, getattr(model, "generation_config", None))
+        self.n_generated = 0  # completion tokens generated so far (callers diff it to count a stage's budget)
 
     @torch.no_grad()
     def generate_batch(self, ids: list[list[int]], steering: Steering | None, sampling: Sampling,
@@ -83,6 +84,7 @@ class HFEngine:
                                  prompt_ids=ids[i], completion_ids=c, finished=fin)
         if logprobs:
             self.fill_logprobs(out, steering)
+        self.n_generated += sum(len(r.completion_ids) for r in out)
         return out  # type: ignore[return-value]
 
     def push(self, student) -> None:

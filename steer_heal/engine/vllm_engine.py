@@ -105,6 +105,7 @@ class VLLMEngine:
 
         self.cfg = cfg = cfg or VLLMConfig()
         self.tok, self.layers = tok, sorted(layers)
+        self.n_generated = 0  # completion tokens generated so far (callers diff it to count a stage's budget)
         arch = _hf_architecture(model_path)
         if arch not in SUPPORTED:
             raise ValueError(f"engine: vllm steers {sorted(SUPPORTED)}; '{model_path}' is {arch or 'unknown'}; "
@@ -209,6 +210,7 @@ class VLLMEngine:
             lps = [d[t].logprob for t, d in zip(comp, c.logprobs)] if logprobs and c.logprobs else []
             res.append(Rollout(prompt=p, text=self.tok.decode(comp, skip_special_tokens=True), prompt_ids=x,
                                completion_ids=comp, logprobs=lps, finished=fin))
+        self.n_generated += sum(len(r.completion_ids) for r in res)
         return res
 
     def close(self) -> None:

@@ -13,12 +13,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
 
 from reward.components import RewardConfig, Scorer, preset_scorer
 from reward.trl_rewards import make_reward_functions
-from steer_heal.grpo.rollout import SteerState, make_rollout_func
+from steer_heal.grpo.rollout import SteerState, global_sum, make_rollout_func
 from steer_heal.rundir import RunDir, write_atomic
 
 
@@ -47,6 +46,11 @@ class OnlineConfig:
     dose_band: list[float] = field(default_factory=lambda: [0.05, 0.25])  # bad-rate band
     dose_down: float = 0.8  # kappa *= this when the bad rate is over the band
     dose_up: float = 1.05  # kappa *= this when it is under the band
+    # objective of the live-LoRA update (see steer_heal/grpo/trainer.py)
+    objective: str = "nll"  # grpo | nll | grpo+nll | kd
+    w_pg: float = 1.0  # grpo+nll: weight of TRL's policy loss
+    w_nll: float = 1.0  # grpo+nll: weight of the filtered NLL
+    fused: bool = True  # one student forward per micro-batch (False: TRL's forward + a second one; for the bench)
     # heal
     bake_every: int = 4
     kl_beta: float = 0.3
@@ -64,6 +68,8 @@ class OnlineConfig:
     w_refusal: float = 1.0
     reward_ablation: str = ""  # drop one component: trait_llr | verbalisation | incoherence | refusal
     # evaluation at each bake
+    eval_prompts: int = 8  # the preset's fixed prompts answered greedily by the unsteered student
+    eval_max_new_tokens: int = 48
     mfv: bool = True
     mfv_dir: str = ""
     mfv_n: int = 28
@@ -94,10 +100,10 @@ class DoseController:
         c = self.scorer.cfg
         coherent = self.scorer.coherent(comp)
         bad = [not ok or v > c.max_verbalisation for ok, v in zip(coherent, comp["verbalisation"])]
-        counts = torch.tensor([float(sum(bad)), float(len(bad))])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts)  # every rank sees the global rate: kappa stays identical
-        self.last_rate = float(counts[0] / counts[1].clamp_min(1))
+        device = next(self.scorer.model.parameters()).device
+        # every rank sees the global rate, so kappa stays identical across ranks
+        n_bad, n = global_sum(float(sum(bad)), device), global_sum(float(len(bad)), device)
+        self.last_rate = n_bad / max(n, 1.0)
         lo, hi = self.cfg.dose_band
         k = self.state.kappa
         if self.last_rate > hi:
@@ -107,23 +113,12 @@ class DoseController:
         self.state.kappa = min(self.cfg.kappa_max, max(self.cfg.kappa_min, k))
 
 
-def observed_rewards(scorer: Scorer, controller: DoseController, which: list[str]):
-    """The TRL reward functions, plus one that feeds the dose controller (weight 0, logged as `dose_kappa`)."""
-    from reward.trl_rewards import reward_inputs
-
-    fns = make_reward_functions(scorer, which)
-
-    def dose_kappa(prompts, completions, completion_ids=None, **kw):
-        users, ids, texts = reward_inputs(scorer, prompts, completions, completion_ids, kw)
-        comp = scorer.components(users, ids, texts, which=["incoherence", "verbalisation"])
-        controller.observe(comp)
-        return [0.0] * len(prompts)
-
-    return fns + [dose_kappa]
-
-
-BAKE_COLUMNS = [("bake", "bake", "{:d}"), ("step", "step", "{:d}"), ("kappa", "kappa", "{:.3g}"),
-                ("cos_r0", "cos_r0", "{:.3f}"), ("reward", "reward", "{:+.3f}"), ("kl_rmse", "kl_rmse", "{:.3f}"),
+BAKE_COLUMNS = [("bake", "bake", "{:d}"), ("step", "step", "{:d}"), ("gen_tokens", "gen_tok", "{:d}"),
+                ("kappa", "kappa", "{:.3g}"), ("cos_r0", "cos_r0", "{:.3f}"), ("reward", "reward", "{:+.3f}"),
+                ("keep_frac", "keep", "{:.2f}"), ("kl_rmse", "kl_rmse", "{:.3f}"),
+                ("trait", "s_trait", "{:+.3f}"), ("incoherence", "s_incoh", "{:.2f}"),
+                ("coherence", "s_coh", "{:.2f}"), ("verbalisation", "s_verb", "{:.2f}"),
+                ("refusal", "s_refus", "{:.2f}"),
                 ("trait_nats", "trait_nats", "{:+.2f}"), ("d_trait_nats", "d_tnats", "{:+.2f}"),
                 ("pmass", "pmass", "{:.3f}"), ("nll_prefill", "nll_pre", "{:.2f}"), ("unscorable", "unsc", "{:.2f}"),
                 ("surgical", "surgical", "{}"), ("seconds", "sec", "{:.0f}")]
@@ -141,6 +136,10 @@ class BakeCallback(TrainerCallback):
         if state.global_step % self.run.cfg.bake_every == 0:
             self.run.bake(state, optimizer, time.perf_counter() - self.t0)
             self.t0 = time.perf_counter()
+            control.should_log = True  # this step's metrics are logged now; the row is written in on_log
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self.run.finish_bake_row(state)
 
     def on_save(self, args, state, control, **kw):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -164,6 +163,7 @@ class OnlineRun:
         from accelerate import PartialState
 
         self.cfg, self.grpo_args = cfg, grpo_args
+        check_online_config(cfg, grpo_args)
         self.main = PartialState().is_main_process  # only rank 0 writes, evaluates and prints
         self.preset = load_preset(cfg.preset)
         if cfg.persona_pos or cfg.persona_neg:
@@ -185,6 +185,8 @@ class OnlineRun:
         self.state: SteerState | None = None
         self.reward_cfg = RewardConfig(trait=cfg.reward_trait, w_trait=cfg.w_trait, w_verb=cfg.w_verb,
                                        w_incoh=cfg.w_incoh, w_refusal=cfg.w_refusal)
+        self.pending_row: dict | None = None  # a bake's row, completed with its step's logs in on_log
+        self.base_student: dict | None = None
 
     def _engine(self, tok, seed: int):
         from steer_heal.engine import VLLMConfig, make_engine
@@ -218,10 +220,18 @@ class OnlineRun:
         from steer_heal.steering.calibrate import calibrate_coeff
 
         prompts = [render_prompt(self.tok, u) for u in self.preset.prompts[:4]]
+        n0 = self.engine.n_generated
         with self.student.live_off():
             c, k = calibrate_coeff(self.student.model, self.tok, self.engine, v, prompts, self.cfg.target_kl, 16, steps=3)
+        self.calib_tokens = self.engine.n_generated - n0
         if self.main:
-            self.rd.event("calibrated", coeff=c, p95_kl=k)
+            self.rd.event("calibrated", coeff=c, p95_kl=k, gen_tokens=self.calib_tokens)
+        if c > self.cfg.kappa_max:  # the controller clamps kappa to [kappa_min, kappa_max]: say so once
+            print(f"warning: iso-KL calibration found c*={c:.3g} above kappa_max={self.cfg.kappa_max}; steering at "
+                  f"{self.cfg.kappa_max} (raise kappa_max to use c*)", flush=True)
+            if self.main:
+                self.rd.event("kappa_clamped", coeff=c, kappa_max=self.cfg.kappa_max)
+            c = self.cfg.kappa_max
         return c
 
     def evaluate(self, base: bool = False):
@@ -246,7 +256,8 @@ class OnlineRun:
             if meta["n_bakes"]:
                 self.student.load_cumulative(st / "cumulative")
                 self.engine.push(self.student)
-            self.state = SteerState(SteeringVector.load(st / "vector.safetensors"), meta["kappa"], meta["n_bakes"])
+            self.state = SteerState(SteeringVector.load(st / "vector.safetensors"), meta["kappa"], meta["n_bakes"],
+                                    meta.get("gen_tokens", 0))
             step = meta["step"]
             if self.main:
                 self.rd.truncate_rows(lambda r: r["step"] <= step)  # rows past the checkpoint are redone
@@ -258,8 +269,10 @@ class OnlineRun:
                 raise RunDirError(f"run directory '{self.rd.path}' already holds bakes; fix: pass "
                                   "--resume_from_checkpoint <its checkpoint> or a new --output_dir")
             v = self.extract()
+            self.calib_tokens = 0
             kappa = self.cfg.kappa or self.calibrate(v)
-            self.state = SteerState(v, kappa, 0)
+            kappa = min(self.cfg.kappa_max, max(self.cfg.kappa_min, kappa))
+            self.state = SteerState(v, kappa, 0, self.calib_tokens)
         self.v0 = SteeringVector.load(self.v0_path) if self.v0_path.exists() else self.state.vector
         if self.main and not self.v0_path.exists():
             self.v0.save(self.v0_path)
@@ -269,6 +282,25 @@ class OnlineRun:
             base = res.summary()
             self.rd.save_json("base_mfv.json", base)
         self.base_mfv = MFVResult.from_summary(base) if base else None
+        self.scorer = preset_scorer(self.student.model, self.tok, self.preset, self.reward_cfg, ref_ctx=self.student.base,
+                                    vector=self.state.vector if self.cfg.reward_trait == "projection" else None)
+        self.base_student = self.rd.load_json("base_student.json")
+        if self.base_student is None and self.main:
+            from steer_heal.engine import HFEngine
+
+            # an engine with its own weight copy holds the base only before the first bake
+            eng = self.engine if self.student.n_bakes == 0 else HFEngine(self.student.model, self.tok)
+            with self.student.base():
+                self.base_student = self.student_scores(eng)
+            self.rd.save_json("base_student.json", self.base_student)
+
+    def student_scores(self, engine=None) -> dict:
+        """The unsteered student's greedy answers to the preset's eval prompts, scored by the shared
+        Scorer (the iterative round table's student columns); the caller sets the student's mode."""
+        from steer_heal.evals.student import student_scores
+
+        users = self.preset.eval_prompts[:self.cfg.eval_prompts]
+        return student_scores(engine or self.engine, self.scorer, users, None, self.cfg.eval_max_new_tokens)
 
     def save_state(self, d: Path) -> None:
         if not self.main:
@@ -279,10 +311,12 @@ class OnlineRun:
         self.state.vector.save(d / "vector.safetensors")
         step = int(d.parent.name.split("-")[-1])
         write_atomic(d / "state.json", json.dumps(dict(n_bakes=self.student.n_bakes, kappa=self.state.kappa,
-                                                       step=step)))
+                                                       step=step, gen_tokens=self.state.gen_tokens)))
 
     # ------------------------------------------------------------ bake
     def bake(self, trainer_state, optimizer, seconds: float) -> None:
+        """Fold the live LoRA, fresh LoRA + optimizer state, re-extract v, push, evaluate. The row is
+        completed in `finish_bake_row`, once this step's metrics are in the log history."""
         from steer_heal.evals.mfv import mfv_columns
 
         k = self.student.n_bakes
@@ -298,6 +332,8 @@ class OnlineRun:
                 optimizer.state.pop(p, None)
         v = self.extract()
         self.state.vector, self.state.bake_round = v, k + 1
+        if self.scorer.vector is not None:  # trait_projection scores against the current vector
+            self.scorer.vector = v
         self.engine.push(self.student)
         if not self.main:
             return
@@ -307,22 +343,48 @@ class OnlineRun:
                       **check_push(self.engine, self.student, self.preset.eval_prompts[:4]))
         v.save(bd / "vector.safetensors")
         res = self.evaluate()
-        hist = [h for h in trainer_state.log_history if h.get("step", 0) > trainer_state.global_step - self.cfg.bake_every]
-        mean = lambda key: (sum(h[key] for h in hist if key in h) / max(1, sum(key in h for h in hist)))  # noqa: E731
-        row = dict(bake=k, step=trainer_state.global_step, kappa=self.state.kappa, cos_r0=v.cosine(self.v0),
-                   reward=mean("reward"), kl_rmse=mean("kl_rmse"), seconds=seconds)
+        with self.student.live_off():
+            sc = self.student_scores()
+        self.rd.save_json(f"bake_{k:02d}/student.json", sc)
+        row = dict(bake=k, step=trainer_state.global_step, gen_tokens=self.state.gen_tokens, kappa=self.state.kappa,
+                   cos_r0=v.cosine(self.v0), seconds=seconds)
+        row.update({x: sc[x] for x in ("trait", "incoherence", "coherence", "verbalisation", "refusal", "tail_nll")})
         row.update(mfv_columns(res, self.base_mfv, self.preset.foundations))
         if res is not None:
             self.rd.save_json(f"bake_{k:02d}/mfv.json", dict(summary=res.summary(), rows=res.rows))
+        self.pending_row = row
+
+    def finish_bake_row(self, trainer_state) -> None:
+        """Write the pending bake row with the means of the metrics of the steps since the last bake
+        (this step's included: on_log runs after on_step_end)."""
+        row = self.pending_row
+        if row is None or trainer_state.global_step < row["step"]:
+            return
+        self.pending_row = None
+        hist = [h for h in trainer_state.log_history
+                if row["step"] - self.cfg.bake_every < h.get("step", 0) <= row["step"]]
+
+        def mean(key):
+            xs = [h[key] for h in hist if key in h]
+            return sum(xs) / len(xs) if xs else None
+
+        row.update(reward=mean("reward"), kl_rmse=mean("kl_rmse"), keep_frac=mean("keep_frac"))
         self.rd.append_row(row, columns=BAKE_COLUMNS)
         from steer_heal.rundir import format_table
 
-        print("\n" + format_table(self.rd.rows(), columns=BAKE_COLUMNS), flush=True)
+        print("\n" + self.base_line() + "\n" + format_table(self.rd.rows(), columns=BAKE_COLUMNS), flush=True)
         from steer_heal.evals.mfv import trait_nats
         from steer_heal.report import write_bake_report
 
         b = self.base_mfv
         write_bake_report(self.rd.path, None if b is None else dict(b.summary(), trait_nats=trait_nats(b, self.preset.foundations)))
+
+    def base_line(self) -> str:
+        """The base model's student-side numbers, printed above the bake table for comparison."""
+        s = self.base_student or {}
+        return (f"base: s_trait {s.get('trait', float('nan')):+.3f}  s_incoh {s.get('incoherence', float('nan')):.2f}  "
+                f"s_coh {s.get('coherence', float('nan')):.2f}  s_verb {s.get('verbalisation', float('nan')):.2f}  "
+                f"s_refus {s.get('refusal', float('nan')):.2f}")
 
     def dump_rank_weights(self) -> None:
         from accelerate import PartialState
@@ -341,20 +403,38 @@ class OnlineRun:
         return Dataset.from_list([{"prompt": [{"role": "user", "content": u}]} for u in prompts])
 
     def trainer(self):
-        from steer_heal.grpo.trainer import KLPenalty, SteerHealGRPOTrainer
+        from steer_heal.grpo.trainer import KLPenalty, Objective, SteerHealGRPOTrainer
 
-        scorer = preset_scorer(self.student.model, self.tok, self.preset, self.reward_cfg, ref_ctx=self.student.base,
-                        vector=self.state.vector if self.cfg.reward_trait == "projection" else None)
-        self.controller = DoseController(self.state, self.cfg, scorer)
-        which = [c for c in ("trait_llr" if self.cfg.reward_trait == "llr" else "trait_" + self.cfg.reward_trait,
-                             "verbalisation", "incoherence", "refusal") if c != self.cfg.reward_ablation]
+        self.controller = DoseController(self.state, self.cfg, self.scorer)
+        which = [c for c in ("trait_" + self.cfg.reward_trait, "verbalisation", "incoherence", "refusal")
+                 if c != self.cfg.reward_ablation]
         a = self.grpo_args
         timers: dict[str, float] = {}
         rollout = make_rollout_func(self.engine, self.student, self.state, a.max_completion_length,
                                     a.temperature, a.top_p, timers)
         kl = KLPenalty(self.cfg.kl_beta, self.cfg.kl_tau, self.cfg.kl_agg, self.cfg.kl_reference)
-        tr = SteerHealGRPOTrainer(model=self.student.model, reward_funcs=observed_rewards(scorer, self.controller, which),
+        obj = Objective(self.cfg.objective, self.cfg.w_pg, self.cfg.w_nll, self.cfg.fused)
+        tr = SteerHealGRPOTrainer(model=self.student.model, reward_funcs=make_reward_functions(self.scorer, which),
                                   args=a, train_dataset=self.dataset(), processing_class=self.tok,
-                                  student=self.student, kl=kl, rollout_func=rollout, callbacks=[BakeCallback(self)])
-        tr.steer_state, tr.timers, tr.scorer = self.state, timers, scorer
+                                  student=self.student, kl=kl, objective=obj, controller=self.controller,
+                                  rollout_func=rollout, callbacks=[BakeCallback(self)])
+        tr.steer_state, tr.timers, tr.scorer = self.state, timers, self.scorer
         return tr
+
+
+REWARD_TRAITS = ("llr", "projection")
+ABLATIONS = ("", "trait_llr", "trait_projection", "verbalisation", "incoherence", "refusal")
+
+
+def check_online_config(cfg: OnlineConfig, grpo_args) -> None:
+    """One-line refusals, before any model is loaded."""
+    from steer_heal.grpo.trainer import OnlineConfigError, check_online_args
+
+    if cfg.reward_trait not in REWARD_TRAITS:
+        hint = (" (the judge needs a second chat model that the online recipe does not build)"
+                if cfg.reward_trait == "judge" else "")
+        raise OnlineConfigError(f"reward_trait '{cfg.reward_trait}' is not available online{hint}; fix: "
+                                f"reward_trait: llr or projection")
+    if cfg.reward_ablation not in ABLATIONS:
+        raise OnlineConfigError(f"unknown reward_ablation '{cfg.reward_ablation}'; fix: one of {ABLATIONS[1:]}")
+    check_online_args(grpo_args, cfg.objective)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from reward.trl_rewards import user_text
 from steer_heal.chat import render_prompt
 from steer_heal.engine.base import Sampling
@@ -15,6 +17,7 @@ class SteerState:
     vector: SteeringVector
     kappa: float
     bake_round: int = 0
+    gen_tokens: int = 0  # generated tokens so far, all ranks: rollouts + calibration (the comparison's budget)
 
     @property
     def steering(self) -> Steering:
@@ -40,7 +43,20 @@ def make_rollout_func(engine, student, state: SteerState, max_new_tokens: int, t
             ro = engine.generate(rendered, state.steering, samp, logprobs=True)
         if timers is not None:
             timers["rollout"] = timers.get("rollout", 0.0) + time.perf_counter() - t0
+        state.gen_tokens += int(global_sum(sum(len(r.completion_ids) for r in ro), trainer.accelerator.device))
+        rollout_func.last = (users, [list(r.completion_ids) for r in ro])  # the trainer's filter flags read it
         return {"prompt_ids": [r.prompt_ids for r in ro], "completion_ids": [r.completion_ids for r in ro],
                 "logprobs": [r.logprobs for r in ro], "user": users}
 
+    rollout_func.last = None
     return rollout_func
+
+
+def global_sum(x: float, device) -> float:
+    """Sum of a per-rank number over all ranks (every rank must call it); the tensor lives on the
+    accelerator's device, as NCCL requires."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x
+    t = torch.tensor([float(x)], device=device)
+    torch.distributed.all_reduce(t)
+    return float(t[0])

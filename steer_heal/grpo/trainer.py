@@ -1,21 +1,45 @@
-"""GRPOTrainer subclass (trl==1.16.0): TRL's policy loss plus the RMSE reverse-KL barrier.
+"""GRPOTrainer subclass (trl==1.16.0): the online objectives plus the RMSE reverse-KL barrier.
 
-Only `_compute_loss` is overridden. TRL's own KL term (mean of k3 estimates, `args.beta`) must be
-0; the penalty here is beta * relu(D - tau) with D the exact per-position KL to the reference,
-aggregated per sequence (rmse by default), computed by the same functions as the iterative heal.
+Objectives (`Objective.name`), each + kl.beta * relu(D - kl.tau), D the exact per-position KL to
+the reference aggregated per sequence (rmse by default) by the same functions as the iterative heal:
+
+    grpo      TRL's policy loss. With num_iterations=1 the ratio is 1 and the gradient is
+              -sum_i A_i grad log pi(y_i) with group-centred A: whatever every steered rollout
+              shares (the steering shift) cancels. Kept as an ablation arm.
+    nll       the online heal: NLL of the rollouts that pass the iterative filter (Scorer.keep),
+              token-mean, barrier over the same rollouts (heal.train.nll_and_barrier).
+    grpo+nll  w_pg * policy loss + w_nll * filtered NLL (barrier over all rollouts).
+    kd        dense distillation: token-mean KL(teacher || student) at the kept rollouts'
+              completion positions, teacher = the steered baked student (same hooks as the engines).
+
+One student forward with gradients per micro-batch: the policy term, the NLL and both KLs are read
+from the same final hidden states (TRL's `_get_per_token_logps_and_entropies` is served from them).
+Reference and teacher forwards run without gradients.
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 from trl import GRPOTrainer
 
-from steer_heal.grpo.penalty import rmse_kl_penalty
-from steer_heal.heal.kl import aggregate
+from steer_heal.grpo.penalty import trl_batch_rows
+from steer_heal.heal.kl import aggregate, barrier, chunked_token_stats
+from steer_heal.heal.train import HealDivergedError, nll_and_barrier
+from steer_heal.logprobs import auto_chunk, final_hidden, lm_logits
+from steer_heal.models import causal_lm
+from steer_heal.steering.hooks import steer
 
 log = logging.getLogger("steer_heal.grpo")
+
+OBJECTIVES = ("grpo", "nll", "grpo+nll", "kd")
+PG_OBJECTIVES = ("grpo", "grpo+nll")  # the ones that read TRL's policy loss
+
+
+class OnlineConfigError(ValueError):
+    """A GRPO setting the online objectives cannot honour; the message names the fix."""
 
 
 @dataclass
@@ -28,52 +52,193 @@ class KLPenalty:
     chunk: int = 0
 
 
+@dataclass
+class Objective:
+    name: str = "grpo"  # grpo | nll | grpo+nll | kd
+    w_pg: float = 1.0  # grpo+nll: weight of TRL's policy loss
+    w_nll: float = 1.0  # grpo+nll: weight of the filtered NLL
+    fused: bool = True  # one student forward per micro-batch; False: TRL's own forward + a second one (bench)
+
+
+def check_online_args(args, objective: str) -> None:
+    """One-line refusals for settings that would silently change what the objectives mean."""
+    if objective not in OBJECTIVES:
+        raise OnlineConfigError(f"unknown objective '{objective}'; fix: use one of {', '.join(OBJECTIVES)}")
+    if args.num_iterations != 1:
+        raise OnlineConfigError(f"num_iterations={args.num_iterations}: the rollouts come from the steered baked "
+                                "student, so old log-probs would be the learner's, not the behaviour policy's; "
+                                "fix: set num_iterations: 1")
+    if args.steps_per_generation != args.gradient_accumulation_steps:
+        raise OnlineConfigError(f"steps_per_generation={args.steps_per_generation} differs from "
+                                f"gradient_accumulation_steps={args.gradient_accumulation_steps}: rollouts would be "
+                                "reused across optimizer steps and bakes; fix: leave steps_per_generation unset")
+    if args.off_policy_mask_threshold is not None:
+        raise OnlineConfigError("off_policy_mask_threshold would compare the steered behaviour log-probs with the "
+                                "unsteered learner's and drop rollouts for the steering itself; fix: remove "
+                                "off_policy_mask_threshold")
+
+
+def student_hidden(model, inner, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [B, S, d] with gradients. Through a DDP wrapper the forward must go through
+    the wrapper (its gradient all-reduce is armed in forward): the full model runs with no logits
+    kept and a hook on the decoder reads its output."""
+    if model is inner:
+        return final_hidden(inner, ids, att)
+    lm = causal_lm(inner)
+    store: dict = {}
+
+    def grab(module, args, out):
+        store["h"] = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    handle = lm.get_decoder().register_forward_hook(grab)
+    try:
+        pos = (att.cumsum(-1) - 1).clamp_min(0)
+        model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False,
+              logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device))
+    finally:
+        handle.remove()
+    return store["h"]
+
+
 class SteerHealGRPOTrainer(GRPOTrainer):
-    def __init__(self, *args, student, kl: KLPenalty | None = None, **kwargs):
+    def __init__(self, *args, student, kl: KLPenalty | None = None, objective: Objective | None = None,
+                 controller=None, **kwargs):
+        self.objective = objective or Objective()
+        check_online_args(kwargs["args"] if "args" in kwargs else args[2], self.objective.name)
         super().__init__(*args, **kwargs)
         if self.beta != 0.0:
-            raise ValueError("GRPOConfig.beta must be 0: steer-heal replaces TRL's mean-k3 KL with its RMSE barrier; "
-                             "fix: set the penalty with kl.beta instead")
+            raise OnlineConfigError("GRPOConfig.beta must be 0: steer-heal replaces TRL's mean-k3 KL with its RMSE "
+                                    "barrier; fix: set the penalty with kl_beta instead")
         self.student = student
         self.kl = kl or KLPenalty()
-        self.timers: dict[str, float] = {}  # rollout / scoring / ref_forward seconds, logged per step as deltas
+        self.controller = controller  # online dose controller: fed the filter scores of each generation batch
+        self.timers: dict[str, float] = {}  # rollout / scoring / ref_forward / teacher seconds, logged as deltas
         self._timers_seen: dict[str, float] = {}
+        self._stash = None  # (per-token logps, entropies) of the fused forward, read by TRL's policy loss
         # the engine serves the steered teacher and the learner is unsteered: they are meant to differ
         self.vllm_importance_sampling_correction = False
         log.warning("importance-sampling correction between the rollout engine and the trainer is OFF by design: "
                     "rollouts come from the steered baked student, the learner is the unsteered student + live LoRA")
 
-    def _compute_loss(self, model, inputs):
-        loss = super()._compute_loss(model, inputs)
-        if self.kl.beta == 0.0:
-            return loss
-        k = self.kl
-        inner = self.accelerator.unwrap_model(model)  # DDP wrapper -> the PeftModel (same parameters)
-        pen, D, kl = rmse_kl_penalty(inner, lambda: self.student.reference(k.reference), inputs["prompt_ids"],
-                                     inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"],
-                                     k.beta, k.tau, k.agg, k.direction == "reverse", k.chunk, self.timers)
+    # ------------------------------------------------------------ generation: filter flags, dose
+    def _generate_and_score_completions(self, inputs):
+        steer_state = getattr(self, "steer_state", None)
+        kappa = None if steer_state is None else float(steer_state.kappa)  # the dose that generates this batch
+        out = super()._generate_and_score_completions(inputs)
+        scorer = getattr(self, "scorer", None)
+        last = getattr(self.rollout_func, "last", None) if self.rollout_func is not None else None
         mode = "train" if self.model.training else "eval"
-        with torch.no_grad():
-            b, _ = inputs["completion_mask"].bool().nonzero(as_tuple=True)
-            n = inputs["completion_ids"].shape[0]
-            m = self._metrics[mode]
-            m["kl_rmse"].append(float(aggregate(kl.detach(), b, n, "rmse").mean()))
-            m["kl_mean"].append(float(aggregate(kl.detach(), b, n, "mean").mean()))
-            m["barrier_active_frac"].append(float((D.detach() > k.tau).float().mean()))
-            m["kl_penalty"].append(float(pen.detach()))
-            if getattr(self, "scorer", None) is not None:
-                self.timers["scoring"] = self.scorer.seconds
-            for name, total in self.timers.items():
-                m[f"time/{name}"].append(total - self._timers_seen.get(name, 0.0))
-                self._timers_seen[name] = total
-            if getattr(self, "steer_state", None) is not None:
-                m["kappa"].append(float(self.steer_state.kappa))
-                m["bake_round"].append(float(self.steer_state.bake_round))
-        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        total = loss + pen / normalizer
-        if not torch.isfinite(total):
-            from steer_heal.heal.train import HealDivergedError
+        if scorer is not None and last is not None:
+            users, ids = last
+            texts = [self.processing_class.decode(c, skip_special_tokens=True) for c in ids]
+            # the reward functions scored this batch already: the scorer's memo answers without a forward
+            comp = scorer.components(users, ids, texts, which=["incoherence", "verbalisation", "refusal"])
+            keep = scorer.keep(comp)
+            if self.controller is not None:
+                self.controller.observe(comp)
+                self._metrics[mode]["dose_bad_rate"].append(self.controller.last_rate)
+            out["keep"] = torch.tensor(keep, dtype=torch.float32, device=out["completion_ids"].device)
+            self._metrics[mode]["keep_frac"].append(float(self.accelerator.gather(out["keep"]).mean()))
+        if kappa is not None:
+            self._metrics[mode]["kappa"].append(kappa)
+            self._metrics[mode]["bake_round"].append(float(steer_state.bake_round))
+        return out
 
+    # ------------------------------------------------------------ loss
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **kw):
+        if self._stash is not None:  # served from the fused forward (see _compute_loss)
+            lp, ent = self._stash
+            self._stash = None
+            return lp, ent, None
+        return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *a, **kw)
+
+    def _student_terms(self, model, inputs, entropy: bool):
+        """One student forward (with gradients) and, without, the reference and the steered teacher."""
+        k, obj = self.kl, self.objective.name
+        inner = self.accelerator.unwrap_model(model)  # DDP wrapper -> the PeftModel (same parameters)
+        pi, pm = inputs["prompt_ids"], inputs["prompt_mask"]
+        ci, cm = inputs["completion_ids"], inputs["completion_mask"]
+        ids = torch.cat([pi, ci], 1)
+        att, b, pos, t = trl_batch_rows(pm, cm)
+        tgt = ci[b, t]
+        refs = []
+        if k.beta != 0.0:
+            t0 = time.perf_counter()
+            with torch.no_grad(), self.student.reference(k.reference):
+                refs.append((final_hidden(inner, ids, att)[b, pos], k.direction == "reverse"))
+            self.timers["ref_forward"] = self.timers.get("ref_forward", 0.0) + time.perf_counter() - t0
+        if obj == "kd":
+            t0 = time.perf_counter()
+            with torch.no_grad(), self.student.live_off(), steer(inner, self.steer_state.steering):
+                refs.append((final_hidden(inner, ids, att)[b, pos], False))  # KL(teacher || student)
+            self.timers["teacher"] = self.timers.get("teacher", 0.0) + time.perf_counter() - t0
+        h = student_hidden(model, inner, ids, att)[b, pos]
+        vocab = causal_lm(inner).get_output_embeddings().weight.shape[0]
+        lp, ent, kls = chunked_token_stats(h, tgt, lambda x: lm_logits(inner, x), refs, k.chunk or auto_chunk(vocab),
+                                           entropy=entropy)
+        kl_ref = kls[0] if k.beta != 0.0 else None
+        kl_teacher = kls[-1] if obj == "kd" else None
+        return dict(b=b, t=t, lp=lp, ent=ent, kl_ref=kl_ref, kl_teacher=kl_teacher, shape=ci.shape)
+
+    def _compute_loss(self, model, inputs):
+        k, o = self.kl, self.objective
+        mode = "train" if self.model.training else "eval"
+        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        need_pg = o.name in PG_OBJECTIVES
+        fused = o.fused and need_pg and not self.aux_loss_enabled
+        if o.name == "grpo" and k.beta == 0.0:
+            return super()._compute_loss(model, inputs)  # nothing of ours to add: TRL's loss as is
+        if need_pg and not fused:  # the two-forward path: TRL's own forward for the policy term
+            pg = super()._compute_loss(model, inputs)
+        s = self._student_terms(model, inputs, entropy=fused)
+        b, t, lp = s["b"], s["t"], s["lp"]
+        n = s["shape"][0]
+        if fused:  # TRL's policy loss, read from our forward's per-token log-probs
+            lp_bt = torch.zeros(s["shape"], dtype=lp.dtype, device=lp.device).index_put((b, t), lp)
+            ent_bt = torch.zeros(s["shape"], dtype=lp.dtype, device=lp.device).index_put((b, t), s["ent"])
+            self._stash = (lp_bt, ent_bt)
+            try:
+                pg = super()._compute_loss(model, inputs)
+            finally:
+                self._stash = None
+        total = o.w_pg * pg if o.name == "grpo+nll" else (pg if need_pg else lp.new_zeros(()))
+        keep = inputs.get("keep")
+        keep = torch.ones(n, device=lp.device) if keep is None else keep.to(lp.device)
+        kept_tok = keep[b] > 0
+        m = self._metrics[mode]
+        seq_map = keep.gt(0).long().cumsum(0) - 1  # kept sequences renumbered 0..n_kept-1
+        n_kept = int(keep.gt(0).sum())
+        if o.name in ("nll", "grpo+nll"):
+            kl_k = s["kl_ref"][kept_tok] if s["kl_ref"] is not None else lp.new_zeros(int(kept_tok.sum()))
+            nll, _, _ = nll_and_barrier(lp[kept_tok], kl_k, seq_map[b[kept_tok]], n_kept, k.agg, k.tau)
+            total = total + (o.w_nll if o.name == "grpo+nll" else 1.0) * nll / normalizer
+            m["nll_kept"].append(float(nll.detach()))
+        if o.name == "kd":
+            kd = s["kl_teacher"][kept_tok].mean() if n_kept else s["kl_teacher"].sum() * 0.0
+            total = total + kd / normalizer
+            m["kd"].append(float(kd.detach()))
+        if s["kl_ref"] is not None:
+            kl = s["kl_ref"]
+            if o.name in ("nll", "kd"):  # the barrier acts on the rollouts trained on, as in the heal
+                D = aggregate(kl[kept_tok], seq_map[b[kept_tok]], n_kept, k.agg)
+            else:
+                D = aggregate(kl, b, n, k.agg)
+            pen = k.beta * barrier(D, k.tau).sum() / max(len(D), 1)
+            total = total + pen / normalizer
+            with torch.no_grad():
+                m["kl_rmse"].append(float(aggregate(kl.detach(), b, n, "rmse").mean()))
+                m["kl_mean"].append(float(aggregate(kl.detach(), b, n, "mean").mean()))
+                m["barrier_active_frac"].append(float((D.detach() > k.tau).float().mean()) if len(D) else 0.0)
+                m["kl_penalty"].append(float(pen.detach()))
+        self._log_timers(m)
+        if not torch.isfinite(total):
             raise HealDivergedError(f"GRPO loss is {float(total.detach())} at step {self.state.global_step}; fix: lower "
                                     "learning_rate or kl_beta and resume from the last checkpoint")
         return total
+
+    def _log_timers(self, m) -> None:
+        if getattr(self, "scorer", None) is not None:
+            self.timers["scoring"] = self.scorer.seconds
+        for name, total in self.timers.items():
+            m[f"time/{name}"].append(total - self._timers_seen.get(name, 0.0))
+            self._timers_seen[name] = total

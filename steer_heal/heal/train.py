@@ -53,9 +53,17 @@ def heal_terms(student, batch, cfg, ref_ctx):
     chunk = cfg.kl_chunk_tokens or auto_chunk(vocab)
     kl, lp = chunked_kl_and_logp(h, h_ref, tgt, lambda x: lm_logits(model, x), chunk,
                                  reverse=cfg.kl_direction == "reverse")
-    nll = -lp.mean()
-    D = aggregate(kl, b, batch.input_ids.shape[0], cfg.agg)
-    return nll, D, barrier(D, cfg.tau), len(tgt), kl
+    nll, D, bar = nll_and_barrier(lp, kl, b, batch.input_ids.shape[0], cfg.agg, cfg.tau)
+    return nll, D, bar, len(tgt), kl
+
+
+def nll_and_barrier(lp: torch.Tensor, kl: torch.Tensor, seq: torch.Tensor, n_seq: int, agg: str, tau: float):
+    """The heal's two terms from per-token student log p(target) and KL to the reference (rows of
+    `seq`): NLL = mean over tokens; D = per-sequence aggregate of KL; barrier = relu(D - tau).
+    One implementation for the iterative heal and the online `nll` objective."""
+    nll = -lp.mean() if lp.numel() else lp.sum()
+    D = aggregate(kl, seq, n_seq, agg)
+    return nll, D, barrier(D, tau)
 
 
 def _grad_norm(loss, params) -> float:
