@@ -197,8 +197,10 @@ def bench_mfv(lm, think: int, batch: int) -> list[dict]:
 
 
 def bench_grpo(model: str, steps: int = 4) -> list[dict]:
-    """Seconds per GRPO step on the demo config, split into rollout, scoring, reference forward and
-    the rest (TRL's logprob forward, our penalty's student forward, backward, optimizer: "update")."""
+    """Seconds per GRPO step on the demo config (objective grpo, the only one with a second forward to
+    fuse), split into rollout, scoring, reference forward and the rest ("update": student forward,
+    backward, optimizer), for the fused path (one student forward per micro-batch) next to the
+    two-forward path (TRL's own logprob forward + a separate forward for the penalty)."""
     import tempfile
 
     from trl import GRPOConfig, TrlParser
@@ -206,26 +208,60 @@ def bench_grpo(model: str, steps: int = 4) -> list[dict]:
     from steer_heal.grpo.online import OnlineConfig, OnlineRun
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    out = tempfile.mkdtemp(prefix="bench_grpo_")
-    cfg, args = TrlParser((OnlineConfig, GRPOConfig)).parse_args_and_config(
-        args=["--config", "recipes/configs/grpo_demo_cpu.yaml", "--model", model, "--output_dir", out,
-              "--max_steps", str(steps), "--bake_every", "1000", "--mfv", "false", "--save_strategy", "no",
-              "--kappa", "1.0", "--disable_tqdm", "true"])
-    run = OnlineRun(cfg, args, seed=args.seed)
-    run.setup()
-    tr = run.trainer()
-    tr.train()
-    hist = [h for h in tr.state.log_history if "step_time" in h][1:]  # drop the warm-up step
-    mean = lambda k: sum(float(h.get(k, 0.0)) for h in hist) / max(len(hist), 1)  # noqa: E731
-    total, ro, sc, ref = mean("step_time"), mean("time/rollout"), mean("time/scoring"), mean("time/ref_forward")
-    n = f"batch {args.per_device_train_batch_size} completions x {args.max_completion_length} tokens"
-    rows = [dict(what="GRPO step: total", value=total, unit="s", detail=f"{n}, mean of {len(hist)} steps"),
-            dict(what="GRPO step: rollout (steered HF engine)", value=ro, unit="s", detail=""),
-            dict(what="GRPO step: scoring (reward components)", value=sc, unit="s", detail=""),
-            dict(what="GRPO step: reference forward (KL penalty)", value=ref, unit="s", detail=""),
-            dict(what="GRPO step: update (TRL logprobs, penalty, backward, optimizer)", value=total - ro - sc - ref,
-                 unit="s", detail="")]
+    rows, upd = [], {}
+    for fused in (True, False):
+        out = tempfile.mkdtemp(prefix="bench_grpo_")
+        cfg, args = TrlParser((OnlineConfig, GRPOConfig)).parse_args_and_config(
+            args=["--config", "recipes/configs/grpo_demo_cpu.yaml", "--model", model, "--output_dir", out,
+                  "--max_steps", str(steps), "--bake_every", "1000", "--mfv", "false", "--save_strategy", "no",
+                  "--kappa", "1.0", "--disable_tqdm", "true", "--objective", "grpo", "--fused", str(fused).lower(),
+                  "--eval_prompts", "1", "--eval_max_new_tokens", "4"])
+        run = OnlineRun(cfg, args, seed=args.seed)
+        run.setup()
+        tr = run.trainer()
+        tr.train()
+        hist = [h for h in tr.state.log_history if "step_time" in h][1:]  # drop the warm-up step
+        mean = lambda k: sum(float(h.get(k, 0.0)) for h in hist) / max(len(hist), 1)  # noqa: E731
+        total, ro, sc, ref = mean("step_time"), mean("time/rollout"), mean("time/scoring"), mean("time/ref_forward")
+        upd[fused] = total - ro - sc - ref
+        tag = "fused, 1 student forward" if fused else "two forwards (TRL + penalty)"
+        n = f"batch {args.per_device_train_batch_size} completions x {args.max_completion_length} tokens"
+        rows += [dict(what=f"GRPO step [{tag}]: total", value=total, unit="s", detail=f"{n}, mean of {len(hist)} steps"),
+                 dict(what=f"GRPO step [{tag}]: rollout (steered HF engine)", value=ro, unit="s", detail=""),
+                 dict(what=f"GRPO step [{tag}]: scoring (reward components)", value=sc, unit="s", detail=""),
+                 dict(what=f"GRPO step [{tag}]: reference forward (KL penalty)", value=ref, unit="s", detail=""),
+                 dict(what=f"GRPO step [{tag}]: update (student forward, backward, optimizer)", value=upd[fused],
+                      unit="s", detail="")]
+        del tr, run
+    rows.append(dict(what="GRPO update time, fused / two-forward", value=upd[True] / max(upd[False], 1e-9), unit="x",
+                     detail="target <= 0.65x"))
     return rows
+
+
+def bench_scoring(lm, preset, n: int = 8, new_tokens: int = 48, repeats: int = 3) -> list[dict]:
+    """Reward scoring of one GRPO batch (all components) with the persona contexts' KV cache vs without."""
+    from reward.components import RewardConfig, preset_scorer
+    from steer_heal.chat import render_prompt
+    from steer_heal.engine import HFEngine, Sampling
+
+    users = preset.prompts[:n]
+    ro = HFEngine(lm.model, lm.tokenizer).generate([render_prompt(lm.tokenizer, u) for u in users], None,
+                                                    Sampling(max_new_tokens=new_tokens, seed=0), logprobs=False)
+    ids, texts = [r.completion_ids for r in ro], [r.text for r in ro]
+    t = {}
+    for cache in (True, False):
+        sc = preset_scorer(lm.model, lm.tokenizer, preset, RewardConfig(), cache_prefix=cache)
+        best = float("inf")
+        for _ in range(repeats):
+            sc._memo = None
+            t0 = time.perf_counter()
+            sc.components(users, ids, texts)
+            best = min(best, time.perf_counter() - t0)
+        t[cache] = best
+    return [dict(what="scoring: one GRPO batch, persona contexts cached", value=t[True], unit="s",
+                 detail=f"{n} completions x {new_tokens} tokens, best of {repeats}"),
+            dict(what="scoring: one GRPO batch, uncached", value=t[False], unit="s", detail=""),
+            dict(what="scoring time, cached / uncached", value=t[True] / t[False], unit="x", detail="target <= 0.5x")]
 
 
 def print_table(rows: list[dict], header: str) -> str:
@@ -272,6 +308,7 @@ def main() -> None:
         rows += bench_mfv(lm, a.mfv_think, a.mfv_batch)
         print_table(rows, head)
     if "grpo" not in a.skip:
+        rows += bench_scoring(lm, preset)
         rows += bench_grpo(a.model)
         print_table(rows, head)
     if "memory" not in a.skip:

@@ -55,10 +55,12 @@ class Scorer:
     """
 
     def __init__(self, model, tok, personas: tuple[str, str], cfg: RewardConfig | None = None,
-                 ref_ctx=nullcontext, vector=None, batch_size: int = 64, judge_engine=None, demos: list[dict] = ()):
+                 ref_ctx=nullcontext, vector=None, batch_size: int = 64, judge_engine=None, demos: list[dict] = (),
+                 cache_prefix: bool = True):
         self.model, self.tok, self.personas, self.demos = model, tok, personas, list(demos)
         self.cfg = cfg or RewardConfig()
         self.ref_ctx, self.vector, self.batch_size, self.judge_engine = ref_ctx, vector, batch_size, judge_engine
+        self.cache_prefix = cache_prefix  # shared prompt prefixes (persona contexts) run once per batch
         self._memo: tuple | None = None  # (batch key, components): TRL calls one function per component
         self.seconds = 0.0  # time spent scoring (for the step-time split)
 
@@ -69,12 +71,12 @@ class Scorer:
     def tail_nll(self, users, completion_ids, prompt_ids=None) -> list[float]:
         with self.ref_ctx():
             return S.tail_nll(self.model, self.tok, prompt_ids or self.prompt_ids(users), completion_ids,
-                              self.cfg.tail_frac, self.batch_size)
+                              self.cfg.tail_frac, self.batch_size, self.cache_prefix)
 
     def trait_llr(self, users, completion_ids) -> list[float]:
         with self.ref_ctx():
             return S.persona_llr(self.model, self.tok, users, completion_ids, *self.personas,
-                                 batch_size=self.batch_size, demos=self.demos)
+                                 batch_size=self.batch_size, demos=self.demos, cache_prefix=self.cache_prefix)
 
     def trait_projection(self, users, completion_ids, prompt_ids=None) -> list[float]:
         if self.vector is None:

@@ -143,14 +143,24 @@ def shared_prefix_len(tok, rows: list[list[int]]) -> int:
 @torch.no_grad()
 def _prefixed_logprobs(model, prefix: list[int], suffixes: list[list[int]], completions: list[list[int]],
                        batch_size: int) -> list[torch.Tensor]:
-    import copy
-
-    from steer_heal.logprobs import auto_chunk, lm_logits
     from steer_heal.models import causal_lm
 
     lm = causal_lm(model)
     dec = lm.get_decoder()
     device = next(model.parameters()).device
+    was = model.training
+    model.eval()  # in train mode with gradient checkpointing (inside a GRPO step) HF turns the KV cache off
+    try:
+        return _prefixed_logprobs_eval(model, lm, dec, device, prefix, suffixes, completions, batch_size)
+    finally:
+        model.train(was)
+
+
+def _prefixed_logprobs_eval(model, lm, dec, device, prefix, suffixes, completions, batch_size):
+    import copy
+
+    from steer_heal.logprobs import auto_chunk, lm_logits
+
     Lp = len(prefix)
     pre = dec(input_ids=torch.tensor([prefix], device=device), position_ids=torch.arange(Lp, device=device)[None],
               use_cache=True).past_key_values

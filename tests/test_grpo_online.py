@@ -104,3 +104,34 @@ def test_recipe_bad_input_is_one_line(extra, needle, tmp_path, mfv_dir):
     errs = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert r.returncode == 2 and len(errs) == 1 and needle in errs[0] and "fix" in errs[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_bake_row_reads_its_own_step_and_counts_generated_tokens(tiny_dir, mfv_dir, tmp_path):
+    """With bake_every 1 each bake row carries the metrics of the step it closes (logged after the
+    bake), the student-side scores, and gen_tokens = the rollouts' completion tokens so far."""
+    from trl import GRPOConfig, TrlParser
+
+    from steer_heal.grpo.online import OnlineConfig, OnlineRun
+
+    cfg, args = TrlParser((OnlineConfig, GRPOConfig)).parse_args_and_config(
+        args=["--config", str(ROOT / "recipes/configs/grpo_smoke.yaml"), "--model", str(tiny_dir["llama"]),
+              "--output_dir", str(tmp_path / "run"), "--max_steps", "3", "--bake_every", "1", "--mfv", "false",
+              "--disable_tqdm", "true"])
+    run = OnlineRun(cfg, args, seed=args.seed)
+    run.setup()
+    tr = run.trainer()
+    tr.train()
+    rows = run.rd.rows()
+    logs = {h["step"]: h for h in tr.state.log_history if "reward" in h}
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    total = 0
+    for r in rows:
+        h = logs[r["step"]]
+        assert r["reward"] == pytest.approx(h["reward"]) and r["kl_rmse"] == pytest.approx(h["kl_rmse"])
+        assert r["keep_frac"] == pytest.approx(h["keep_frac"])
+        total += round(h["completions/mean_length"] * args.per_device_train_batch_size)
+        assert r["gen_tokens"] == total
+        assert {"trait", "incoherence", "coherence", "verbalisation", "refusal"} <= set(r)
+    assert rows[-1]["kl_rmse"] > 0
+    base = json.loads((tmp_path / "run" / "base_student.json").read_text())
+    assert len(base["texts"]) == min(cfg.eval_prompts, 8) and "trait" in base
