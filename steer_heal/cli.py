@@ -85,7 +85,7 @@ def _eval(args) -> int:
     if args.steer:
         steering = Steering(SteeringVector.load(args.steer), args.coeff)
     vig = load_vignettes(args.mfv_dir, args.mfv_config, args.condition, args.n or None, args.seed)
-    res = evaluate_mfv(model, lm.tokenizer, vig, args.think, args.batch_size, steering)
+    res = evaluate_mfv(model, lm.tokenizer, vig, args.think, args.batch_size, steering, read=args.read)
     what = model_id + (f" + {adapter}" if adapter else "") + (f" steered c={args.coeff}" if steering else "")
     print(f"MFV {args.mfv_config}/{args.condition}: {what}")
     print(format_profile(res))
@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--n", type=int, default=0, help="stratified subset size (0: all)")
     v.add_argument("--think", type=int, default=64, help="think tokens T (128 for headline numbers)")
     v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--read", default="tinymfv", choices=["tinymfv", "exact"],
+                   help="answer pass: tinymfv's (default, comparable with its tables) or exact (see README)")
     v.add_argument("--dtype", default="auto")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", default=None, help="JSON output (default mfv_eval.json)")

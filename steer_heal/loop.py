@@ -154,7 +154,8 @@ def mfv(ctx: Ctx, steering: Steering | None, base: bool = False) -> MFVResult | 
         return None
     e = ctx.cfg.eval
     with (ctx.student.base() if base else ctx.student.live_off()):
-        return evaluate_mfv(ctx.student.model, ctx.student.tok, ctx.mfv_rows, e.think_tokens, e.mfv_batch_size, steering)
+        return evaluate_mfv(ctx.student.model, ctx.student.tok, ctx.mfv_rows, e.think_tokens, e.mfv_batch_size, steering,
+                            read=e.mfv_read)
 
 
 def heal(ctx: Ctx, kept: list[dict], r: int):
@@ -215,6 +216,10 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
     gen_tokens = rows[-1].get("gen_tokens", 0) if rows else 0
     v0 = SteeringVector.load(ctx.rd.round_dir(0) / "vector.safetensors") if start else None
     for r in range(start, cfg.rounds):
+        if cfg.budget_tokens and gen_tokens >= cfg.budget_tokens:
+            ctx.log("stop_budget", round=r, gen_tokens=gen_tokens, budget=cfg.budget_tokens)
+            print(f"stopping: {gen_tokens} generated tokens >= budget_tokens {cfg.budget_tokens}")
+            break
         t0 = time.perf_counter()
         seed_all(cfg.seed + 1000 * r)
         ctx.student.reset_live()  # fresh LoRA drawn from the round's seed: a resumed round is identical
@@ -251,7 +256,8 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
                    val_nll=hres.val_nll, val_nll_before=hres.val_nll_before, heal_D=hres.D_mean,
                    barrier_frac=hres.barrier_frac, lam=hres.lam, heal_tokens_per_s=hres.tokens_per_s,
                    trait_steered=steered["trait"], trait_healed=healed["trait"], coh_steered=steered["coherence"],
-                   coh_healed=healed["coherence"], tail_nll_steered=steered["tail_nll"],
+                   coh_healed=healed["coherence"], incoherence_healed=healed["incoherence"],
+                   tail_nll_steered=steered["tail_nll"],
                    tail_nll_healed=healed["tail_nll"], cos_r0=v.cosine(v0),
                    **mfv_columns(steered_mfv, base_mfv, ctx.preset.foundations, "_steered"),
                    **mfv_columns(healed_mfv, base_mfv, ctx.preset.foundations, "_healed"),

@@ -32,7 +32,9 @@ def test_row_math_hand_example():
     z = sum(math.exp(s) for s in sc)
     assert m["p"] == pytest.approx([math.exp(s) / z for s in sc])
     assert m["pmass_allowed"] == pytest.approx((0.8 + 0.8) / 2)  # 0.4+0.1+0.1+4*0.05 ; 5*0.02+0.2+0.5
-    assert m["top1"] == 0 and m["margin"] == pytest.approx(m["p"][0] - m["p"][1])
+    assert m["top1"] == 0 and m["margin"] == pytest.approx(sc[0] - sc[1])  # nats, as tinymfv
+    bad = row_math(lf[:6] + [float("nan")], lr)  # a frame that could not be read: the row is unscorable
+    assert bad["top1"] == -1 and math.isnan(bad["pmass_allowed"]) and all(math.isnan(x) for x in bad["p"])
 
 
 def test_reversed_frame_maps_back():
@@ -88,19 +90,27 @@ def test_batch_composition_does_not_change_a_row(tiny, mfv_dir):
     assert abs(alone.rows[0]["nll_prefill"] - batch.rows[0]["nll_prefill"]) < 1e-4
 
 
-def test_cached_answer_equals_full_forward(tiny, mfv_dir):
-    """The KV-cache continuation gives the same digits as re-running the whole sequence."""
+@pytest.mark.parametrize("read", ["exact", "tinymfv"])
+def test_cached_answer_equals_full_forward(tiny, mfv_dir, read):
+    """The KV-cache continuation gives the same digits as re-running the whole sequence: every think
+    token and every real token (exact), or tinymfv's context (last think token dropped, pad-id
+    tokens before the answer turn not attended)."""
     tok = tiny.tokenizer
     rows = load_vignettes(mfv_dir)[:3]
-    res = evaluate_mfv(tiny.model, tok, rows, think_tokens=5, batch_size=4, progress=False)
+    res = evaluate_mfv(tiny.model, tok, rows, think_tokens=5, batch_size=4, progress=False, read=read)
     digits = digit_token_ids(tok)
     suffix = tok.encode(answer_suffix(tok), add_special_tokens=False)
     prefill = tok.encode(P.PREFILL, add_special_tokens=False)
     for r, out in zip(rows, res.rows):
         p = tok.encode(think_prompt(tok, r["text"], 0), add_special_tokens=False)
-        think = out["think_ids_fwd"]
-        d, n = _answer_full(tiny.model, tok, [p + think + suffix + prefill], len(prefill), digits)
+        assert tok.pad_token_id in p  # the template's turn-end token is the pad id: tinymfv's mask differs
+        think = out["think_ids_fwd"] if read == "exact" else out["think_ids_fwd"][:-1]
+        d, n = _answer_full(tiny.model, tok, [p + think + suffix + prefill], len(prefill), digits,
+                            len(suffix) + len(prefill), read)
         assert torch.allclose(d[0], torch.tensor(out["logp_fwd"]), atol=1e-4)
+    other = evaluate_mfv(tiny.model, tok, rows, think_tokens=5, batch_size=4, progress=False,
+                         read="tinymfv" if read == "exact" else "exact")
+    assert max(abs(a - b) for a, b in zip(other.rows[0]["logp_fwd"], res.rows[0]["logp_fwd"])) > 1e-4
 
 
 def test_think_prompt_and_suffix_from_template(tiny):

@@ -53,6 +53,7 @@ class OnlineConfig:
     fused: bool = True  # one student forward per micro-batch (False: TRL's forward + a second one; for the bench)
     # heal
     bake_every: int = 4
+    budget_tokens: int = 0  # stop at the first bake whose generated tokens (rollouts, calibration) reach this
     kl_beta: float = 0.3
     kl_tau: float = 0.5
     kl_agg: str = "rmse"
@@ -75,6 +76,7 @@ class OnlineConfig:
     mfv_n: int = 28
     think_tokens: int = 32
     mfv_batch_size: int = 28
+    mfv_read: str = "tinymfv"  # tinymfv: its exact numbers; exact: every think token, every real token (README)
     dump_rank_weights: bool = False  # each rank writes its LoRA + history at the end (multi-process checks)
     stop_after_step: int = 0  # exit (code 3) right after this step's checkpoint: simulates a killed run
 
@@ -137,6 +139,10 @@ class BakeCallback(TrainerCallback):
             self.run.bake(state, optimizer, time.perf_counter() - self.t0)
             self.t0 = time.perf_counter()
             control.should_log = True  # this step's metrics are logged now; the row is written in on_log
+            budget = self.run.cfg.budget_tokens
+            if budget and self.run.state.gen_tokens >= budget:  # a bake boundary at or past the budget
+                control.should_training_stop = True
+                control.should_save = True
 
     def on_log(self, args, state, control, logs=None, **kw):
         self.run.finish_bake_row(state)
@@ -242,7 +248,7 @@ class OnlineRun:
         ctx = self.student.base() if base else self.student.live_off()
         with ctx:
             return evaluate_mfv(self.student.model, self.tok, self.mfv_rows, self.cfg.think_tokens,
-                                self.cfg.mfv_batch_size, None, progress=False)
+                                self.cfg.mfv_batch_size, None, progress=False, read=self.cfg.mfv_read)
 
     def setup(self, resume_from: str | None = None):
         """Vector, kappa, base evaluation; or the state saved in a TRL checkpoint."""

@@ -19,6 +19,10 @@ class Preset:
     eval_prompts: list[str]
     foundations: dict[str, int] = field(default_factory=dict)
     persona_demos: list[dict] = field(default_factory=list)  # [{user, pos, neg}]: trait_llr's few-shot context
+    # held-out judge (compare): a paraphrased pair + demonstrations written for evaluation only
+    eval_persona_pos: str = ""
+    eval_persona_neg: str = ""
+    eval_persona_demos: list[dict] = field(default_factory=list)
 
 
 def available() -> list[str]:
@@ -37,4 +41,6 @@ def load_preset(name_or_path: str) -> Preset:
         ctx += yaml.safe_load((p.parent / d["include_contexts"]).read_text())["contexts"]
     return Preset(name=d.get("name", p.stem), persona_pos=d.get("persona_pos", ""), persona_neg=d.get("persona_neg", ""),
                   contexts=ctx, prompts=list(d.get("prompts", [])), eval_prompts=list(d.get("eval_prompts", [])),
-                  foundations=dict(d.get("foundations", {})), persona_demos=list(d.get("persona_demos", [])))
+                  foundations=dict(d.get("foundations", {})), persona_demos=list(d.get("persona_demos", [])),
+                  eval_persona_pos=d.get("eval_persona_pos", ""), eval_persona_neg=d.get("eval_persona_neg", ""),
+                  eval_persona_demos=list(d.get("eval_persona_demos", [])))
