@@ -10,6 +10,7 @@ loop adds ~rep_nats).
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -36,6 +37,10 @@ class RewardConfig:
     w_refusal: float = 1.0
     rep_nats: float = 10.0
     rep_floor: float = 0.1
+    # incoherence's NLL part: tail (tail NLL under the reference) | collapse (tail NLL minus the reply's own
+    # mean NLL: late collapse only; a reply that is uniformly less predictable, as trait-enacting replies
+    # often are to the reference, is not penalised for it)
+    incoherence: str = "tail"
     judge: bool = False  # optional third trait measure (a chat model with a rubric); off by default
 
 
@@ -68,15 +73,13 @@ class Scorer:
         return [encode_prompt(self.tok, render_prompt(self.tok, u)) for u in users]
 
     # ---------------------------------------------------------------- model components
-    def tail_nll(self, users, completion_ids, prompt_ids=None) -> list[float]:
+    def persona_logprobs(self, users, completion_ids):
         with self.ref_ctx():
-            return S.tail_nll(self.model, self.tok, prompt_ids or self.prompt_ids(users), completion_ids,
-                              self.cfg.tail_frac, self.batch_size, self.cache_prefix)
+            return S.persona_logprobs(self.model, self.tok, users, completion_ids, *self.personas,
+                                      batch_size=self.batch_size, demos=self.demos, cache_prefix=self.cache_prefix)
 
     def trait_llr(self, users, completion_ids) -> list[float]:
-        with self.ref_ctx():
-            return S.persona_llr(self.model, self.tok, users, completion_ids, *self.personas,
-                                 batch_size=self.batch_size, demos=self.demos, cache_prefix=self.cache_prefix)
+        return S.llr_from(*self.persona_logprobs(users, completion_ids))
 
     def trait_projection(self, users, completion_ids, prompt_ids=None) -> list[float]:
         if self.vector is None:
@@ -118,8 +121,17 @@ class Scorer:
         out["repetition"] = rep
         out["n_tokens"] = [len(c) for c in completion_ids]
         if "incoherence" in which or "tail_nll" in which:
-            out["tail_nll"] = self.tail_nll(users, completion_ids, prompt_ids)
-            out["incoherence"] = self.incoherence_from(out["tail_nll"], [S.loopiness(t) for t in texts])
+            with self.ref_ctx():
+                tail, mean = S.nll_stats(self.model, self.tok, prompt_ids or self.prompt_ids(users), completion_ids,
+                                         self.cfg.tail_frac, self.batch_size, self.cache_prefix)
+            out["tail_nll"] = tail  # the filter reads this one in either mode
+            if self.cfg.incoherence == "collapse":
+                nll = [t - m if math.isfinite(t) else t for t, m in zip(tail, mean)]
+            elif self.cfg.incoherence == "tail":
+                nll = tail
+            else:
+                raise ValueError(f"unknown incoherence measure '{self.cfg.incoherence}'; fix: tail or collapse")
+            out["incoherence"] = self.incoherence_from(nll, [S.loopiness(t) for t in texts])
         if "trait_llr" in which:
             out["trait_llr"] = self.trait_llr(users, completion_ids)
         if "trait_projection" in which:

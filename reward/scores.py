@@ -205,24 +205,29 @@ def tail_mean(lp: torch.Tensor, frac: float = 0.25) -> float:
 def tail_nll(model, tok, prompt_ids, completion_ids, frac: float = 0.25, batch_size: int = 32,
              cache_prefix: bool = True) -> list[float]:
     """Tail NLL of each completion under `model` as it stands (caller sets the reference context)."""
+    return nll_stats(model, tok, prompt_ids, completion_ids, frac, batch_size, cache_prefix)[0]
+
+
+def nll_stats(model, tok, prompt_ids, completion_ids, frac: float = 0.25, batch_size: int = 32,
+              cache_prefix: bool = True) -> tuple[list[float], list[float]]:
+    """(tail NLL, whole-completion mean NLL) of each completion, from one pass (inf for empty)."""
     nonempty = [i for i, c in enumerate(completion_ids) if c]
     lps = _batched_logprobs(model, tok, [prompt_ids[i] for i in nonempty], [completion_ids[i] for i in nonempty],
                             batch_size, cache_prefix)
-    out = [float("inf")] * len(completion_ids)
+    tail, mean = [float("inf")] * len(completion_ids), [float("inf")] * len(completion_ids)
     for i, lp in zip(nonempty, lps):
-        out[i] = tail_mean(lp, frac)
-    return out
+        tail[i], mean[i] = tail_mean(lp, frac), float(-lp.mean())
+    return tail, mean
 
 
-def persona_llr(model, tok, users: list[str], completion_ids, persona_pos: str, persona_neg: str,
-                batch_size: int = 32, demos: list[dict] = (), cache_prefix: bool = True) -> list[float]:
-    """mean_t [log p(y_t | pos, x, y<t) - log p(y_t | neg, x, y<t)], nats/token (0 for empty).
-
-    Each side's context is its persona as the system prompt plus, with `demos` ([{user, pos, neg}]),
-    earlier turns in which that persona acts: small reference models condition on shown behaviour
-    far more than on a one-line description. Each side's context is the same for every row, so it
-    runs once per call and its KV cache serves the batch (`cache_prefix`).
-    """
+def persona_logprobs(model, tok, users: list[str], completion_ids, persona_pos: str, persona_neg: str,
+                     batch_size: int = 32, demos: list[dict] = (), cache_prefix: bool = True):
+    """Per completion: log p(y_t | persona context, x, y<t) under the positive and the negative
+    persona's context (empty completions give empty tensors). Each side's context is its persona
+    as the system prompt plus, with `demos` ([{user, pos, neg}]), earlier turns in which that persona
+    acts: small reference models condition on shown behaviour far more than on a one-line
+    description. The context is the same for every row, so it runs once per call and its KV cache
+    serves the batch (`cache_prefix`)."""
     from steer_heal.chat import encode_prompt, render_prompt
 
     keep = [i for i, c in enumerate(completion_ids) if c]
@@ -232,7 +237,20 @@ def persona_llr(model, tok, users: list[str], completion_ids, persona_pos: str, 
     neg = [encode_prompt(tok, render_prompt(tok, users[i], system=persona_neg, history=hist["neg"])) for i in keep]
     lp_pos = _batched_logprobs(model, tok, pos, comp, batch_size, cache_prefix)
     lp_neg = _batched_logprobs(model, tok, neg, comp, batch_size, cache_prefix)
-    out = [0.0] * len(completion_ids)
+    empty = torch.zeros(0)
+    out_pos, out_neg = [empty] * len(completion_ids), [empty] * len(completion_ids)
     for i, a, b in zip(keep, lp_pos, lp_neg):
-        out[i] = float((a - b).mean())
-    return out
+        out_pos[i], out_neg[i] = a, b
+    return out_pos, out_neg
+
+
+def persona_llr(model, tok, users: list[str], completion_ids, persona_pos: str, persona_neg: str,
+                batch_size: int = 32, demos: list[dict] = (), cache_prefix: bool = True) -> list[float]:
+    """mean_t [log p(y_t | pos, x, y<t) - log p(y_t | neg, x, y<t)], nats/token (0 for empty)."""
+    lp_pos, lp_neg = persona_logprobs(model, tok, users, completion_ids, persona_pos, persona_neg, batch_size, demos,
+                                      cache_prefix)
+    return llr_from(lp_pos, lp_neg)
+
+
+def llr_from(lp_pos, lp_neg) -> list[float]:
+    return [float((a - b).mean()) if len(a) else 0.0 for a, b in zip(lp_pos, lp_neg)]

@@ -144,6 +144,15 @@ def _score(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from steer_heal.compare import load_compare, run_compare
+
+    cfg = load_compare(args.config, args.overrides)
+    run_compare(cfg, [a for a in args.arms.split(",") if a] or None)
+    print(f"done: {cfg.dir}/compare.md, {cfg.dir}/frontier.png, {cfg.dir}/answers.html")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="steer-heal", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -181,9 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--validate", action="store_true", help="AUROC of each component on the labelled set")
     sc.add_argument("--out", default=None, help="with --validate: write the report here (markdown)")
     sc.add_argument("--dtype", default="auto")
+    c = sub.add_parser("compare", help="arms side by side at a matched generated-token budget (one table, a frontier)")
+    c.add_argument("--config", required=True, help="recipes/compare/<name>.yaml")
+    c.add_argument("--arms", default="", help="comma-separated subset of the config's arms")
+    c.add_argument("overrides", nargs="*", help="key=value overrides of the comparison config, e.g. budget_tokens=4000")
     args = p.parse_args(argv)
     try:
-        return {"run": _run, "export": _export, "eval": _eval, "score": _score}[args.cmd](args)
+        return {"run": _run, "export": _export, "eval": _eval, "score": _score, "compare": _compare}[args.cmd](args)
     except (ValueError, RuntimeError, OSError) as e:  # our errors carry their fix; show one line, not a trace
         from steer_heal.heal import HealDivergedError
 

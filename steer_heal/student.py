@@ -154,7 +154,12 @@ class Student:
         from safetensors.torch import load_file
 
         sd = load_file(str(Path(path) / "adapter_model.safetensors"))
-        self.hist = {n: (sd[f"{n}.lora_A.weight"], sd[f"{n}.lora_B.weight"]) for n in self.layers}
+        names = {k.rsplit(".lora_", 1)[0] for k in sd}
+        if names - set(self.layers):
+            raise ValueError(f"adapter '{path}' touches modules this student has no LoRA slot for "
+                             f"({sorted(names - set(self.layers))[:2]}...); fix: build the Student with a lora_band "
+                             "and target_modules covering the adapter's")
+        self.hist = {n: (sd[f"{n}.lora_A.weight"], sd[f"{n}.lora_B.weight"]) for n in self.layers if n in names}
         self.n_bakes = json.loads((Path(path) / "steer_heal.json").read_text())["n_bakes"]
         self._merge_history()
         self.reset_live()

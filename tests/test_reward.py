@@ -128,3 +128,52 @@ def test_components_separate_labels_on_smollm2(smol, preset):
     # with the preset's two persona demonstrations; without them SmolLM2-135M is at chance on
     # care-over-authority (0.51 measured), so the demonstrations are what this bar checks
     assert res["trait_llr"] >= 0.75
+
+
+def test_collapse_incoherence_equals_hand_computation(tiny):
+    """incoherence=collapse: tail NLL minus the reply's own mean NLL, plus the same loop term."""
+    from reward import scores as S
+
+    tok = tiny.tokenizer
+    users, ids, texts = ["hi", "tell me about rivers"], [], []
+    for t in [" well then we go home now", " yes yes yes yes yes yes yes"]:
+        ids.append(tok(t, add_special_tokens=False).input_ids)
+        texts.append(t)
+    plain = Scorer(tiny.model, tok, (POS, NEG), RewardConfig()).components(users, ids, texts, which=["incoherence"])
+    col = Scorer(tiny.model, tok, (POS, NEG), RewardConfig(incoherence="collapse")).components(
+        users, ids, texts, which=["incoherence"])
+    lps = S._batched_logprobs(tiny.model, tok, Scorer(tiny.model, tok, (POS, NEG)).prompt_ids(users), ids, 8,
+                              cache_prefix=False)
+    for i, lp in enumerate(lps):
+        k = max(1, round(len(lp) * 0.25))
+        tail, mean = float(-lp[-k:].mean()), float(-lp.mean())
+        loop = 10.0 * max(0.0, S.loopiness(texts[i]) - 0.1) / 0.9
+        assert plain["incoherence"][i] == pytest.approx(tail + loop, rel=1e-5)
+        assert col["incoherence"][i] == pytest.approx(tail - mean + loop, rel=1e-5, abs=1e-5)
+        assert col["tail_nll"][i] == pytest.approx(plain["tail_nll"][i])  # the filter reads the same tail NLL
+    with pytest.raises(ValueError, match="fix: tail or collapse"):
+        Scorer(tiny.model, tok, (POS, NEG), RewardConfig(incoherence="nope")).components(users, ids, texts,
+                                                                                         which=["incoherence"])
+
+
+@pytest.mark.slow
+def test_collapse_incoherence_penalises_the_trait_less_on_smollm2(smol):
+    """On the labelled care-over-authority replies the base model's tail NLL is higher for the
+    trait-enacting replies than for their opposites; the collapse measure removes that penalty
+    while still ranking incoherent replies first."""
+    from reward.validation import load_labelled, score_labelled
+    from steer_heal.presets import load_preset
+
+    items = load_labelled()["care-over-authority"]
+    gap, au = {}, {}
+    for m in ("tail", "collapse"):
+        sc = preset_scorer(smol.model, smol.tokenizer, load_preset("care-over-authority"), RewardConfig(incoherence=m))
+        inc = score_labelled(sc, items, which=["incoherence"])["incoherence"]
+        by: dict = {}
+        for x, v in zip(items, inc):
+            by.setdefault(x["label"], []).append(v)
+        mean = {k: sum(v) / len(v) for k, v in by.items()}
+        gap[m] = mean["enact-pos"] - mean["enact-neg"]
+        au[m] = auroc(by["incoherent"], [v for k, vs in by.items() if k != "incoherent" for v in vs])
+    assert gap["tail"] > 0.1 and gap["collapse"] < gap["tail"] - 0.1, gap
+    assert au["collapse"] >= 0.8, au

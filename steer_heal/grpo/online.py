@@ -68,6 +68,7 @@ class OnlineConfig:
     w_incoh: float = 0.25
     w_refusal: float = 1.0
     reward_ablation: str = ""  # drop one component: trait_llr | verbalisation | incoherence | refusal
+    incoherence: str = "tail"  # tail | collapse: tail NLL minus the reply's mean NLL (does not penalise the trait)
     # evaluation at each bake
     eval_prompts: int = 8  # the preset's fixed prompts answered greedily by the unsteered student
     eval_max_new_tokens: int = 48
@@ -190,7 +191,7 @@ class OnlineRun:
         self.v0 = None
         self.state: SteerState | None = None
         self.reward_cfg = RewardConfig(trait=cfg.reward_trait, w_trait=cfg.w_trait, w_verb=cfg.w_verb,
-                                       w_incoh=cfg.w_incoh, w_refusal=cfg.w_refusal)
+                                       w_incoh=cfg.w_incoh, w_refusal=cfg.w_refusal, incoherence=cfg.incoherence)
         self.pending_row: dict | None = None  # a bake's row, completed with its step's logs in on_log
         self.base_student: dict | None = None
 
