@@ -191,9 +191,18 @@ def bench_mfv(lm, think: int, batch: int) -> list[dict]:
     res = evaluate_mfv(lm.model, lm.tokenizer, rows, think_tokens=think, batch_size=batch, progress=False)
     dt = time.perf_counter() - t
     n_tok = 2 * len(rows) * think
-    return [dict(what=f"MFV classic ({len(rows)} x 2 frames, T={think}): wall time", value=dt, unit="s",
-                 detail=f"batch {batch}; target < 240 s; pmass {res.pmass_allowed:.3f}"),
-            dict(what="MFV think tokens/s", value=n_tok / dt, unit="tok/s", detail=f"{n_tok} generated tokens")]
+    out = [dict(what=f"MFV classic ({len(rows)} x 2 frames, T={think}): wall time", value=dt, unit="s",
+                detail=f"batch {batch}; pmass {res.pmass_allowed:.3f}, nll_prefill {res.nll_prefill:.3f}"),
+           dict(what="MFV think tokens/s", value=n_tok / dt, unit="tok/s", detail=f"{n_tok} generated tokens")]
+    if len(rows) == 132 and think == TINYMFV_T:
+        out.append(dict(what="MFV speed-up vs tinymfv's own evaluate (batch 1)", value=TINYMFV_SECONDS / dt, unit="x",
+                        detail=f"tinymfv 01e9026 timed by hand on this machine: {TINYMFV_SECONDS:.0f} s; goal >= 4x"))
+    return out
+
+
+# tinymfv's own `evaluate` (commit 01e9026, batch 1) on the full classic set, SmolLM2-135M, T=32, timed once
+# by hand on this 2-core CPU with tests/fixtures/make_tinymfv_fixture.py --n 0 --time (2026-11-22)
+TINYMFV_SECONDS, TINYMFV_T = 436.2, 32
 
 
 def bench_grpo(model: str, steps: int = 4) -> list[dict]:
@@ -285,7 +294,7 @@ def main() -> None:
     ap.add_argument("--heal-examples", type=int, default=32)
     ap.add_argument("--heal-batch", type=int, default=HealConfig().batch_size)
     ap.add_argument("--mfv-think", type=int, default=32)
-    ap.add_argument("--mfv-batch", type=int, default=16)
+    ap.add_argument("--mfv-batch", type=int, default=32)
     ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: gen vllm heal memory mfv grpo")
     a = ap.parse_args()
     torch.manual_seed(0)
