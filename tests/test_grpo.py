@@ -9,6 +9,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from steer_heal.chat import encode_prompt, render_prompt  # noqa: E402
 from steer_heal.grpo.penalty import rmse_kl_penalty  # noqa: E402
 from steer_heal.student import Student  # noqa: E402
+from _helpers import trl_batch  # noqa: E402
 
 
 def _student(tiny, seed=0):
@@ -21,25 +22,13 @@ def _student(tiny, seed=0):
     return st
 
 
-def _trl_batch(tok, prompts, completions):
-    """TRL layout: left-padded prompts | right-padded completions."""
-    P = max(len(p) for p in prompts)
-    C = max(len(c) for c in completions)
-    pad = tok.pad_token_id
-    pi = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
-    pm = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    ci = torch.tensor([c + [pad] * (C - len(c)) for c in completions])
-    cm = torch.tensor([[1] * len(c) + [0] * (C - len(c)) for c in completions])
-    return pi, pm, ci, cm
-
-
 def test_penalty_equals_float64_hand_computation(tiny):
     tok = tiny.tokenizer
     st = _student(tiny)
     prompts = [encode_prompt(tok, render_prompt(tok, u)) for u in ["hi", "tell me a long story about rivers"]]
     comps = [tok(" well then we go", add_special_tokens=False).input_ids,
              tok(" yes yes yes yes yes yes no", add_special_tokens=False).input_ids]
-    pi, pm, ci, cm = _trl_batch(tok, prompts, comps)
+    pi, pm, ci, cm = trl_batch(tok, prompts, comps)
     beta, tau = 0.7, 0.05
     pen, D, kl = rmse_kl_penalty(st.model, st.live_off, pi, pm, ci, cm, beta, tau)
     ref_pen = 0.0
@@ -63,7 +52,7 @@ def test_penalty_zero_right_after_bake(tiny):
     st = _student(tiny)
     st.bake()
     prompts = [encode_prompt(tok, render_prompt(tok, "hi"))]
-    pi, pm, ci, cm = _trl_batch(tok, prompts, [tok(" hello there", add_special_tokens=False).input_ids])
+    pi, pm, ci, cm = trl_batch(tok, prompts, [tok(" hello there", add_special_tokens=False).input_ids])
     pen, D, kl = rmse_kl_penalty(st.model, lambda: st.reference("prev"), pi, pm, ci, cm, 1.0, 0.0)
     assert float(kl.detach().abs().max()) < 1e-6 and float(D[0].detach()) == pytest.approx(1e-4, abs=1e-6)
     # and the base stays recoverable: base-mode KL is not zero after a non-trivial bake
@@ -94,7 +83,7 @@ def test_beta_zero_equals_trl_loss(tiny, tmp_path):
     tok = tiny.tokenizer
     prompts = [encode_prompt(tok, render_prompt(tok, u)) for u in ["hi", "what is two plus two"]]
     comps = [tok(" four", add_special_tokens=False).input_ids, tok(" it is four, friend", add_special_tokens=False).input_ids]
-    pi, pm, ci, cm = _trl_batch(tok, prompts, comps)
+    pi, pm, ci, cm = trl_batch(tok, prompts, comps)
     inputs = dict(prompt_ids=pi, prompt_mask=pm, completion_ids=ci, completion_mask=cm,
                   advantages=torch.tensor([1.0, -1.0]), num_items_in_batch=cm.sum())
     tr.current_gradient_accumulation_steps = 2  # set by the training loop; fixed here

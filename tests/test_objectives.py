@@ -16,6 +16,7 @@ from steer_heal.logprobs import pack  # noqa: E402
 from steer_heal.steering import extract_vector  # noqa: E402
 from steer_heal.steering.hooks import steer  # noqa: E402
 from steer_heal.student import Student  # noqa: E402
+from _helpers import trl_batch  # noqa: E402
 
 PERSONAS = ("You are kind.", "You are cruel.")
 LOOSE = RewardConfig(min_tokens=1, max_tail_nll=1e9, max_repetition=1.0, max_verbalisation=1.0, max_refusal=1.0)
@@ -55,18 +56,6 @@ def _trainer(tiny, st, tmp_path, objective="grpo", beta=0.0, tau=0.0, fused=True
     return tr
 
 
-def _trl_batch(tok, prompts, completions):
-    """TRL layout: left-padded prompts | right-padded completions."""
-    P = max(len(p) for p in prompts)
-    C = max(len(c) for c in completions)
-    pad = tok.pad_token_id
-    pi = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
-    pm = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    ci = torch.tensor([c + [pad] * (C - len(c)) for c in completions])
-    cm = torch.tensor([[1] * len(c) + [0] * (C - len(c)) for c in completions])
-    return pi, pm, ci, cm
-
-
 def _examples(tok):
     prompts = [encode_prompt(tok, render_prompt(tok, u)) for u in
                ["hi", "tell me a long story about rivers", "what is two plus two", "why"]]
@@ -76,7 +65,7 @@ def _examples(tok):
 
 
 def _inputs(tok, prompts, comps, keep, adv=(1.0, -1.0, 0.5, -0.5)):
-    pi, pm, ci, cm = _trl_batch(tok, prompts, comps)
+    pi, pm, ci, cm = trl_batch(tok, prompts, comps)
     return dict(prompt_ids=pi, prompt_mask=pm, completion_ids=ci, completion_mask=cm,
                 advantages=torch.tensor(adv), num_items_in_batch=cm.sum(), keep=torch.tensor(keep, dtype=torch.float32))
 
