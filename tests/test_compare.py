@@ -107,3 +107,16 @@ def test_shipped_studies_load_and_every_arm_parses():
                 args[1] = str(ROOT / args[1])
                 oc, ga = TrlParser((OnlineConfig, GRPOConfig)).parse_args_and_config(args=args)
                 assert oc.budget_tokens == cfg.budget_tokens and ga.save_steps == oc.bake_every
+
+
+def test_seeds_give_mean_and_spread():
+    from steer_heal.compare import format_compare, summary_rows
+
+    rows = [dict(arm="base", kind="base", gen_tokens=0, d_trait_nats=0.0),
+            dict(arm="on", kind="online", seed=1, gen_tokens=100, d_trait_nats=0.1),
+            dict(arm="on", kind="online", seed=2, gen_tokens=120, d_trait_nats=0.3)]
+    s = {r["arm"]: r for r in summary_rows(rows)}
+    assert s["on"]["d_trait_nats"] == pytest.approx(0.2) and s["on"]["d_trait_nats_sd"] == pytest.approx(0.1414, abs=1e-4)
+    assert s["on"]["n_seeds"] == 2 and "d_trait_nats_sd" not in s["base"]
+    line = next(x for x in format_compare(rows).splitlines() if x.startswith("| on "))
+    assert "+0.200 ±0.141" in line and "110" in line
