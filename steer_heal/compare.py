@@ -29,14 +29,15 @@ import yaml
 from reward.components import Scorer, preset_scorer
 from steer_heal.chat import encode_prompt, render_prompt
 from steer_heal.engine import HFEngine, Sampling
-from steer_heal.evals.mfv import evaluate_mfv, trait_nats
+from steer_heal.evals.mfv import evaluate_mfv, nanmean, trait_nats
 from steer_heal.evals.mfv_data import load_vignettes
 from steer_heal.evals.student import SCORED, summarise
 from steer_heal.heal.kl import aggregate, chunked_kl_and_logp
 from steer_heal.logprobs import auto_chunk, final_hidden, lm_logits, pack
 from steer_heal.models import causal_lm, load_model, num_layers
 from steer_heal.presets import load_preset
-from steer_heal.rundir import write_atomic
+from steer_heal.report import html_page
+from steer_heal.rundir import fmt_cell, write_atomic
 from steer_heal.steering import Steering, SteeringVector, extract_vector, layer_band
 from steer_heal.steering.calibrate import calibrate_coeff
 from steer_heal.steering.hooks import steer
@@ -265,8 +266,8 @@ class Evaluator:
         comp = self.scorer.components(self.users, ids, texts, which=SCORED + ["trait_projection"])
         held = self.heldout.components(self.users, ids, texts, which=["trait_llr"])
         s = summarise(self.scorer, comp)
-        out = dict(trait_llr_heldout=_mean(held["trait_llr"]), trait_llr_reward_ctx=s["trait"],
-                   projection=_mean(comp["trait_projection"]), incoherence=s["incoherence"], tail_nll=s["tail_nll"],
+        out = dict(trait_llr_heldout=nanmean(held["trait_llr"]), trait_llr_reward_ctx=s["trait"],
+                   projection=nanmean(comp["trait_projection"]), incoherence=s["incoherence"], tail_nll=s["tail_nll"],
                    repetition=s["repetition"], coherent=s["coherence"], verbalisation=s["verbalisation"],
                    refusal=s["refusal"], kl_rmse=kl["rmse"], kl_mean=kl["mean"], texts=texts, prompts=self.users)
         if mfv is not None:
@@ -278,11 +279,6 @@ class Evaluator:
 def heldout_scorer(model, tok, preset, **kw) -> Scorer:
     """trait_llr under the preset's held-out pair and demonstrations (never the reward's context)."""
     return Scorer(model, tok, (preset.eval_persona_pos, preset.eval_persona_neg), demos=preset.eval_persona_demos, **kw)
-
-
-def _mean(xs) -> float:
-    xs = [x for x in xs if math.isfinite(x)]
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 @torch.no_grad()
@@ -385,12 +381,8 @@ def trajectory(d: Path, kind: str) -> list[dict]:
 
 
 def _fmt(v, f):
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    try:
-        return f.format(v)
-    except (TypeError, ValueError):
-        return str(v)
+    """A table cell; NaN (an arm without that measure) shows as "-" like a missing value."""
+    return "-" if isinstance(v, float) and not math.isfinite(v) else fmt_cell(v, f)
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:
@@ -449,8 +441,7 @@ def frontier(d: Path, rows: list[dict]) -> None:
     svg_rows = "".join(f"<tr><td>{H.escape(p['arm'])}</td><td>{p['kind']}</td><td>{_fmt(p['x'], '{:+.3f}')}</td>"
                        f"<td>{_fmt(p['y'], '{:+.3f}')}</td></tr>" for p in pts)
     data = json.dumps([{k: v for k, v in p.items()} for p in pts], allow_nan=True).replace("NaN", "null")
-    write_atomic(d / "frontier.html", f"""<!doctype html><meta charset=utf-8><title>frontier</title>
-<h2>Trait gained vs coherence lost (one point per arm; lines: rounds / bakes)</h2>
+    write_atomic(d / "frontier.html", html_page("frontier", f"""<h2>Trait gained vs coherence lost (one point per arm; lines: rounds / bakes)</h2>
 <p>x: incoherence vs base (nats, lower is better); y: MFV trait_nats vs base (higher is more trait).</p>
 <canvas id=c width=760 height=520></canvas>
 <table border=1 cellpadding=4><tr><th>arm</th><th>kind</th><th>d_incoherence</th><th>d_trait_nats</th></tr>{svg_rows}</table>
@@ -464,7 +455,7 @@ const col=k=>({{base:'#000',prompt:'#d62728',steer:'#ff7f0e',iterative:'#1f77b4'
 P.forEach(p=>{{c.strokeStyle=col(p.kind);c.fillStyle=col(p.kind);const t=(p.traj||[]).filter(q=>q.x!=null&&q.y!=null);
 if(t.length){{c.beginPath();c.moveTo(X(0),Y(0));t.forEach(q=>c.lineTo(X(q.x),Y(q.y)));c.globalAlpha=.35;c.stroke();c.globalAlpha=1}}
 if(p.x!=null&&p.y!=null){{c.beginPath();c.arc(X(p.x),Y(p.y),5,0,7);c.fill();c.fillText(p.arm,X(p.x)+7,Y(p.y)-5)}}}});
-</script>""")
+</script>"""))
     try:
         import matplotlib
 
@@ -506,5 +497,5 @@ def answers_page(d: Path, rows: list[dict], n: int = 4) -> None:
         body.append(f"<h3>{H.escape(prompts[i]) if i < len(prompts) else i}</h3><table border=1 cellpadding=4>")
         body += [f"<tr><td><b>{H.escape(r['arm'])}</b></td><td>{H.escape(r['texts'][i])}</td></tr>" for r in cols]
         body.append("</table>")
-    write_atomic(d / "answers.html", "<!doctype html><meta charset=utf-8><title>answers</title>"
-                                     "<h2>Every arm's greedy answers to the same held-out prompts</h2>" + "".join(body))
+    write_atomic(d / "answers.html", html_page("answers", "<h2>Every arm's greedy answers to the same held-out "
+                                                          "prompts</h2>" + "".join(body)))

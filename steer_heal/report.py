@@ -81,7 +81,7 @@ def profile_figure(series: dict[str, list[float]], out_png: Path) -> bytes:
     return data
 
 
-def _page(title: str, body: str) -> str:
+def html_page(title: str, body: str) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
             "body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:6px;vertical-align:top;font-size:13px}th{background:#f4f4f4}"
@@ -104,7 +104,7 @@ def write_report(run_dir: str | Path) -> None:
         pp = profile_figure(series, d / "mfv_profile.png")
         prof_html = ("<h3>Moral-foundations profile (last round)</h3><img src='data:image/png;base64,"
                      + base64.b64encode(pp).decode() + "'>")
-    write_atomic(d / "trajectory.html", _page(
+    write_atomic(d / "trajectory.html", html_page(
         "steer-heal trajectory", f"<h2>{html.escape(d.name)}</h2><img src='data:image/png;base64,{img}'>{prof_html}"
         f"<pre>{html.escape(format_table(rows, base=base))}</pre><p><a href='outputs.html'>outputs page</a></p>"))
     # outputs page: same fixed prompts answered by base, steered and each healed round
@@ -121,7 +121,7 @@ def write_report(run_dir: str | Path) -> None:
     head = "<tr><th>prompt</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
     body = "".join("<tr><td><b>" + html.escape(p) + "</b></td>" + "".join(
         f"<td>{html.escape(a[i])}</td>" for a in answers) + "</tr>" for i, p in enumerate(prompts))
-    write_atomic(d / "outputs.html", _page("steer-heal outputs", f"<h2>Outputs: {html.escape(d.name)}</h2>"
+    write_atomic(d / "outputs.html", html_page("steer-heal outputs", f"<h2>Outputs: {html.escape(d.name)}</h2>"
                                             "<p>Greedy answers, no steering unless the column says so.</p>"
                                             f"<table>{head}{body}</table>"))
 
@@ -161,6 +161,6 @@ def write_bake_report(run_dir: str | Path, base: dict | None = None) -> None:
     (d / "bakes.png").write_bytes(png)
     from steer_heal.grpo.online import BAKE_COLUMNS
 
-    write_atomic(d / "bakes.html", _page("steer-heal online run", f"<h2>{html.escape(d.name)}</h2>"
+    write_atomic(d / "bakes.html", html_page("steer-heal online run", f"<h2>{html.escape(d.name)}</h2>"
                  f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
                  f"<pre>{html.escape(format_table(rows, columns=BAKE_COLUMNS))}</pre>"))

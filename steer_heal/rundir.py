@@ -125,7 +125,7 @@ COLUMNS = [("round", "r", "{:d}"), ("kappa", "kappa", "{:.3g}"), ("generated", "
            ("tail_nll_healed", "tailnll_he", "{:.2f}"), ("cos_r0", "cos_r0", "{:.3f}"), ("seconds", "sec", "{:.0f}")]
 
 
-def _fmt(v, f):
+def fmt_cell(v, f):
     if v is None:
         return "-"
     try:
@@ -138,7 +138,7 @@ def format_table(rows: list[dict], markdown: bool = False, base: dict | None = N
     columns = columns or COLUMNS
     cols = [c for c in columns if any(c[0] in r for r in rows)] or columns
     head = [c[1] for c in cols]
-    body = [[_fmt(r.get(k), f) for k, _, f in cols] for r in rows]
+    body = [[fmt_cell(r.get(k), f) for k, _, f in cols] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body]) + "\n"

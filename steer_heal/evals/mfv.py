@@ -274,18 +274,15 @@ def _evaluate(model, tok, rows, think_tokens, batch_size, steering, min_pmass, p
     for j in tqdm(range(0, len(order), batch_size), desc="mfv", disable=not progress, leave=False):
         idx = order[j:j + batch_size]
         if think_tokens > 0:
-            comps, _, cache, att, L = eng.generate_batch([prompt_ids[i] for i in idx], steering, samp, return_cache=True)
-            T = len(comps[0])
-            ids_pt = torch.cat([left_pad([prompt_ids[i] for i in idx], pad)[0].to(device),
-                                torch.tensor(comps, device=device)], 1)
-            real = torch.cat([att, torch.ones((len(idx), T), dtype=att.dtype, device=device)], 1)
-            if read == "tinymfv":  # the cache ends before the last think token, which is then never fed
-                n = cache.get_seq_length()
+            comps, _, cache, att, _ = eng.generate_batch([prompt_ids[i] for i in idx], steering, samp, return_cache=True)
+            n = cache.get_seq_length()  # prompt + think minus the last think token (sampled, never fed)
+            think_t = torch.tensor(comps, device=device)
+            real = torch.cat([att, torch.ones_like(think_t, dtype=att.dtype)], 1)[:, :n]
+            if read == "tinymfv":  # the last think token stays out; pad-id tokens are not attended
+                ids_pt = torch.cat([left_pad([prompt_ids[i] for i in idx], pad)[0].to(device), think_t], 1)[:, :n]
                 attend = real * (ids_pt != pad).long()
                 tail = torch.tensor([suffix + prefill for _ in comps], device=device)
-                real, attend = real[:, :n], attend[:, :n]
             else:  # feed the last think token, attend to every real token
-                real = real[:, :cache.get_seq_length()]
                 attend = real
                 tail = torch.tensor([c[-1:] + suffix + prefill for c in comps], device=device)
             with steer(model, steering):
@@ -323,7 +320,8 @@ def _evaluate(model, tok, rows, think_tokens, batch_size, steering, min_pmass, p
     return aggregate_rows(res_rows, rows, think_tokens)
 
 
-def _nanmean(xs) -> float:
+def nanmean(xs) -> float:
+    """Mean of the finite values (NaN when there are none)."""
     xs = [x for x in xs if math.isfinite(x)]
     return sum(xs) / len(xs) if xs else float("nan")
 
@@ -337,9 +335,9 @@ def aggregate_rows(res_rows: list[dict], rows: list[dict], think_tokens: int) ->
     profile = [sum(x["p"][f] for x, _ in ok) / n for f in range(7)]
     pred, gold = [x["top1"] for x, _ in ok], [g for _, g in ok]
     return MFVResult(rows=res_rows, profile=profile, human_profile=human_profile(rows),
-                     pmass_allowed=_nanmean(x["pmass_allowed"] for x in res_rows),
+                     pmass_allowed=nanmean(x["pmass_allowed"] for x in res_rows),
                      frac_unscorable=sum(x["unscorable"] for x in res_rows) / max(len(res_rows), 1),
-                     nll_prefill=_nanmean(x["nll_prefill"] for x in res_rows),
+                     nll_prefill=nanmean(x["nll_prefill"] for x in res_rows),
                      top1_acc=sum(p == g for p, g in zip(pred, gold)) / n, informedness=informedness(pred, gold),
                      think_tokens=think_tokens)
 

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from reward.components import RewardConfig, Scorer, preset_scorer
 from reward.trl_rewards import make_reward_functions
-from steer_heal.grpo.rollout import SteerState, global_sum, make_rollout_func
+from steer_heal.grpo.rollout import SteerState, global_sums, make_rollout_func
 from steer_heal.rundir import RunDir, write_atomic
 
 
@@ -105,7 +105,7 @@ class DoseController:
         bad = [not ok or v > c.max_verbalisation for ok, v in zip(coherent, comp["verbalisation"])]
         device = next(self.scorer.model.parameters()).device
         # every rank sees the global rate, so kappa stays identical across ranks
-        n_bad, n = global_sum(float(sum(bad)), device), global_sum(float(len(bad)), device)
+        n_bad, n = global_sums([sum(bad), len(bad)], device)
         self.last_rate = n_bad / max(n, 1.0)
         lo, hi = self.cfg.dose_band
         k = self.state.kappa
@@ -222,7 +222,7 @@ class OnlineRun:
             return extract_vector(self.student.model, self.tok, *self.personas, self.preset.contexts[:self.cfg.n_contexts],
                                   self.layers, model_id=self.cfg.model)
 
-    def calibrate(self, v) -> float:
+    def calibrate(self, v) -> tuple[float, int]:
         from steer_heal.chat import render_prompt
         from steer_heal.steering.calibrate import calibrate_coeff
 
@@ -230,16 +230,15 @@ class OnlineRun:
         n0 = self.engine.n_generated
         with self.student.live_off():
             c, k = calibrate_coeff(self.student.model, self.tok, self.engine, v, prompts, self.cfg.target_kl, 16, steps=3)
-        self.calib_tokens = self.engine.n_generated - n0
+        tokens = self.engine.n_generated - n0
         if self.main:
-            self.rd.event("calibrated", coeff=c, p95_kl=k, gen_tokens=self.calib_tokens)
-        if c > self.cfg.kappa_max:  # the controller clamps kappa to [kappa_min, kappa_max]: say so once
+            self.rd.event("calibrated", coeff=c, p95_kl=k, gen_tokens=tokens)
+        if c > self.cfg.kappa_max:  # setup clamps kappa to [kappa_min, kappa_max]: say so once
             print(f"warning: iso-KL calibration found c*={c:.3g} above kappa_max={self.cfg.kappa_max}; steering at "
                   f"{self.cfg.kappa_max} (raise kappa_max to use c*)", flush=True)
             if self.main:
                 self.rd.event("kappa_clamped", coeff=c, kappa_max=self.cfg.kappa_max)
-            c = self.cfg.kappa_max
-        return c
+        return c, tokens
 
     def evaluate(self, base: bool = False):
         from steer_heal.evals.mfv import evaluate_mfv
@@ -276,10 +275,9 @@ class OnlineRun:
                 raise RunDirError(f"run directory '{self.rd.path}' already holds bakes; fix: pass "
                                   "--resume_from_checkpoint <its checkpoint> or a new --output_dir")
             v = self.extract()
-            self.calib_tokens = 0
-            kappa = self.cfg.kappa or self.calibrate(v)
-            kappa = min(self.cfg.kappa_max, max(self.cfg.kappa_min, kappa))
-            self.state = SteerState(v, kappa, 0, self.calib_tokens)
+            kappa, calib_tokens = (self.cfg.kappa, 0) if self.cfg.kappa else self.calibrate(v)
+            kappa = min(self.cfg.kappa_max, max(self.cfg.kappa_min, kappa))  # the dose controller's range
+            self.state = SteerState(v, kappa, 0, calib_tokens)
         self.v0 = SteeringVector.load(self.v0_path) if self.v0_path.exists() else self.state.vector
         if self.main and not self.v0_path.exists():
             self.v0.save(self.v0_path)

@@ -43,7 +43,7 @@ def make_rollout_func(engine, student, state: SteerState, max_new_tokens: int, t
             ro = engine.generate(rendered, state.steering, samp, logprobs=True)
         if timers is not None:
             timers["rollout"] = timers.get("rollout", 0.0) + time.perf_counter() - t0
-        state.gen_tokens += int(global_sum(sum(len(r.completion_ids) for r in ro), trainer.accelerator.device))
+        state.gen_tokens += int(global_sums([sum(len(r.completion_ids) for r in ro)], trainer.accelerator.device)[0])
         rollout_func.last = (users, [list(r.completion_ids) for r in ro])  # the trainer's filter flags read it
         return {"prompt_ids": [r.prompt_ids for r in ro], "completion_ids": [r.completion_ids for r in ro],
                 "logprobs": [r.logprobs for r in ro], "user": users}
@@ -52,11 +52,11 @@ def make_rollout_func(engine, student, state: SteerState, max_new_tokens: int, t
     return rollout_func
 
 
-def global_sum(x: float, device) -> float:
-    """Sum of a per-rank number over all ranks (every rank must call it); the tensor lives on the
-    accelerator's device, as NCCL requires."""
+def global_sums(xs: list[float], device) -> list[float]:
+    """Per-rank numbers summed over all ranks in one all-reduce (every rank must call it); the
+    tensor lives on the accelerator's device, as NCCL requires."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return x
-    t = torch.tensor([float(x)], device=device)
+        return [float(x) for x in xs]
+    t = torch.tensor([float(x) for x in xs], device=device)
     torch.distributed.all_reduce(t)
-    return float(t[0])
+    return t.tolist()
