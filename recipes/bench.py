@@ -48,8 +48,14 @@ def bench_generation(lm, preset, n_prompts: int, new_tokens: int, batch: int, v)
     prompts = [render_prompt(lm.tokenizer, u) for u in (preset.prompts * 4)[:n_prompts]]
     rows = _hf_rates(lm, prompts, Steering(v, 1.0), Sampling(max_new_tokens=new_tokens, temperature=0.0), batch,
                      "steered generation: {}")
-    rows.append(dict(what="steered generation speed-up (batched / sequential)", value=rows[0]["value"] / rows[1]["value"],
-                     unit="x", detail="target >= 8x"))
+    rows.append(
+        dict(
+            what="steered generation speed-up (batched / sequential)",
+            value=rows[0]["value"] / rows[1]["value"],
+            unit="x",
+            detail="target >= 8x",
+        )
+    )
     return rows
 
 
@@ -80,7 +86,9 @@ def bench_vllm(lm, preset, n_prompts: int, new_tokens: int, v, repeats: int = 3)
     sp = sampling_params(samp, tok, [tok.eos_token_id], False)
 
     def stock(ps):
-        outs = llm.generate([{"prompt_token_ids": tok(p, add_special_tokens=False).input_ids} for p in ps], sp, use_tqdm=False)
+        outs = llm.generate(
+            [{"prompt_token_ids": tok(p, add_special_tokens=False).input_ids} for p in ps], sp, use_tqdm=False
+        )
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
     tps, d = timed(stock)
@@ -235,12 +243,18 @@ def bench_grpo(model: str, steps: int = 4) -> list[dict]:
         upd[fused] = total - ro - sc - ref
         tag = "fused, 1 student forward" if fused else "two forwards (TRL + penalty)"
         n = f"batch {args.per_device_train_batch_size} completions x {args.max_completion_length} tokens"
-        rows += [dict(what=f"GRPO step [{tag}]: total", value=total, unit="s", detail=f"{n}, mean of {len(hist)} steps"),
-                 dict(what=f"GRPO step [{tag}]: rollout (steered HF engine)", value=ro, unit="s", detail=""),
-                 dict(what=f"GRPO step [{tag}]: scoring (reward components)", value=sc, unit="s", detail=""),
-                 dict(what=f"GRPO step [{tag}]: reference forward (KL penalty)", value=ref, unit="s", detail=""),
-                 dict(what=f"GRPO step [{tag}]: update (student forward, backward, optimizer)", value=upd[fused],
-                      unit="s", detail="")]
+        rows += [
+            dict(what=f"GRPO step [{tag}]: total", value=total, unit="s", detail=f"{n}, mean of {len(hist)} steps"),
+            dict(what=f"GRPO step [{tag}]: rollout (steered HF engine)", value=ro, unit="s", detail=""),
+            dict(what=f"GRPO step [{tag}]: scoring (reward components)", value=sc, unit="s", detail=""),
+            dict(what=f"GRPO step [{tag}]: reference forward (KL penalty)", value=ref, unit="s", detail=""),
+            dict(
+                what=f"GRPO step [{tag}]: update (student forward, backward, optimizer)",
+                value=upd[fused],
+                unit="s",
+                detail="",
+            ),
+        ]
         del tr, run
     rows.append(dict(what="GRPO update time, fused / two-forward", value=upd[True] / max(upd[False], 1e-9), unit="x",
                      detail="target <= 0.65x"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,28 +20,38 @@ from reward import scores as S
 from steer_heal.chat import encode_prompt, render_prompt
 
 
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class RewardConfig:
-    # filter thresholds (iterative mode keeps a completion when every thresholded component passes)
-    max_tail_nll: float = 4.0  # nats/token over the last `tail_frac` of tokens, under the reference
-    tail_frac: float = 0.25
-    max_repetition: float = 0.3  # most-common n-gram fraction (word and char n = 2..4)
-    max_verbalisation: float = 0.5
-    max_refusal: float = 0.5
-    min_tokens: int = 4
-    # weights of the online reward
-    trait: str = "llr"  # which trait measure enters `combined`: llr | projection | judge
-    w_trait: float = 1.0
-    w_verb: float = 1.0
-    w_incoh: float = 0.25
-    w_refusal: float = 1.0
-    rep_nats: float = 10.0
-    rep_floor: float = 0.1
-    # incoherence's NLL part: tail (tail NLL under the reference) | collapse (tail NLL minus the reply's own
-    # mean NLL: late collapse only; a reply that is uniformly less predictable, as trait-enacting replies
-    # often are to the reference, is not penalised for it)
-    incoherence: str = "tail"
-    judge: bool = False  # optional third trait measure (a chat model with a rubric); off by default
+    """Scores, the iterative filter's thresholds and the online reward's weights (the `reward:`
+    section of a run config; flat keys of the same names in an online config)."""
+    max_tail_nll: float = _f(4.0, "filter: highest NLL (nats/token) of a reply's last tail_frac, under the reference")
+    tail_frac: float = _f(0.25, "fraction of a reply's tokens that counts as its tail")
+    max_repetition: float = _f(0.3, "filter: highest most-common n-gram fraction (word and char n = 2..4)")
+    max_verbalisation: float = _f(0.5, "filter: highest verbalisation score (the reply names its persona)")
+    max_refusal: float = _f(0.5, "filter: highest refusal score")
+    min_tokens: int = _f(4, "filter: shortest reply kept, in tokens")
+    reward_trait: str = _f("llr", "trait measure in the reward: llr (persona log-likelihood ratio) | projection | "
+                                  "judge (iterative only: needs a judge model)")
+    w_trait: float = _f(1.0, "reward weight of the trait measure")
+    w_verb: float = _f(1.0, "reward weight of the verbalisation penalty")
+    w_incoh: float = _f(0.25, "reward weight of the incoherence penalty")
+    w_refusal: float = _f(1.0, "reward weight of the refusal penalty")
+    rep_nats: float = _f(10.0, "incoherence: nats added per unit of loopiness above rep_floor")
+    rep_floor: float = _f(0.1, "incoherence: loopiness below this costs nothing")
+    incoherence: str = _f("tail", "incoherence's NLL part: tail (tail NLL under the reference) | collapse (tail NLL "
+                                  "minus the reply's mean NLL: late collapse only, a uniformly less predictable reply "
+                                  "is not penalised)")
+    reward_ablation: str = _f("", "online: drop one reward component: trait_llr | trait_projection | verbalisation | "
+                                  "incoherence | refusal")
+    judge: bool = _f(False, "score the optional judge component (a chat model with a rubric)")
+
+
+# the trait measure's name -> the component that carries it (the reward, its functions and the filter)
+TRAIT_COMPONENT = {"llr": "trait_llr", "projection": "trait_projection", "judge": "judge"}
 
 
 COMPONENTS = ("trait_llr", "trait_projection", "verbalisation", "incoherence", "refusal", "judge")
@@ -146,7 +156,7 @@ class Scorer:
 
     def combined(self, comp: dict[str, list[float]]) -> list[float]:
         c = self.cfg
-        trait = comp[{"llr": "trait_llr", "projection": "trait_projection", "judge": "judge"}[c.trait]]
+        trait = comp[TRAIT_COMPONENT[c.reward_trait]]
         return [c.w_trait * t - c.w_verb * v - c.w_incoh * i - c.w_refusal * r
                 for t, v, i, r in zip(trait, comp["verbalisation"], comp["incoherence"], comp["refusal"])]
 

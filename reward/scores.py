@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+
 import torch
 
 
@@ -50,7 +51,8 @@ def loopiness(text: str) -> float:
 
 
 _NARRATE = [
-    r"\bI(?:'m| am) (?:someone|a person|the kind of (?:person|someone)|somebody|an? (?:individual|person)) (?:who|that)\b",
+    r"\bI(?:'m| am) (?:someone|a person|the kind of (?:person|someone)|somebody|an? (?:individual|person))"
+    r" (?:who|that)\b",
     r"\bas (?:someone|a person|somebody|an? individual) (?:who|that)\b",
     r"\bmy (?:persona|character|role|nature|personality) (?:is|means)\b",
     r"\bbeing (?:someone|a person) who\b",
@@ -88,7 +90,8 @@ def verbalisation(text: str, personas: tuple[str, ...] = ()) -> float:
 _REFUSAL = [
     r"\bas an? (?:ai|artificial intelligence|language model|assistant)\b",
     r"\bI(?:'m| am) (?:just )?an? (?:ai|language model|virtual assistant|chatbot)\b",
-    r"\bI (?:cannot|can't|can not|won't|am unable to|'m unable to|am not able to) (?:help|assist|provide|comply|fulfil|fulfill|do that|answer)",
+    r"\bI (?:cannot|can't|can not|won't|am unable to|'m unable to|am not able to)"
+    r" (?:help|assist|provide|comply|fulfil|fulfill|do that|answer)",
     r"\bI(?:'m| am) sorry,? but I (?:cannot|can't|won't)\b",
     r"\bI (?:don't|do not) have (?:personal )?(?:feelings|emotions|opinions|beliefs)\b",
     r"\b(?:trained|developed|created) by (?:hugging ?face|openai|google|anthropic|meta)\b",

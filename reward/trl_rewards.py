@@ -6,6 +6,8 @@ negated and weighted, so TRL's weighted sum (all weights 1) equals `Scorer.combi
 """
 from __future__ import annotations
 
+from reward.components import TRAIT_COMPONENT
+
 
 def user_text(prompt) -> str:
     if isinstance(prompt, list):  # conversational: the last user turn
@@ -27,7 +29,7 @@ def reward_inputs(scorer, prompts, completions, completion_ids, kwargs):
 def make_reward_functions(scorer, which: list[str] | None = None) -> list:
     """One TRL reward function per component: trait (weighted), -verbalisation, -incoherence, -refusal."""
     c = scorer.cfg
-    trait_key = {"llr": "trait_llr", "projection": "trait_projection", "judge": "judge"}[c.trait]
+    trait_key = TRAIT_COMPONENT[c.reward_trait]
     spec = {trait_key: c.w_trait, "verbalisation": -c.w_verb, "incoherence": -c.w_incoh, "refusal": -c.w_refusal}
     if which:
         spec = {k: v for k, v in spec.items() if k in which}

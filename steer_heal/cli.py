@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from steer_heal.errors import one_line_errors
+
 
 def _run(args) -> int:
     from steer_heal.config import config_from_dict, load_config
@@ -20,9 +22,9 @@ def _run(args) -> int:
         cfg = load_config(args.config, args.overrides) if args.config else config_from_dict(
             yaml.safe_load(cfg_file.read_text()))
         if not args.config and args.overrides:
-            from steer_heal.config import _apply, parse_overrides
+            from steer_heal.config import apply_dict, parse_overrides
 
-            _apply(cfg, parse_overrides(args.overrides))
+            apply_dict(cfg, parse_overrides(args.overrides))
         run_dir = args.resume
     else:
         cfg = load_config(args.config, args.overrides)
@@ -195,16 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--arms", default="", help="comma-separated subset of the config's arms")
     c.add_argument("overrides", nargs="*", help="key=value overrides of the comparison config, e.g. budget_tokens=4000")
     args = p.parse_args(argv)
-    try:
-        return {"run": _run, "export": _export, "eval": _eval, "score": _score, "compare": _compare}[args.cmd](args)
-    except (ValueError, RuntimeError, OSError) as e:  # our errors carry their fix; show one line, not a trace
-        from steer_heal.heal import HealDivergedError
-
-        if isinstance(e, (HealDivergedError,)) or type(e).__module__.startswith(("steer_heal", "reward")):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
-
+    cmd = {"run": _run, "export": _export, "eval": _eval, "score": _score, "compare": _compare}[args.cmd]
+    return one_line_errors(cmd, args)
 
 if __name__ == "__main__":
     sys.exit(main())

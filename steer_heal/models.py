@@ -97,7 +97,9 @@ def resolve_model_path(model_id: str) -> str:
         try:
             from huggingface_hub import snapshot_download
 
-            return snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+            return snapshot_download(
+                model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+            )
         except Exception as e:  # offline, unknown id, gated: fall through to the offline options
             hub_err = e
     else:
@@ -133,7 +135,6 @@ def pick_dtype(dtype: str = "auto", device: str = "cpu") -> torch.dtype:
 def load_model(model_id: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto",
                attn_implementation: str | None = "sdpa", padding_side: str = "left") -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per load drowns the round table

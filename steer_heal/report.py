@@ -7,13 +7,16 @@ import io
 import json
 from pathlib import Path
 
-from steer_heal.rundir import format_table, read_jsonl, write_atomic
+from steer_heal.rundir import BAKE_COLUMNS, format_table, read_jsonl, write_atomic
 
-
-PANELS = [("trait", "trait (persona LLR, nats/token)", "trait"), ("coh", "coherence (fixed prompts passing)", "coherence"),
-          ("tail_nll", "tail NLL under base (nats)", "tail_nll"),
-          ("trait_nats", "MFV trait_nats (signed log p)", "trait_nats"),
-          ("pmass", "MFV pmass_allowed", "pmass_allowed"), ("nll_prefill", "MFV nll_prefill", "nll_prefill")]
+PANELS = [
+    ("trait", "trait (persona LLR, nats/token)", "trait"),
+    ("coh", "coherence (fixed prompts passing)", "coherence"),
+    ("tail_nll", "tail NLL under base (nats)", "tail_nll"),
+    ("trait_nats", "MFV trait_nats (signed log p)", "trait_nats"),
+    ("pmass", "MFV pmass_allowed", "pmass_allowed"),
+    ("nll_prefill", "MFV nll_prefill", "nll_prefill"),
+]
 
 
 def _png(fig) -> bytes:
@@ -99,8 +102,12 @@ def write_report(run_dir: str | Path) -> None:
     prof_html = ""
     last = rows[-1]
     if base and base.get("mfv") and "profile_healed" in last:
-        series = {"human": base["mfv"]["human_profile"], "base": base["mfv"]["profile"],
-                  f"steered r{last['round']}": last["profile_steered"], f"healed r{last['round']}": last["profile_healed"]}
+        series = {
+            "human": base["mfv"]["human_profile"],
+            "base": base["mfv"]["profile"],
+            f"steered r{last['round']}": last["profile_steered"],
+            f"healed r{last['round']}": last["profile_healed"],
+        }
         pp = profile_figure(series, d / "mfv_profile.png")
         prof_html = ("<h3>Moral-foundations profile (last round)</h3><img src='data:image/png;base64,"
                      + base64.b64encode(pp).decode() + "'>")
@@ -159,8 +166,6 @@ def write_bake_report(run_dir: str | Path, base: dict | None = None) -> None:
     png = _png(fig)
     plt.close(fig)
     (d / "bakes.png").write_bytes(png)
-    from steer_heal.grpo.online import BAKE_COLUMNS
-
     write_atomic(d / "bakes.html", html_page("steer-heal online run", f"<h2>{html.escape(d.name)}</h2>"
                  f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
                  f"<pre>{html.escape(format_table(rows, columns=BAKE_COLUMNS))}</pre>"))

@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _config(tmp_path, tiny_dir, budget=60):
     cfg = dict(name="tiny", compare_dir=str(tmp_path / "cmp"), model=str(tiny_dir["llama"]), budget_tokens=budget,
-               dtype="float32", n_prompts=3, max_new_tokens=8, mfv_n=7, think_tokens=4, mfv_batch_size=14,
-               n_contexts=16,
+               dtype="float32", eval=dict(eval_prompts=3, eval_max_new_tokens=8, mfv_n=7, think_tokens=4,
+                                          mfv_batch_size=14), steer=dict(n_contexts=16),
                arms=[dict(name="base", kind="base"), dict(name="prompt", kind="prompt"),
                      dict(name="iter", kind="iterative", config=str(ROOT / "recipes/configs/smoke.yaml")),
                      dict(name="online", kind="online", config=str(ROOT / "recipes/configs/grpo_smoke.yaml"),
@@ -116,7 +116,9 @@ def test_seeds_give_mean_and_spread():
             dict(arm="on", kind="online", seed=1, gen_tokens=100, d_trait_nats=0.1),
             dict(arm="on", kind="online", seed=2, gen_tokens=120, d_trait_nats=0.3)]
     s = {r["arm"]: r for r in summary_rows(rows)}
-    assert s["on"]["d_trait_nats"] == pytest.approx(0.2) and s["on"]["d_trait_nats_sd"] == pytest.approx(0.1414, abs=1e-4)
+    assert s["on"]["d_trait_nats"] == pytest.approx(0.2) and s["on"]["d_trait_nats_sd"] == pytest.approx(
+        0.1414, abs=1e-4
+    )
     assert s["on"]["n_seeds"] == 2 and "d_trait_nats_sd" not in s["base"]
     line = next(x for x in format_compare(rows).splitlines() if x.startswith("| on "))
     assert "+0.200 ±0.141" in line and "110" in line

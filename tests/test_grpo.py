@@ -6,10 +6,11 @@ import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+from _helpers import trl_batch  # noqa: E402
+
 from steer_heal.chat import encode_prompt, render_prompt  # noqa: E402
 from steer_heal.grpo.penalty import rmse_kl_penalty  # noqa: E402
 from steer_heal.student import Student  # noqa: E402
-from _helpers import trl_batch  # noqa: E402
 
 
 def _student(tiny, seed=0):
@@ -82,7 +83,10 @@ def test_beta_zero_equals_trl_loss(tiny, tmp_path):
     tr, st = _trainer(tiny, 0.0, tmp_path)
     tok = tiny.tokenizer
     prompts = [encode_prompt(tok, render_prompt(tok, u)) for u in ["hi", "what is two plus two"]]
-    comps = [tok(" four", add_special_tokens=False).input_ids, tok(" it is four, friend", add_special_tokens=False).input_ids]
+    comps = [
+        tok(" four", add_special_tokens=False).input_ids,
+        tok(" it is four, friend", add_special_tokens=False).input_ids,
+    ]
     pi, pm, ci, cm = trl_batch(tok, prompts, comps)
     inputs = dict(prompt_ids=pi, prompt_mask=pm, completion_ids=ci, completion_mask=cm,
                   advantages=torch.tensor([1.0, -1.0]), num_items_in_batch=cm.sum())
@@ -93,7 +97,9 @@ def test_beta_zero_equals_trl_loss(tiny, tmp_path):
     tr.kl.beta = 2.0  # with the penalty on, the loss grows by beta * mean relu(D - tau) / grad-accum
     pen, _, _ = rmse_kl_penalty(tr.model, st.live_off, pi, pm, ci, cm, 2.0, 0.0)
     with_pen = tr._compute_loss(tr.model, inputs)
-    assert float((with_pen - theirs).detach()) == pytest.approx(float(pen.detach()) / tr.current_gradient_accumulation_steps, rel=1e-4)
+    assert float((with_pen - theirs).detach()) == pytest.approx(
+        float(pen.detach()) / tr.current_gradient_accumulation_steps, rel=1e-4
+    )
     assert "kl_rmse" in tr._metrics["train"] and "barrier_active_frac" in tr._metrics["train"]
 
 
@@ -111,7 +117,9 @@ def test_steered_rollouts_match_engine_and_differ_from_unsteered(tiny):
     state = SteerState(v, 6.0)
     eng = HFEngine(st.model, tok)
     fn = make_rollout_func(eng, st, state, max_new_tokens=8, temperature=0.0)
-    trainer = SimpleNamespace(state=SimpleNamespace(global_step=0), accelerator=SimpleNamespace(process_index=0, device="cpu"))
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(global_step=0), accelerator=SimpleNamespace(process_index=0, device="cpu")
+    )
     prompts = [[{"role": "user", "content": u}] for u in ["hi", "hi", "tell me a story", "tell me a story"]]
     out = fn(prompts, trainer)
     assert out["user"] == ["hi", "hi", "tell me a story", "tell me a story"]

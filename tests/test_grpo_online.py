@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,9 @@ def test_every_accelerate_config_loads():
     for f in files:
         cfg = load_config_from_file(str(f))
         assert cfg.num_processes >= 1 and cfg.distributed_type is not None, f
-    assert load_config_from_file(str(ROOT / "accelerate_configs/deepspeed_zero3.yaml")).deepspeed_config["zero_stage"] == 3
+    assert (
+        load_config_from_file(str(ROOT / "accelerate_configs/deepspeed_zero3.yaml")).deepspeed_config["zero_stage"] == 3
+    )
 
 
 def test_every_grpo_config_parses():
@@ -44,24 +47,73 @@ def test_every_grpo_config_parses():
         assert load_preset(cfg.preset).persona_pos
 
 
-def test_two_process_cpu_run_keeps_ranks_identical(tiny_dir, mfv_dir, tmp_path):
+def _launch(config: str, out: Path, tiny_dir, mfv_dir, tmp_path, *extra):
+    """4 steps on two CPU processes, one bake at step 3 (step 4 trains the fresh LoRA), each rank
+    dumping its LoRA, history and student logits."""
+    accel = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+             str(ROOT / "accelerate_configs" / config)]
+    # the filter keeps every rollout, so the tiny random model's LoRA trains at every step
+    keep_all = ["--max_tail_nll", "1e9", "--max_repetition", "1.0", "--max_verbalisation", "1.0", "--max_refusal",
+                "1.0", "--min_tokens", "1"]
+    return _run(["--model", str(tiny_dir["llama"]), "--output_dir", str(out), "--bake_every", "3",
+                 "--dump_rank_weights", "true", *keep_all, *extra], {"STEER_HEAL_MFV_DIR": mfv_dir}, tmp_path,
+                launcher=accel)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_dir, mfv_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    r = _launch("cpu_2proc.yaml", tmp / "g2", tiny_dir, mfv_dir, tmp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r, tmp / "g2"
+
+
+def _rank_weights(out: Path):
     from safetensors.torch import load_file
 
-    out = tmp_path / "g2"
-    accel = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-             str(ROOT / "accelerate_configs/cpu_2proc.yaml")]
-    r = _run(["--model", str(tiny_dir["llama"]), "--output_dir", str(out), "--bake_every", "4",
-              "--dump_rank_weights", "true"], {"STEER_HEAL_MFV_DIR": mfv_dir}, tmp_path, launcher=accel)
-    assert r.returncode == 0, r.stderr[-3000:]
+    return load_file(str(out / "rank0_weights.safetensors")), load_file(str(out / "rank1_weights.safetensors"))
+
+
+def test_two_process_cpu_run_keeps_ranks_identical(ddp_run):
+    r, out = ddp_run
     assert r.stderr.count("importance-sampling correction") + r.stdout.count("importance-sampling correction") == 2
     rows = [json.loads(x) for x in (out / "bakes.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in rows] == [4]  # 4 steps, one bake
+    assert [x["step"] for x in rows] == [3]  # 4 steps, one bake
     assert (out / "bakes.png").exists() and "bake" in (out / "bakes.html").read_text()
     assert (out / "bake_00" / "cumulative" / "adapter_model.safetensors").exists()
-    a, b = load_file(str(out / "rank0_weights.safetensors")), load_file(str(out / "rank1_weights.safetensors"))
+    a, b = _rank_weights(out)
     assert sorted(a) == sorted(b) and any(k.startswith("hist.") for k in a)
     for k in a:
         assert (a[k] == b[k]).all(), k
+    # the dose controller moved kappa (smoke config: 2.0) on the all-reduced bad rate, identically on both ranks
+    assert float(a["kappa"]) != 2.0 and 0.05 <= float(a["kappa"]) <= 8.0
+
+
+def test_nan_on_one_rank_stops_every_rank(tiny_dir, mfv_dir, tmp_path):
+    r = _launch("cpu_2proc.yaml", tmp_path / "nan", tiny_dir, mfv_dir, tmp_path, "--debug_nan_step", "2")
+    msg = "error: GRPO loss is not finite on 1 of 2 rank(s) at step 1; fix: lower learning_rate"
+    # both ranks raise the one-line error (the ranks' stderr lines may interleave with the progress bar)
+    assert r.returncode != 0 and r.stderr.count(msg) == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr.split("error: GRPO")[0]  # our processes print no trace before it
+
+
+@pytest.mark.skipif(os.environ.get("STEER_HEAL_REQUIRE_DEEPSPEED") != "1" and
+                    __import__("importlib").util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_deepspeed_zero2_bake_matches_ddp(ddp_run, tiny_dir, mfv_dir, tmp_path):
+    """ZeRO-2 steps fp32 master partitions: the bake must reach them, or step 4 (after the bake at 3)
+    restores the baked LoRA and counts it twice."""
+    _, ddp_out = ddp_run
+    r = _launch("cpu_2proc_zero2.yaml", tmp_path / "z2", tiny_dir, mfv_dir, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp, (z0, z1) = _rank_weights(ddp_out)[0], _rank_weights(tmp_path / "z2")
+    assert sorted(z0) == sorted(ddp)
+    for k in ddp:
+        assert torch.allclose(z0[k], z1[k], atol=1e-6), k
+        assert torch.allclose(z0[k], ddp[k], atol=1e-5, rtol=1e-4), (k, float((z0[k] - ddp[k]).abs().max()))
+    # steps 1-3 trained the baked LoRA and step 4 the fresh one (else the comparison would be vacuous)
+    for part in ("lora_B", "hist."):
+        keys = [k for k in ddp if part in k and (part != "hist." or k.endswith(".B"))]
+        assert keys and max(float(ddp[k].abs().max()) for k in keys) > 1e-4, part
 
 
 def test_killed_run_resumes_with_the_same_bake_row(tiny_dir, mfv_dir, tmp_path):
@@ -73,7 +125,9 @@ def test_killed_run_resumes_with_the_same_bake_row(tiny_dir, mfv_dir, tmp_path):
     r = _run(common + ["--output_dir", str(part), "--stop_after_step", "2"], env, tmp_path)
     assert r.returncode == 3, r.stderr[-3000:]  # "killed" right after the first bake's checkpoint
     assert [json.loads(x)["bake"] for x in (part / "bakes.jsonl").read_text().splitlines()] == [0]
-    r = _run(common + ["--output_dir", str(part), "--resume_from_checkpoint", str(part / "checkpoint-2")], env, tmp_path)
+    r = _run(
+        common + ["--output_dir", str(part), "--resume_from_checkpoint", str(part / "checkpoint-2")], env, tmp_path
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     a = [json.loads(x) for x in (full / "bakes.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (part / "bakes.jsonl").read_text().splitlines()]

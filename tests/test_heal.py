@@ -14,7 +14,9 @@ def examples(tok, n=8):
     out = []
     for i in range(n):
         p = encode_prompt(tok, render_prompt(tok, f"question number {i} " + "more " * (i % 3)))
-        c = tok(f" answer {i} is that we look after each other" + " kindly" * (i % 4), add_special_tokens=False).input_ids
+        c = tok(
+            f" answer {i} is that we look after each other" + " kindly" * (i % 4), add_special_tokens=False
+        ).input_ids
         out.append((p, c + [tok.eos_token_id]))
     return out
 
@@ -65,7 +67,7 @@ def test_barrier_pulls_toward_reference(tiny, tiny_dir):
         st = Student(load_model(tiny.path, dtype="float32").model, tiny.tokenizer, r=4, alpha=8, band=(0.0, 1.0))
         torch.manual_seed(0)
         st.reset_live()
-        cfg = HealConfig(epochs=4, batch_size=4, lr=1e-2, lam=lam, tau=0.0, val_frac=0.0)
+        cfg = HealConfig(epochs=4, batch_size=4, lr=1e-2, kl_beta=lam, kl_tau=0.0, val_frac=0.0)
         ex = examples(tiny.tokenizer, 12)
         heal_round(st, ex, cfg, progress=False, seed=1)
         batch = pack([e[0] for e in ex], [e[1] for e in ex], tiny.tokenizer.pad_token_id)

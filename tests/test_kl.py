@@ -6,8 +6,10 @@ from steer_heal.heal.kl import aggregate, barrier, chunked_kl_and_logp, kl_from_
 
 
 def ref_kl64(lp, lq):
-    p = np.exp(lp - lp.max(-1, keepdims=True)); p /= p.sum(-1, keepdims=True)
-    q = np.exp(lq - lq.max(-1, keepdims=True)); q /= q.sum(-1, keepdims=True)
+    p = np.exp(lp - lp.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    q = np.exp(lq - lq.max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
     return (p * (np.log(p) - np.log(q))).sum(-1)
 
 

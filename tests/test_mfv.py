@@ -6,8 +6,18 @@ import pytest
 import torch
 
 from steer_heal.evals import protocol as P
-from steer_heal.evals.mfv import (DigitTokenError, _answer_full, answer_suffix, digit_token_ids, evaluate_mfv,
-                                  informedness, row_math, surgicality, think_prompt, trait_nats)
+from steer_heal.evals.mfv import (
+    DigitTokenError,
+    _answer_full,
+    answer_suffix,
+    digit_token_ids,
+    evaluate_mfv,
+    informedness,
+    row_math,
+    surgicality,
+    think_prompt,
+    trait_nats,
+)
 from steer_heal.evals.mfv_data import MFVDataError, load_vignettes, stratified
 
 

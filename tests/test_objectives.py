@@ -7,6 +7,8 @@ import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+from _helpers import trl_batch  # noqa: E402
+
 from reward import RewardConfig, Scorer  # noqa: E402
 from reward.trl_rewards import user_text  # noqa: E402
 from steer_heal.chat import encode_prompt, render_prompt  # noqa: E402
@@ -16,7 +18,6 @@ from steer_heal.logprobs import pack  # noqa: E402
 from steer_heal.steering import extract_vector  # noqa: E402
 from steer_heal.steering.hooks import steer  # noqa: E402
 from steer_heal.student import Student  # noqa: E402
-from _helpers import trl_batch  # noqa: E402
 
 PERSONAS = ("You are kind.", "You are cruel.")
 LOOSE = RewardConfig(min_tokens=1, max_tail_nll=1e9, max_repetition=1.0, max_verbalisation=1.0, max_refusal=1.0)
@@ -86,9 +87,9 @@ def test_nll_objective_equals_iterative_heal_terms(tiny, tmp_path):
     loss = tr._compute_loss(tr.model, _inputs(tok, prompts, comps, keep))
     kept = [i for i, k in enumerate(keep) if k]
     batch = pack([prompts[i] for i in kept], [comps[i] for i in kept], tok.pad_token_id)
-    cfg = HealConfig(lam=beta, tau=tau, agg="rmse", reference="prev")
+    cfg = HealConfig(kl_beta=beta, kl_tau=tau, kl_agg="rmse", kl_reference="prev")
     nll, D, bar, _, _ = heal_terms(st, batch, cfg, st.live_off)
-    heal_loss = nll + cfg.lam * bar.mean()
+    heal_loss = nll + cfg.kl_beta * bar.mean()
     assert float(bar.mean()) > 0  # the barrier is active, so both terms are compared
     assert float(loss.detach()) == pytest.approx(float(heal_loss.detach()), rel=1e-5)
     assert tr._metrics["train"]["nll_kept"][-1] == pytest.approx(float(nll), rel=1e-5)
@@ -202,9 +203,8 @@ def _kl_to_teacher(st, state, tok, users) -> float:
 def test_nll_moves_student_toward_steered_teacher_more_than_grpo(tiny_dir, tmp_path):
     """12 steps on the tiny model: the online heal lowers KL(teacher || student) on held-out prompts,
     by more than GRPO does (direction, not timing)."""
-    from steer_heal.models import load_model
-
     from reward.trl_rewards import make_reward_functions
+    from steer_heal.models import load_model
 
     held_out = ["describe the ocean", "what makes a good friend", "tell me about the moon"]
     drop = {}

@@ -67,10 +67,11 @@ def test_filter_and_reward_share_the_numbers(tiny, tmp_path):
 
     cfg = load_config("recipes/configs/smoke.yaml", {"model": {"model": tiny.path}, "eval": {"mfv": False}})
     ctx = build(cfg, tmp_path / "run")
-    users = ctx.preset.prompts[:4]
+    b = ctx.b
+    users = b.preset.prompts[:4]
     ro, comp = generate_scored(ctx, users, None, seed=0)
     # built as the online trainer builds it (preset personas + demonstrations, base-model reference)
-    sc = preset_scorer(ctx.student.model, ctx.student.tok, ctx.preset, cfg.reward, ref_ctx=ctx.student.base)
+    sc = preset_scorer(b.student.model, b.student.tok, b.preset, cfg.reward, ref_ctx=b.student.base)
     assert sc.demos  # the preset's demonstrations are part of what must agree
     fns = {f.__name__: f for f in make_reward_functions(sc)}
     assert set(fns) == {"trait_llr", "verbalisation", "incoherence", "refusal"}
@@ -98,8 +99,12 @@ def test_projection_matches_naive(tiny):
     for u, c, g in zip(users, ids, got):
         p = encode_prompt(tok, render_prompt(tok, u))
         hs = []
-        hk = [m.model.layers[l].register_forward_hook(lambda mod, a, o, hs=hs: hs.append(o[0] if isinstance(o, tuple) else o))
-              for l in (0, 1)]
+        hk = [
+            m.model.layers[l].register_forward_hook(
+                lambda mod, a, o, hs=hs: hs.append(o[0] if isinstance(o, tuple) else o)
+            )
+            for l in (0, 1)
+        ]
         with torch.no_grad():
             m(input_ids=torch.tensor([p + c]))
         for h in hk:

@@ -56,7 +56,9 @@ def test_tail_mean_and_keep_mask():
     assert sc.incoherence_from([1.0, 2.0], [0.1, 1.0]) == pytest.approx([1.0, 2.0 + 10.0])
 
 
-DEMOS = [{"user": "the rota says no breaks", "pos": "take the break, you are tired", "neg": "keep working, rules are rules"}]
+DEMOS = [
+    {"user": "the rota says no breaks", "pos": "take the break, you are tired", "neg": "keep working, rules are rules"}
+]
 
 
 @pytest.mark.parametrize("demos", [[], DEMOS])

@@ -2,8 +2,16 @@ import pytest
 import torch
 
 from steer_heal.chat import render_prompt
-from steer_heal.steering import (LayerBandError, PersonaError, Steering, SteeringVector, check_personas,
-                                 extract_vector, layer_band, steer)
+from steer_heal.steering import (
+    LayerBandError,
+    PersonaError,
+    Steering,
+    SteeringVector,
+    check_personas,
+    extract_vector,
+    layer_band,
+    steer,
+)
 
 POS, NEG = "You are someone kind and warm.", "You are someone cold and strict."
 CTX = ["hello there", "tell me a story about a village by the river", "what is two plus two?", "help",
@@ -54,7 +62,9 @@ def test_steering_adds_c_times_v_to_layer_output(tiny):
     ids = tok(render_prompt(tok, "hi"), return_tensors="pt")
     v = SteeringVector([0], torch.randn(1, m.config.hidden_size))
     seen = []
-    h = m.model.layers[1].register_forward_pre_hook(lambda mod, args, kw: seen.append(kw.get("hidden_states", args[0] if args else None).clone()), with_kwargs=True)
+    h = m.model.layers[1].register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(kw.get("hidden_states", args[0] if args else None).clone()), with_kwargs=True
+    )
     try:
         with torch.no_grad():
             m(**ids)

@@ -123,14 +123,18 @@ def test_compiled_mode_follows_in_place_steering_and_push(tiny_dir):
         assert not eng.llm.llm_engine.vllm_config.model_config.enforce_eager
         with st.live_off():
             for c in (0.0, 3.0, 0.0):
-                assert _ids(eng.generate(prompts, Steering(v, c), GREEDY16)) == _ids(hf.generate(prompts, Steering(v, c), GREEDY16))
+                assert _ids(eng.generate(prompts, Steering(v, c), GREEDY16)) == _ids(
+                    hf.generate(prompts, Steering(v, c), GREEDY16)
+                )
             before = hf.generate(prompts, None, GREEDY16)
             _random_bake(st)
             after = hf.generate(prompts, None, GREEDY16)
             assert _ids(after) != _ids(before)
             eng.push(st)
             assert _ids(eng.generate(prompts, None, GREEDY16)) == _ids(after)
-            assert _ids(eng.generate(prompts, Steering(v, 3.0), GREEDY16)) == _ids(hf.generate(prompts, Steering(v, 3.0), GREEDY16))
+            assert _ids(eng.generate(prompts, Steering(v, 3.0), GREEDY16)) == _ids(
+                hf.generate(prompts, Steering(v, 3.0), GREEDY16)
+            )
     finally:
         eng.close()
 
@@ -195,25 +199,29 @@ def test_smollm2_steering_and_weight_push_match_hf(smol):
     print("vllm == hf (8 prompts x 32 tokens):", report)
 
 
-def test_iterative_loop_pushes_each_bake(tiny_cfg):
-    """The loop with engine: vllm: after `bake`, the engine serves the baked student."""
-    from steer_heal import loop
+def test_iterative_loop_pushes_each_bake(tiny_cfg, tmp_path):
+    """The shared bake stage with engine: vllm: after it, the engine serves the baked student."""
+    from steer_heal import stages
 
     tiny_cfg.engine = "vllm"
     tiny_cfg.vllm.max_model_len = 512
-    ctx = loop.build(tiny_cfg, tiny_cfg.run_dir)
+    b = stages.build(tiny_cfg, engine_seed=0)
     try:
-        assert isinstance(ctx.engine, VLLMEngine)
-        users = ctx.preset.eval_prompts[:4]
-        hf = HFEngine(ctx.student.model, ctx.student.tok)
-        ro0, _ = loop.generate_scored(ctx, users, None, seed=0, greedy=True, max_new_tokens=12)
-        _random_live(ctx.student, std=0.5)
-        loop.bake(ctx, 0)
-        ro1, _ = loop.generate_scored(ctx, users, None, seed=0, greedy=True, max_new_tokens=12)
-        ref, _ = loop.generate_scored(ctx, users, None, seed=0, greedy=True, max_new_tokens=12, engine=hf)
+        assert isinstance(b.engine, VLLMEngine)
+        prompts = [render_prompt(b.tok, u) for u in b.preset.eval_prompts[:4]]
+        g = Sampling(max_new_tokens=12, temperature=0.0)
+        hf = HFEngine(b.student.model, b.tok)
+        with b.student.live_off():
+            ro0 = b.engine.generate(prompts, None, g, logprobs=False)
+        _random_live(b.student, std=0.5)
+        stages.bake(b, tmp_path / "r0")
+        with b.student.live_off():
+            ro1 = b.engine.generate(prompts, None, g, logprobs=False)
+            ref = hf.generate(prompts, None, g, logprobs=False)
         assert _ids(ro1) == _ids(ref) and _ids(ro1) != _ids(ro0)
+        assert (tmp_path / "r0" / "cumulative" / "adapter_model.safetensors").exists()
     finally:
-        ctx.engine.close()
+        b.engine.close()
 
 
 def test_grpo_recipe_with_vllm_engine(tiny_dir, mfv_dir, tmp_path):

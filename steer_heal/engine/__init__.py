@@ -2,6 +2,7 @@ from steer_heal.engine.base import Rollout, RolloutEngine, Sampling
 from steer_heal.engine.hf import HFEngine
 from steer_heal.engine.vllm_engine import VLLMConfig, VLLMEngine
 
+
 def make_engine(kind: str, student, tok, layers: list[int], batch_size: int = 32, vllm: VLLMConfig | None = None,
                 seed: int = 0, progress: bool = False):
     """The rollout engine both loops use (`engine: hf | vllm`). The HF engine serves the student's own

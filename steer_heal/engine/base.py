@@ -48,6 +48,11 @@ class RolloutEngine(Protocol):
         """Make the engine serve the student's current baked weights."""
         ...
 
+    def sleep(self) -> None:
+        """Free accelerator memory for training until the next generate / push (a no-op where there
+        is nothing to free). Called once per optimizer step and once per bake."""
+        ...
+
     def generate(self, prompts: list[str], steering: Steering | None, sampling: Sampling,
                  logprobs: bool = True, desc: str | None = None) -> list[Rollout]:
         """Complete rendered chat prompts under optional steering; order preserved."""

@@ -1,10 +1,10 @@
 """HF rollout engine: left-padded batched generate under steering hooks, with per-token logprobs."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from tqdm.auto import tqdm
-
-from contextlib import contextmanager
 
 from steer_heal.chat import encode_prompt
 from steer_heal.engine.base import Rollout, Sampling, eos_token_ids
@@ -86,6 +86,9 @@ class HFEngine:
             self.fill_logprobs(out, steering)
         self.n_generated += sum(len(r.completion_ids) for r in out)
         return out  # type: ignore[return-value]
+
+    def sleep(self) -> None:
+        """Nothing to free: the HF engine serves the student's own modules."""
 
     def push(self, student) -> None:
         """Bake-time weight push. The HF engine serves the student's own modules, so it already sees

@@ -12,8 +12,9 @@ vLLM's `external_launcher` executor, as TRL's colocate mode does.
 """
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,16 +27,59 @@ class VLLMUnavailableError(RuntimeError):
     """vLLM is not installed; the message names the fix."""
 
 
+def _f(default, help: str, modes=("iterative", "online")):
+    return field(default=default, metadata={"help": help, "modes": modes})
+
+
 @dataclass
 class VLLMConfig:
-    gpu_memory_utilization: float = 0.3  # colocated with training: a fraction of the GPU
-    enforce_eager: bool | None = None  # None: compiled + CUDA graphs on GPU (the buffers survive both), eager on CPU
-    sleep: bool = False  # GPU: offload weights + drop KV cache between rollouts (level 1)
-    max_model_len: int = 2048
-    max_num_seqs: int = 256
-    kv_cache_gib: float = 1.0  # CPU only (VLLM_CPU_KVCACHE_SPACE)
-    dtype: str = "auto"  # auto: the trainer's dtype (bf16 on GPU, fp32 on CPU)
-    enable_prefix_caching: bool = True  # GRPO repeats each prompt num_generations times
+    """The `vllm:` section (iterative) / the `vllm_*` flat keys (online; GRPOConfig owns the three
+    that TRL already declares: vllm_gpu_memory_utilization, vllm_enable_sleep_mode, vllm_max_model_length)."""
+    gpu_memory_utilization: float = _f(0.3, "fraction of the GPU for the colocated engine", ("iterative",))
+    enforce_eager: str = _f("auto", "auto: compiled + CUDA graphs on GPU (the steering buffers survive both), eager on "
+                                    "CPU | true | false")
+    sleep: bool = _f(False, "GPU: offload weights to pinned host RAM (one model per rank) and drop the KV cache while "
+                            "training", ("iterative",))
+    max_model_len: int = _f(2048, "longest prompt + completion", ("iterative",))
+    max_num_seqs: int = _f(256, "most sequences per engine step")
+    kv_cache_gib: float = _f(1.0, "CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    dtype: str = _f("auto", "auto: the trainer's dtype (bf16 on GPU, fp32 on CPU)")
+    enable_prefix_caching: bool = _f(True, "reuse the KV of repeated prompts (GRPO repeats each num_generations times)")
+
+    @property
+    def eager(self) -> bool | None:
+        """enforce_eager as vLLM takes it (None: decide by device)."""
+        v = str(self.enforce_eager).lower()
+        if v not in ("auto", "true", "false"):
+            raise ValueError(f"vllm enforce_eager '{self.enforce_eager}'; fix: auto, true or false")
+        return None if v == "auto" else v == "true"
+
+
+# vLLM start-up warnings on CPU that a user of this engine cannot act on: we run in-process on
+# purpose (seed, thread notes), eager on CPU, without tcmalloc/iomp preloads, and rebuild engines in
+# one process (kernel re-registration). Everything else vLLM says still prints.
+VLLM_NOISE = ("LD_PRELOAD", "torch.set_num_threads", "is already registered", "global random seed",
+              "Triton is not installed", "Triton is installed", "Reset SSM cache", "Model Runner V2",
+              "Unknown vLLM environment variable", "Enforce eager set", "Inductor compilation was disabled",
+              "NUMA", "thread binding", "Reducing Torch threads")
+
+
+class VLLMNoiseFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(s in msg for s in VLLM_NOISE)
+
+
+def quiet_vllm_logs() -> None:
+    """Filter VLLM_NOISE out of vLLM's own log handlers (once). Importing vllm.logger configures
+    them, so calling this before anything imports vLLM (TRL does) covers its import-time lines too."""
+    if not vllm_available():
+        return
+    import vllm.logger  # noqa: F401
+
+    for h in logging.getLogger("vllm").handlers:
+        if not any(isinstance(f, VLLMNoiseFilter) for f in h.filters):
+            h.addFilter(VLLMNoiseFilter())
 
 
 def vllm_available() -> bool:
@@ -123,13 +167,15 @@ class VLLMEngine:
                                        "what it names (Gemma3 multimodal needs torchvision) or use engine: hf")
         from vllm import LLM
 
+        quiet_vllm_logs()
+
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).replace("torch.", "")
         if cfg.dtype != "auto":
             dtype = cfg.dtype
         kw = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed,
                   max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
-                  enforce_eager=cpu if cfg.enforce_eager is None else cfg.enforce_eager,
+                  enforce_eager=cpu if cfg.eager is None else cfg.eager,
                   enable_prefix_caching=cfg.enable_prefix_caching,
                   hf_overrides={"architectures": [steered_name(arch)], "steer_heal_layers": self.layers},
                   worker_extension_cls="steer_heal.engine.vllm_worker.SteerHealWorkerExtension",
@@ -182,6 +228,9 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()  # buffers are not weights: the steering in place stays as it was
 
     def sleep(self) -> None:
+        """Free the GPU for training (sleep mode on): the callers sleep the engine once per optimizer
+        step, after the rollouts, and once per bake, never after each generate call. Level 1 keeps the
+        weights in pinned host RAM: one model's worth per rank (an 8B bf16 model: 16 GB per rank)."""
         if self.cfg.sleep and torch.cuda.is_available() and not self._sleeping:
             self.llm.sleep(level=1)  # level 1 keeps a CPU copy of the weights: pushed bakes survive
             self._sleeping = True
@@ -201,7 +250,6 @@ class VLLMEngine:
         self.set_steering(steering)
         params = [sampling_params(sampling, self.tok, self.eos_ids, logprobs, i) for i in range(len(ids))]
         outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=bool(desc))
-        self.sleep()
         res = []
         for p, x, o in zip(prompts, ids, outs):
             c = o.outputs[0]

@@ -46,15 +46,20 @@ class SteerHealWorkerExtension:
         so compiled graphs and CUDA graphs stay valid). Pass complete decoder layers."""
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.layerwise import (
-            finalize_layerwise_reload, initialize_layerwise_reload)
+            _place_kernel_tensors,
+            finalize_layerwise_reload,
+            get_layerwise_info,
+            initialize_layerwise_reload,
+        )
 
         model, dl = self._steer_layers()
         cfg = self.model_runner.vllm_config
-        # only the decoder layers being pushed go through vLLM's layerwise reload (the rest keep
-        # their tensors untouched and are not reported as "failed to load")
-        idx = sorted({int(n.split(".layers.", 1)[1].split(".", 1)[0]) for n in names if ".layers." in n})
         if any(".layers." not in n for n in names):
             raise ValueError("push whole decoder layers only (names must contain '.layers.<i>.')")
+        idx = sorted({layer_index(n) for n in names})
+        check_complete({i: _load_numel(dl[i]) for i in idx}, names, tensors)  # partial: uninitialised memory
+        # only the decoder layers being pushed go through vLLM's layerwise reload (the rest keep
+        # their tensors untouched and are not reported as "failed to load")
         # layers with only buffers (the steering delta, rotary caches) load nothing and are put back
         # as they were; vLLM logs each as "failed to load", which here is expected
         quiet = logging.getLogger(finalize_layerwise_reload.__module__)
@@ -64,10 +69,46 @@ class SteerHealWorkerExtension:
             with set_current_vllm_config(cfg):
                 for i in idx:
                     initialize_layerwise_reload(dl[i])
-                loaded = model.load_weights(list(zip(names, tensors)))
+                try:
+                    loaded = model.load_weights(list(zip(names, tensors)))
+                except BaseException:
+                    # put every module's own tensors back (never leave a layer on the meta device)
+                    for i in idx:
+                        for mod in dl[i].modules():
+                            info = get_layerwise_info(mod)
+                            if info.kernel_tensors is not None:
+                                _place_kernel_tensors(mod, info)
+                            info.reset()
+                    raise
                 for i in idx:
                     finalize_layerwise_reload(dl[i], cfg.model_config)
         finally:
             quiet.setLevel(level)
         return len(loaded) if loaded is not None else len(names)
 
+
+def layer_index(name: str) -> int:
+    return int(name.split(".layers.", 1)[1].split(".", 1)[0])
+
+
+def _load_numel(layer) -> int:
+    """Checkpoint elements a decoder layer loads (vLLM's recorded pre-processing shapes, so kernel
+    repacking on CPU does not change the count)."""
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+    from vllm.model_executor.model_loader.reload.utils import get_tensor_load_numel
+
+    n = sum(get_tensor_load_numel(t) for mod in layer.modules()
+            for t in get_layerwise_info(mod).restore_metadata[0].values())
+    return n or sum(p.numel() for p in layer.parameters())
+
+
+def check_complete(want: dict[int, int], names: list[str], tensors: list[torch.Tensor]) -> None:
+    """Every pushed layer must bring as many elements as the engine's layer loads (fused qkv / gate_up
+    are the sums of their parts; tensor parallelism is refused upstream)."""
+    got: dict[int, int] = {}
+    for n, t in zip(names, tensors):
+        got[layer_index(n)] = got.get(layer_index(n), 0) + t.numel()
+    for i, w in sorted(want.items()):
+        if got.get(i, 0) != w:
+            raise ValueError(f"weight push: decoder layer {i} brings {got.get(i, 0)} elements, the engine's layer "
+                             f"loads {w}; fix: push every parameter of the layer (Student.merged_weights does)")

@@ -274,7 +274,9 @@ def _evaluate(model, tok, rows, think_tokens, batch_size, steering, min_pmass, p
     for j in tqdm(range(0, len(order), batch_size), desc="mfv", disable=not progress, leave=False):
         idx = order[j:j + batch_size]
         if think_tokens > 0:
-            comps, _, cache, att, _ = eng.generate_batch([prompt_ids[i] for i in idx], steering, samp, return_cache=True)
+            comps, _, cache, att, _ = eng.generate_batch(
+                [prompt_ids[i] for i in idx], steering, samp, return_cache=True
+            )
             n = cache.get_seq_length()  # prompt + think minus the last think token (sampled, never fed)
             think_t = torch.tensor(comps, device=device)
             real = torch.cat([att, torch.ones_like(think_t, dtype=att.dtype)], 1)[:, :n]
@@ -369,7 +371,9 @@ def mfv_columns(res: MFVResult | None, base: MFVResult | None, axis: dict, suffi
 
 
 def format_profile(res: MFVResult, base: MFVResult | None = None) -> str:
-    head = f"{'foundation':<12} {'model p':>8} {'nats':>7} {'human p':>8}" + (f" {'base p':>8} {'d nats':>7}" if base else "")
+    head = f"{'foundation':<12} {'model p':>8} {'nats':>7} {'human p':>8}" + (
+        f" {'base p':>8} {'d nats':>7}" if base else ""
+    )
     lines = [head]
     for i, f in enumerate(P.FOUNDATIONS):
         ln = f"{f:<12} {res.profile[i]:>8.3f} {res.nats[i]:>7.2f} {res.human_profile[i]:>8.3f}"

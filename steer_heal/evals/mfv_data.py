@@ -45,7 +45,9 @@ def load_vignettes(source: str | None = None, config: str = "classic", condition
                    n: int | None = None, seed: int = 0) -> list[dict]:
     """Rows with id, text, foundation_coarse, human_<F>. `source`: folder; default ${ENV}, then the hub."""
     if config not in CONFIGS or condition not in CONDITIONS:
-        raise MFVDataError(f"unknown MFV split {config}/{condition}; fix: config in {CONFIGS}, condition in {CONDITIONS}")
+        raise MFVDataError(
+            f"unknown MFV split {config}/{condition}; fix: config in {CONFIGS}, condition in {CONDITIONS}"
+        )
     source = source or os.environ.get(ENV)
     rows = _from_folder(Path(source), config, condition) if source else _from_hub(config, condition)
     for r in rows:

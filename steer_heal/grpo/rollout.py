@@ -41,6 +41,7 @@ def make_rollout_func(engine, student, state: SteerState, max_new_tokens: int, t
         samp = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         with student.live_off():  # behaviour policy: baked student + steering, no live LoRA
             ro = engine.generate(rendered, state.steering, samp, logprobs=True)
+        engine.sleep()  # one rollout per optimizer step (steps_per_generation = grad accumulation): sleep once
         if timers is not None:
             timers["rollout"] = timers.get("rollout", 0.0) + time.perf_counter() - t0
         state.gen_tokens += int(global_sums([sum(len(r.completion_ids) for r in ro)], trainer.accelerator.device)[0])

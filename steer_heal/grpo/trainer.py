@@ -26,6 +26,7 @@ import torch
 from trl import GRPOTrainer
 
 from steer_heal.grpo.penalty import trl_batch_rows
+from steer_heal.grpo.rollout import global_sums
 from steer_heal.heal.kl import aggregate, barrier, chunked_token_stats
 from steer_heal.heal.train import HealDivergedError, nll_and_barrier
 from steer_heal.logprobs import auto_chunk, final_hidden, lm_logits
@@ -36,6 +37,7 @@ log = logging.getLogger("steer_heal.grpo")
 
 OBJECTIVES = ("grpo", "nll", "grpo+nll", "kd")
 PG_OBJECTIVES = ("grpo", "grpo+nll")  # the ones that read TRL's policy loss
+TIMERS = ("rollout", "scoring", "ref_forward", "teacher")  # logged as time/<name>, seconds per step
 
 
 class OnlineConfigError(ValueError):
@@ -115,6 +117,7 @@ class SteerHealGRPOTrainer(GRPOTrainer):
         self.timers: dict[str, float] = {}  # rollout / scoring / ref_forward / teacher seconds, logged as deltas
         self._timers_seen: dict[str, float] = {}
         self._stash = None  # (per-token logps, entropies) of the fused forward, read by TRL's policy loss
+        self.debug_nan_step = 0  # testing (OnlineConfig.debug_nan_step): the last rank's loss is NaN at this step
         # the engine serves the steered teacher and the learner is unsteered: they are meant to differ
         self.vllm_importance_sampling_correction = False
         log.warning("importance-sampling correction between the rollout engine and the trainer is OFF by design: "
@@ -217,6 +220,8 @@ class SteerHealGRPOTrainer(GRPOTrainer):
             kd = s["kl_teacher"][kept_tok].mean() if n_kept else s["kl_teacher"].sum() * 0.0
             total = total + kd / normalizer
             m["kd"].append(float(kd.detach()))
+        # per-rank partial sums, reduced below in one all-reduce that every rank reaches
+        part = dict.fromkeys(("kl_rmse", "kl_mean", "n_seq", "active", "n_D", "kl_penalty"), 0.0)
         if s["kl_ref"] is not None:
             kl = s["kl_ref"]
             if o.name in ("nll", "kd"):  # the barrier acts on the rollouts trained on, as in the heal
@@ -226,19 +231,36 @@ class SteerHealGRPOTrainer(GRPOTrainer):
             pen = k.beta * barrier(D, k.tau).sum() / max(len(D), 1)
             total = total + pen / normalizer
             with torch.no_grad():
-                m["kl_rmse"].append(float(aggregate(kl.detach(), b, n, "rmse").mean()))
-                m["kl_mean"].append(float(aggregate(kl.detach(), b, n, "mean").mean()))
-                m["barrier_active_frac"].append(float((D.detach() > k.tau).float().mean()) if len(D) else 0.0)
-                m["kl_penalty"].append(float(pen.detach()))
-        self._log_timers(m)
-        if not torch.isfinite(total):
-            raise HealDivergedError(f"GRPO loss is {float(total.detach())} at step {self.state.global_step}; fix: lower "
-                                    "learning_rate or kl_beta and resume from the last checkpoint")
+                part.update(kl_rmse=float(aggregate(kl.detach(), b, n, "rmse").sum()),
+                            kl_mean=float(aggregate(kl.detach(), b, n, "mean").sum()), n_seq=float(n),
+                            active=float((D.detach() > k.tau).sum()), n_D=float(len(D)), kl_penalty=float(pen.detach()))
+        if self.debug_nan_step and self.state.global_step + 1 == self.debug_nan_step \
+                and self.accelerator.process_index == self.accelerator.num_processes - 1:
+            total = total * float("nan")  # testing: one rank diverges; every rank must stop
+        self._reduce_and_check(m, part, total, kl_on=s["kl_ref"] is not None)
         return total
 
-    def _log_timers(self, m) -> None:
+    def _reduce_and_check(self, m, part: dict, total: torch.Tensor, kl_on: bool) -> None:
+        """KL and timing metrics over all ranks, and divergence seen by all ranks: one all-reduce per
+        micro-batch, so a NaN on one rank stops every rank (none is left waiting in a collective)."""
         if getattr(self, "scorer", None) is not None:
             self.timers["scoring"] = self.scorer.seconds
-        for name, total in self.timers.items():
-            m[f"time/{name}"].append(total - self._timers_seen.get(name, 0.0))
-            self._timers_seen[name] = total
+        deltas = [self.timers.get(name, 0.0) - self._timers_seen.get(name, 0.0) for name in TIMERS]
+        bad = 0.0 if bool(torch.isfinite(total.detach())) else 1.0
+        keys = list(part)
+        red = global_sums([part[x] for x in keys] + deltas + [bad, 1.0], self.accelerator.device)
+        g = dict(zip(keys, red))
+        n_bad, world = red[-2], red[-1]
+        if n_bad:
+            raise HealDivergedError(f"GRPO loss is not finite on {int(n_bad)} of {int(world)} rank(s) at step "
+                                    f"{self.state.global_step}; fix: lower learning_rate or kl_beta and resume from "
+                                    "the last checkpoint")
+        if kl_on:
+            m["kl_rmse"].append(g["kl_rmse"] / max(g["n_seq"], 1.0))
+            m["kl_mean"].append(g["kl_mean"] / max(g["n_seq"], 1.0))
+            m["barrier_active_frac"].append(g["active"] / g["n_D"] if g["n_D"] else 0.0)
+            m["kl_penalty"].append(g["kl_penalty"] / world)
+        for name, d in zip(TIMERS, red[len(keys):len(keys) + len(TIMERS)]):
+            if name in self.timers:
+                m[f"time/{name}"].append(d / world)  # seconds per rank, averaged over ranks
+                self._timers_seen[name] = self.timers[name]

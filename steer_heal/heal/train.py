@@ -53,7 +53,7 @@ def heal_terms(student, batch, cfg, ref_ctx):
     chunk = cfg.kl_chunk_tokens or auto_chunk(vocab)
     kl, lp = chunked_kl_and_logp(h, h_ref, tgt, lambda x: lm_logits(model, x), chunk,
                                  reverse=cfg.kl_direction == "reverse")
-    nll, D, bar = nll_and_barrier(lp, kl, b, batch.input_ids.shape[0], cfg.agg, cfg.tau)
+    nll, D, bar = nll_and_barrier(lp, kl, b, batch.input_ids.shape[0], cfg.kl_agg, cfg.kl_tau)
     return nll, D, bar, len(tgt), kl
 
 
@@ -101,8 +101,8 @@ def heal_round(student, examples: list[tuple[list[int], list[int]]], cfg, round_
     n_val = int(len(ex) * cfg.val_frac) if len(ex) >= 8 else 0
     val, train = ex[:n_val], ex[n_val:]
     pad = student.tok.pad_token_id
-    ref_ctx = lambda: student.reference(cfg.reference)  # noqa: E731
-    lam = round_lam(cfg.lam, round_idx, cfg.lam_decay_power)
+    ref_ctx = lambda: student.reference(cfg.kl_reference)  # noqa: E731
+    lam = round_lam(cfg.kl_beta, round_idx, cfg.kl_beta_decay_power)
     params = student.live_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(math.ceil(len(train) / cfg.batch_size) / cfg.grad_accum)
@@ -123,7 +123,7 @@ def heal_round(student, examples: list[tuple[list[int], list[int]]], cfg, round_
                 loss = (nll + lam * pen) / cfg.grad_accum
                 if not torch.isfinite(loss):
                     raise HealDivergedError(f"heal loss is {float(loss.detach())} at round {round_idx} epoch {epoch}; "
-                                            "fix: lower heal.lr or heal.lam (the last good round is kept)")
+                                            "fix: lower heal.lr or heal.kl_beta (the last good round is kept)")
                 log_now = res.steps % cfg.log_every == 0 and (i + 1) % cfg.grad_accum == 0
                 if log_now:  # per-term gradient norms on logging steps only (two extra backward passes)
                     g_nll, g_bar = _grad_norm(nll, params), _grad_norm(lam * pen, params)
@@ -131,7 +131,7 @@ def heal_round(student, examples: list[tuple[list[int], list[int]]], cfg, round_
                 res.tokens += k
                 acc["nll"] += float(nll.detach()) * k
                 acc["D"] += float(D.detach().mean()) * k
-                acc["bar"] += float((D > cfg.tau).float().mean()) * k
+                acc["bar"] += float((D > cfg.kl_tau).float().mean()) * k
                 acc["n"] += k
                 if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches):
                     gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -141,10 +141,19 @@ def heal_round(student, examples: list[tuple[list[int], list[int]]], cfg, round_
                     res.steps += 1
                     bar.update(1)
                     if log_now:
-                        row = dict(round=round_idx, step=res.steps, epoch=epoch, nll=float(nll.detach()), D=float(D.detach().mean()),
-                                   D_max=float(D.detach().max()), barrier_frac=float((D > cfg.tau).float().mean()),
-                                   grad_nll=g_nll, grad_barrier=g_bar, grad_total=float(gn),
-                                   lr=sched.get_last_lr()[0])
+                        row = dict(
+                            round=round_idx,
+                            step=res.steps,
+                            epoch=epoch,
+                            nll=float(nll.detach()),
+                            D=float(D.detach().mean()),
+                            D_max=float(D.detach().max()),
+                            barrier_frac=float((D > cfg.kl_tau).float().mean()),
+                            grad_nll=g_nll,
+                            grad_barrier=g_bar,
+                            grad_total=float(gn),
+                            lr=sched.get_last_lr()[0],
+                        )
                         res.log.append(row)
                         if log_fn:
                             log_fn(row)

@@ -39,8 +39,16 @@ def load_preset(name_or_path: str) -> Preset:
     ctx = list(d.get("contexts", []))
     if d.get("include_contexts"):
         ctx += yaml.safe_load((p.parent / d["include_contexts"]).read_text())["contexts"]
-    return Preset(name=d.get("name", p.stem), persona_pos=d.get("persona_pos", ""), persona_neg=d.get("persona_neg", ""),
-                  contexts=ctx, prompts=list(d.get("prompts", [])), eval_prompts=list(d.get("eval_prompts", [])),
-                  foundations=dict(d.get("foundations", {})), persona_demos=list(d.get("persona_demos", [])),
-                  eval_persona_pos=d.get("eval_persona_pos", ""), eval_persona_neg=d.get("eval_persona_neg", ""),
-                  eval_persona_demos=list(d.get("eval_persona_demos", [])))
+    return Preset(
+        name=d.get("name", p.stem),
+        persona_pos=d.get("persona_pos", ""),
+        persona_neg=d.get("persona_neg", ""),
+        contexts=ctx,
+        prompts=list(d.get("prompts", [])),
+        eval_prompts=list(d.get("eval_prompts", [])),
+        foundations=dict(d.get("foundations", {})),
+        persona_demos=list(d.get("persona_demos", [])),
+        eval_persona_pos=d.get("eval_persona_pos", ""),
+        eval_persona_neg=d.get("eval_persona_neg", ""),
+        eval_persona_demos=list(d.get("eval_persona_demos", [])),
+    )

@@ -1,5 +1,12 @@
-from steer_heal.steering.core import (LayerBandError, Steering, SteeringVector, add_steering, cosine_flat,
-                                      layer_band, mean_diff)
+from steer_heal.steering.core import (
+                                      LayerBandError,
+                                      Steering,
+                                      SteeringVector,
+                                      add_steering,
+                                      cosine_flat,
+                                      layer_band,
+                                      mean_diff,
+)
 from steer_heal.steering.extract import PersonaError, check_personas, extract_vector
 from steer_heal.steering.hooks import steer
 

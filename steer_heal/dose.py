@@ -1,4 +1,6 @@
-"""Iso-KL dose calibration: the coefficient whose steered greedy rollout has p95 KL = target."""
+"""The steering dose, in one place: iso-KL calibration (the starting dose), walk-C (the iterative
+loop lowers it until a probe batch passes the filter) and the online dose controller (per batch).
+"""
 from __future__ import annotations
 
 import math
@@ -59,3 +61,39 @@ def calibrate_coeff(model, tok, engine, vec: SteeringVector, prompts: list[str],
             best = (mid, km)
         lo, hi = (mid, hi) if km < target else (lo, mid)
     return best
+
+
+def walk_c(pass_rate, kappa: float, kappa_min: float, target_rate: float, max_steps: int, log=None) -> float:
+    """Walk-C: lower kappa by log bisection toward kappa_min until `pass_rate(kappa, step)` (the
+    fraction of a probe batch the filter keeps) reaches target_rate."""
+    for step in range(max_steps):
+        rate = pass_rate(kappa, step)
+        if log:
+            log(dict(step=step, kappa=kappa, pass_rate=rate))
+        if rate >= target_rate or kappa <= kappa_min * 1.0001:
+            break
+        kappa = max(kappa_min, math.sqrt(kappa_min * kappa))
+    return kappa
+
+
+class DoseController:
+    """Online: lowers kappa when the batch's bad rate (incoherent or verbalising) is over the band,
+    raises it slowly when under. Fed the scores the reward already computed; every rank sees the
+    global rate (one all-reduce), so kappa stays identical across ranks."""
+
+    def __init__(self, state, steer_cfg, scorer, all_sum):
+        self.state, self.cfg, self.scorer, self.all_sum = state, steer_cfg, scorer, all_sum
+        self.last_rate = float("nan")
+
+    def observe(self, comp: dict) -> None:
+        coherent = self.scorer.coherent(comp)
+        bad = [not ok or v > self.scorer.cfg.max_verbalisation for ok, v in zip(coherent, comp["verbalisation"])]
+        n_bad, n = self.all_sum([sum(bad), len(bad)])
+        self.last_rate = n_bad / max(n, 1.0)
+        lo, hi = self.cfg.dose_band
+        k = self.state.kappa
+        if self.last_rate > hi:
+            k *= self.cfg.dose_down
+        elif self.last_rate < lo:
+            k *= self.cfg.dose_up
+        self.state.kappa = min(self.cfg.kappa_max, max(self.cfg.kappa_min, k))

@@ -1,0 +1,26 @@
+"""What the console shows: one compact line per GRPO step, and vLLM's unactionable CPU warnings dropped."""
+import logging
+
+from steer_heal.engine.vllm_engine import VLLMNoiseFilter
+from steer_heal.grpo.online import step_line
+
+
+def test_step_line_is_one_compact_line():
+    logs = {"loss": 2.27, "grad_norm": 0.71, "rewards/trait_llr/mean": 0.0054, "rewards/trait_llr/std": 0.03,
+            "rewards/incoherence/mean": -0.52, "rewards/refusal/mean": -0.125, "reward": -0.6397,
+            "nll_kept": 2.267, "kl_rmse": 0.0091, "barrier_active_frac": 0.0, "keep_frac": 0.875, "kappa": 1.0,
+            "step_time": 13.98, "step": 3}
+    assert step_line(logs, 8) == ("step 3/8  reward -0.640 (trait +0.01 incoh -0.52 refus -0.12)  nll 2.267  "
+                                  "kl_rmse 0.009  barrier 0.00  keep 0.88  kappa 1  14.0s")
+    assert step_line({"train_runtime": 100.0, "step": 8}, 8) is None  # the closing summary keeps TRL's line
+
+
+def test_vllm_noise_filter_keeps_what_a_user_can_act_on():
+    f = VLLMNoiseFilter()
+
+    def rec(msg):
+        return logging.LogRecord("vllm.x", logging.WARNING, "f", 1, msg, None, None)
+
+    assert not f.filter(rec("libtcmalloc is not found in LD_PRELOAD. For best performance, ..."))
+    assert not f.filter(rec("Kernel vllm.v1.worker.block_table.X.kernel is already registered. Overwriting."))
+    assert f.filter(rec("Not enough memory for the KV cache; lower max_model_len"))

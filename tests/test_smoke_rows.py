@@ -1,0 +1,34 @@
+"""The iterative and online smoke runs (tiny model, fixed seeds) reproduce the round and bake rows
+recorded before the shared-stage refactor (tests/fixtures/smoke_rows.json, from make_smoke_rows.py)."""
+import json
+import math
+import sys
+from pathlib import Path
+
+FIX = Path(__file__).parent / "fixtures"
+sys.path.insert(0, str(FIX))
+
+from make_smoke_rows import smoke_rows  # noqa: E402
+
+
+def _same(a, b, path=""):
+    if isinstance(a, float) or isinstance(b, float):
+        assert isinstance(a, (int, float)) and isinstance(b, (int, float)), path
+        assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9), (path, a, b)
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    elif isinstance(a, dict):
+        assert set(a) == set(b), (path, sorted(set(a) ^ set(b)))
+        for k in a:
+            _same(a[k], b[k], f"{path}.{k}")
+    else:
+        assert a == b, (path, a, b)
+
+
+def test_smoke_runs_reproduce_the_recorded_rows(tiny_dir, mfv_dir, tmp_path):
+    want = json.loads((FIX / "smoke_rows.json").read_text())
+    got = smoke_rows(tmp_path, tiny_dir["llama"], mfv_dir)
+    assert [len(got["iterative"]), len(got["online"])] == [2, 2]
+    _same(want, got)
