@@ -9,15 +9,11 @@ declarations as the iterative loop's, flat) and TRL's.
 """
 import os
 import sys
-import warnings
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is the documented hook we use
-# TRL warns on every import that it was tested up to vLLM 0.31; the steered engine pins 0.32 and is tested with it
-warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
+from steer_heal.console import quiet_startup  # noqa: E402
 
-from steer_heal.engine.vllm_engine import quiet_vllm_logs  # noqa: E402
-
-quiet_vllm_logs()  # before TRL imports vLLM
+quiet_startup()  # before TRL imports vLLM / DeepSpeed
 from trl import GRPOConfig, TrlParser  # noqa: E402
 
 from steer_heal.config import from_flat  # noqa: E402

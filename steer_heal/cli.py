@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from steer_heal.console import quiet_startup
 from steer_heal.errors import one_line_errors
 
 
@@ -156,6 +157,7 @@ def _compare(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_startup()
     p = argparse.ArgumentParser(prog="steer-heal", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the iterative steer -> filter -> heal -> bake loop")

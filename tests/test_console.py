@@ -1,8 +1,7 @@
 """What the console shows: one compact line per GRPO step, and vLLM's unactionable CPU warnings dropped."""
 import logging
 
-from steer_heal.engine.vllm_engine import VLLMNoiseFilter
-from steer_heal.grpo.online import step_line
+from steer_heal.console import VLLMNoiseFilter, step_line
 
 
 def test_step_line_is_one_compact_line():

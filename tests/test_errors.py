@@ -19,8 +19,8 @@ def test_config_unknown_key_and_bad_type():
         load_config(None, ["heal.lamb=0.3"])
     with pytest.raises(ConfigError, match="heal.epochs"):
         load_config(None, ["heal.epochs=lots"])
-    cfg = load_config("recipes/configs/demo.yaml", ["heal.lam=0.7", "steer.alphas=[0.5,1.0]", "rounds=5"])
-    assert cfg.heal.lam == 0.7 and cfg.steer.alphas == [0.5, 1.0] and cfg.rounds == 5
+    cfg = load_config("recipes/configs/demo.yaml", ["heal.kl_beta=0.7", "steer.alphas=[0.5,1.0]", "rounds=5"])
+    assert cfg.heal.kl_beta == 0.7 and cfg.steer.alphas == [0.5, 1.0] and cfg.rounds == 5
 
 
 def _cli(args, capsys):

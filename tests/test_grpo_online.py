@@ -187,5 +187,5 @@ def test_bake_row_reads_its_own_step_and_counts_generated_tokens(tiny_dir, mfv_d
         assert r["gen_tokens"] == total
         assert {"trait", "incoherence", "coherence", "verbalisation", "refusal"} <= set(r)
     assert rows[-1]["kl_rmse"] > 0
-    base = json.loads((tmp_path / "run" / "base_student.json").read_text())
+    base = json.loads((tmp_path / "run" / "base_eval.json").read_text())
     assert len(base["texts"]) == min(cfg.eval_prompts, 8) and "trait" in base

@@ -47,9 +47,9 @@ def test_one_round_loop_smollm2(tmp_path):
 
     d = tmp_path / "run"
     rc = main(["run", "--config", "recipes/configs/demo.yaml", f"run_dir={d}", "rounds=1", "steer.n_contexts=16",
-               "steer.calibrate=false", "steer.kappa=1.0", "steer.walk_max_steps=1", "steer.n_probe=4",
-               "gen.n_per_alpha=8", "gen.max_new_tokens=16", "heal.epochs=1", "eval.n_prompts=2",
-               "eval.max_new_tokens=16", "min_train=4"])
+               "steer.kappa=1.0", "steer.walk_max_steps=1", "steer.n_probe=4",
+               "gen.n_per_alpha=8", "gen.max_new_tokens=16", "heal.epochs=1", "eval.eval_prompts=2",
+               "eval.eval_max_new_tokens=16", "min_train=4"])
     assert rc == 0
     row = json.loads((d / "rounds.jsonl").read_text().splitlines()[0])
     assert row["generated"] == 16 and 4 <= row["kept"] <= 16

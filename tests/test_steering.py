@@ -105,8 +105,8 @@ def test_persona_errors():
 
 
 def test_iso_kl_calibration_hits_target(tiny):
+    from steer_heal.dose import calibrate_coeff, steered_kl
     from steer_heal.engine import HFEngine
-    from steer_heal.steering.calibrate import calibrate_coeff, steered_kl
 
     m, tok = tiny.model, tiny.tokenizer
     v = extract_vector(m, tok, POS, NEG, CTX, [0])

@@ -12,13 +12,13 @@ vLLM's `external_launcher` executor, as TRL's colocate mode does.
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 
 import torch
 
 from steer_heal.chat import encode_prompt
+from steer_heal.console import quiet_vllm_logs
 from steer_heal.engine.base import Rollout, Sampling, eos_token_ids
 from steer_heal.steering.core import Steering, steering_delta
 
@@ -53,33 +53,6 @@ class VLLMConfig:
         if v not in ("auto", "true", "false"):
             raise ValueError(f"vllm enforce_eager '{self.enforce_eager}'; fix: auto, true or false")
         return None if v == "auto" else v == "true"
-
-
-# vLLM start-up warnings on CPU that a user of this engine cannot act on: we run in-process on
-# purpose (seed, thread notes), eager on CPU, without tcmalloc/iomp preloads, and rebuild engines in
-# one process (kernel re-registration). Everything else vLLM says still prints.
-VLLM_NOISE = ("LD_PRELOAD", "torch.set_num_threads", "is already registered", "global random seed",
-              "Triton is not installed", "Triton is installed", "Reset SSM cache", "Model Runner V2",
-              "Unknown vLLM environment variable", "Enforce eager set", "Inductor compilation was disabled",
-              "NUMA", "thread binding", "Reducing Torch threads")
-
-
-class VLLMNoiseFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not any(s in msg for s in VLLM_NOISE)
-
-
-def quiet_vllm_logs() -> None:
-    """Filter VLLM_NOISE out of vLLM's own log handlers (once). Importing vllm.logger configures
-    them, so calling this before anything imports vLLM (TRL does) covers its import-time lines too."""
-    if not vllm_available():
-        return
-    import vllm.logger  # noqa: F401
-
-    for h in logging.getLogger("vllm").handlers:
-        if not any(isinstance(f, VLLMNoiseFilter) for f in h.filters):
-            h.addFilter(VLLMNoiseFilter())
 
 
 def vllm_available() -> bool:
@@ -167,7 +140,7 @@ class VLLMEngine:
                                        "what it names (Gemma3 multimodal needs torchvision) or use engine: hf")
         from vllm import LLM
 
-        quiet_vllm_logs()
+        quiet_vllm_logs()  # (before vLLM's own start-up lines)
 
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).replace("torch.", "")

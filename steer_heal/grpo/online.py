@@ -25,6 +25,7 @@ from reward.trl_rewards import make_reward_functions
 from steer_heal import stages
 from steer_heal.chat import render_prompt
 from steer_heal.config import ONLINE, RunConfig, flat_dataclass, from_flat
+from steer_heal.console import StepLine, StepPrinter
 from steer_heal.dose import DoseController
 from steer_heal.evals.mfv import mfv_columns
 from steer_heal.grpo.distributed import check_launch, reset_optimizer_state, sync_master_weights
@@ -65,47 +66,6 @@ def apply_grpo_args(cfg: RunConfig, a) -> None:
     cfg.vllm.sleep = a.vllm_enable_sleep_mode
     cfg.vllm.max_model_len = a.vllm_max_model_length or 2048
     cfg.run_dir = cfg.run_dir or a.output_dir
-
-
-# ------------------------------------------------------------------ console
-def step_line(logs: dict, max_steps: int) -> str | None:
-    """One readable console line for a GRPO step's logs (the full dict still goes to report_to)."""
-    if "reward" not in logs:
-        return None  # the end-of-training summary: TRL's own line
-    comp = [(k.split("/")[1], v) for k, v in logs.items() if k.startswith("rewards/") and k.endswith("/mean")]
-    short = {"trait_llr": "trait", "trait_projection": "trait", "verbalisation": "verb", "incoherence": "incoh",
-             "refusal": "refus"}
-    parts = [f"step {int(logs.get('step', 0)):>{len(str(max_steps))}}/{max_steps}",
-             f"reward {logs['reward']:+.3f} (" + " ".join(f"{short.get(n, n)} {v:+.2f}" for n, v in comp) + ")"]
-    for key, name, fmt in (("nll_kept", "nll", "{:.3f}"), ("kd", "kd", "{:.3f}"), ("kl_rmse", "kl_rmse", "{:.3f}"),
-                           ("barrier_active_frac", "barrier", "{:.2f}"), ("keep_frac", "keep", "{:.2f}"),
-                           ("kappa", "kappa", "{:.3g}"), ("step_time", "", "{:.1f}s")):
-        if key in logs:
-            parts.append((name + " " if name else "") + fmt.format(logs[key]))
-    return "  ".join(parts)
-
-
-class StepLine(ProgressCallback):
-    """The progress bar with one compact line per logged step instead of TRL's full dict."""
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if not state.is_world_process_zero:
-            return
-        line = step_line(dict(logs or {}, step=state.global_step), state.max_steps)
-        if line is None:
-            return super().on_log(args, state, control, logs=logs, **kw)
-        (self.training_bar.write if self.training_bar is not None else print)(line)
-
-
-class StepPrinter(PrinterCallback):
-    """`disable_tqdm: true`: the same compact line, printed."""
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        line = step_line(dict(logs or {}, step=state.global_step), state.max_steps)
-        if line is None:
-            return super().on_log(args, state, control, logs=logs, **kw)
-        if state.is_local_process_zero:
-            print(line, flush=True)
 
 
 # ------------------------------------------------------------------ bakes and checkpoints
