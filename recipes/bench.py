@@ -11,22 +11,34 @@ Memory rows run in fresh subprocesses so each peak is its own.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-import torch  # noqa: E402
+import torch
+from trl import GRPOConfig, TrlParser
 
-from steer_heal.chat import render_prompt  # noqa: E402
-from steer_heal.config import HealConfig  # noqa: E402
-from steer_heal.engine import HFEngine, Sampling  # noqa: E402
-from steer_heal.models import DEFAULT_MODEL, load_model  # noqa: E402
-from steer_heal.presets import load_preset  # noqa: E402
-from steer_heal.steering import Steering, extract_vector, layer_band  # noqa: E402
+from reward.components import RewardConfig, preset_scorer
+from steer_heal.chat import render_prompt
+from steer_heal.config import HealConfig
+from steer_heal.engine import HFEngine, Sampling
+from steer_heal.engine.vllm_engine import VLLMConfig, VLLMEngine, _build_llm, sampling_params
+from steer_heal.evals.mfv import evaluate_mfv
+from steer_heal.evals.mfv_data import load_vignettes
+from steer_heal.grpo.online import OnlineConfig, OnlineRun
+from steer_heal.heal import heal_round, heal_terms
+from steer_heal.logprobs import pack
+from steer_heal.models import DEFAULT_MODEL, load_model
+from steer_heal.presets import load_preset
+from steer_heal.steering import Steering, extract_vector, layer_band
+from steer_heal.student import Student
 
 
 def _hf_rates(lm, prompts, steering, samp, batch: int, label: str, n_sequential: int | None = None) -> list[dict]:
@@ -60,8 +72,6 @@ def bench_generation(lm, preset, n_prompts: int, new_tokens: int, batch: int, v)
 
 
 def bench_vllm(lm, preset, n_prompts: int, new_tokens: int, v, repeats: int = 3) -> list[dict]:
-    from steer_heal.engine.vllm_engine import VLLMConfig, VLLMEngine, _build_llm, sampling_params
-
     tok = lm.tokenizer
     prompts = [render_prompt(tok, u) for u in (preset.prompts * 4)[:n_prompts]]
     samp = Sampling(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.0)
@@ -94,7 +104,6 @@ def bench_vllm(lm, preset, n_prompts: int, new_tokens: int, v, repeats: int = 3)
     tps, d = timed(stock)
     rows.append(dict(what="vLLM stock model (no steering buffers)", value=tps, unit="tok/s", detail=d))
     llm = None  # free the stock engine before building the steerable one
-    import gc
 
     gc.collect()
     eng = VLLMEngine(lm.path, tok, list(v.layers), cfg, dtype=torch.float32)
@@ -109,9 +118,6 @@ def bench_vllm(lm, preset, n_prompts: int, new_tokens: int, v, repeats: int = 3)
 
 
 def bench_heal(lm, preset, n_examples: int, batch: int) -> list[dict]:
-    from steer_heal.heal import heal_round
-    from steer_heal.student import Student
-
     tok = lm.tokenizer
     eng = HFEngine(lm.model, tok, batch_size=32)
     users = (preset.prompts * 4)[:n_examples]
@@ -132,10 +138,6 @@ def bench_heal(lm, preset, n_examples: int, batch: int) -> list[dict]:
 
 def _mem_child(model: str, mode: str, n_seq: int, seq_len: int) -> dict:
     """Run in a fresh process: peak RSS growth of one training step in `mode`."""
-    from steer_heal.heal import heal_terms
-    from steer_heal.logprobs import pack
-    from steer_heal.student import Student
-
     lm = load_model(model, dtype="float32")
     st = Student(lm.model, lm.tokenizer, r=16, alpha=32)
     g = torch.Generator().manual_seed(0)
@@ -144,9 +146,6 @@ def _mem_child(model: str, mode: str, n_seq: int, seq_len: int) -> dict:
     batch = pack([e[0] for e in ex], [e[1] for e in ex], lm.tokenizer.pad_token_id)
     with torch.no_grad():
         lm.model(input_ids=batch.input_ids[:1, :8])
-    import ctypes
-    import gc
-    import threading
 
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed load-time memory back so RSS starts low
@@ -191,9 +190,6 @@ def bench_memory(model: str, label: str, n_seq: int, seq_len: int) -> list[dict]
 
 
 def bench_mfv(lm, think: int, batch: int) -> list[dict]:
-    from steer_heal.evals.mfv import evaluate_mfv
-    from steer_heal.evals.mfv_data import load_vignettes
-
     rows = load_vignettes(None, "classic", "other_violate")
     t = time.perf_counter()
     res = evaluate_mfv(lm.model, lm.tokenizer, rows, think_tokens=think, batch_size=batch, progress=False)
@@ -218,12 +214,6 @@ def bench_grpo(model: str, steps: int = 4) -> list[dict]:
     fuse), split into rollout, scoring, reference forward and the rest ("update": student forward,
     backward, optimizer), for the fused path (one student forward per micro-batch) next to the
     two-forward path (TRL's own logprob forward + a separate forward for the penalty)."""
-    import tempfile
-
-    from trl import GRPOConfig, TrlParser
-
-    from steer_heal.grpo.online import OnlineConfig, OnlineRun
-
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     rows, upd = [], {}
     for fused in (True, False):
@@ -263,10 +253,6 @@ def bench_grpo(model: str, steps: int = 4) -> list[dict]:
 
 def bench_scoring(lm, preset, n: int = 8, new_tokens: int = 48, repeats: int = 3) -> list[dict]:
     """Reward scoring of one GRPO batch (all components) with the persona contexts' KV cache vs without."""
-    from reward.components import RewardConfig, preset_scorer
-    from steer_heal.chat import render_prompt
-    from steer_heal.engine import HFEngine, Sampling
-
     users = preset.prompts[:n]
     ro = HFEngine(lm.model, lm.tokenizer).generate([render_prompt(lm.tokenizer, u) for u in users], None,
                                                     Sampling(max_new_tokens=new_tokens, seed=0), logprobs=False)
@@ -336,7 +322,6 @@ def main() -> None:
         print_table(rows, head)
     if "memory" not in a.skip:
         rows += bench_memory(a.model, "SmolLM2 (49k vocab)", 8, 96)
-        from steer_heal.tiny import build_tiny_model  # noqa: F401  (gemma3 shape, 262k vocab)
         rows += bench_memory("tiny-random/gemma3-262k", "gemma-3 vocab (262k), tiny body", 8, 96)
     text = print_table(rows, "\n" + head)
     Path("bench_out").mkdir(exist_ok=True)

@@ -11,6 +11,7 @@ loop adds ~rep_nats).
 from __future__ import annotations
 
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -18,6 +19,9 @@ import torch
 
 from reward import scores as S
 from steer_heal.chat import encode_prompt, render_prompt
+from steer_heal.engine.base import Sampling
+from steer_heal.logprobs import pack
+from steer_heal.models import causal_lm, decoder_layers
 
 
 def _f(default, help: str):
@@ -113,8 +117,6 @@ class Scorer:
 
         Components already computed for the same batch are reused (TRL calls each reward function,
         and the dose controller, on the same batch)."""
-        import time
-
         t0 = time.perf_counter()
         which = which or [k for k in COMPONENTS if (k != "trait_projection" or self.vector is not None)
                           and (k != "judge" or self.cfg.judge)]
@@ -176,9 +178,6 @@ class Scorer:
 @torch.no_grad()
 def projection(model, tok, prompt_ids, completion_ids, vector, batch_size: int = 64) -> list[float]:
     """Mean over completion tokens and band layers of <h_l - center_l, v_l> / |v_l|^2 (0 for empty)."""
-    from steer_heal.logprobs import pack
-    from steer_heal.models import decoder_layers
-
     device = next(model.parameters()).device
     V = vector.vectors.to(device)
     C = vector.center.to(device) if getattr(vector, "center", None) is not None else torch.zeros_like(V)
@@ -194,7 +193,6 @@ def projection(model, tok, prompt_ids, completion_ids, vector, batch_size: int =
             for l in vector.layers]
         try:
             pos = (b.attention_mask.cumsum(-1) - 1).clamp_min(0)
-            from steer_heal.models import causal_lm
 
             causal_lm(model).get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
                                            use_cache=False)
@@ -226,8 +224,6 @@ def parse_judge(text: str) -> float:
 
 
 def judge_scores(engine, users, texts, persona: str) -> list[float]:
-    from steer_heal.engine.base import Sampling
-
     prompts = [render_prompt(engine.tok, JUDGE_RUBRIC.format(persona=persona, user=u, reply=t))
                for u, t in zip(users, texts)]
     ro = engine.generate(prompts, None, Sampling(max_new_tokens=4, temperature=0.0), logprobs=False)

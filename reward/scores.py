@@ -5,10 +5,15 @@ Model scores (under the reference model: no steering, no live adapter): tail NLL
 """
 from __future__ import annotations
 
+import copy
 import re
 from collections import Counter
 
 import torch
+
+from steer_heal.chat import encode_prompt, render_prompt
+from steer_heal.logprobs import auto_chunk, completion_logprobs, lm_logits, pack
+from steer_heal.models import causal_lm
 
 
 # ---------------------------------------------------------------- text scores
@@ -111,8 +116,6 @@ def _batched_logprobs(model, tok, prompt_ids, completion_ids, batch_size, cache_
     Rows whose prompts share a long token prefix (a system prompt, persona demonstrations, a
     template's default system block) run that prefix once, at batch 1, and reuse its KV cache for
     every row (`cache_prefix`); the numbers equal the uncached pass (tested)."""
-    from steer_heal.logprobs import completion_logprobs, pack
-
     if not prompt_ids:
         return []
     Lp = shared_prefix_len(tok, prompt_ids) if cache_prefix else 0
@@ -146,8 +149,6 @@ def shared_prefix_len(tok, rows: list[list[int]]) -> int:
 @torch.no_grad()
 def _prefixed_logprobs(model, prefix: list[int], suffixes: list[list[int]], completions: list[list[int]],
                        batch_size: int) -> list[torch.Tensor]:
-    from steer_heal.models import causal_lm
-
     lm = causal_lm(model)
     dec = lm.get_decoder()
     device = next(model.parameters()).device
@@ -160,10 +161,6 @@ def _prefixed_logprobs(model, prefix: list[int], suffixes: list[list[int]], comp
 
 
 def _prefixed_logprobs_eval(model, lm, dec, device, prefix, suffixes, completions, batch_size):
-    import copy
-
-    from steer_heal.logprobs import auto_chunk, lm_logits
-
     Lp = len(prefix)
     pre = dec(input_ids=torch.tensor([prefix], device=device), position_ids=torch.arange(Lp, device=device)[None],
               use_cache=True).past_key_values
@@ -231,8 +228,6 @@ def persona_logprobs(model, tok, users: list[str], completion_ids, persona_pos: 
     acts: small reference models condition on shown behaviour far more than on a one-line
     description. The context is the same for every row, so it runs once per call and its KV cache
     serves the batch (`cache_prefix`)."""
-    from steer_heal.chat import encode_prompt, render_prompt
-
     keep = [i for i, c in enumerate(completion_ids) if c]
     comp = [completion_ids[i] for i in keep]
     hist = {side: [(d["user"], d[side]) for d in demos] for side in ("pos", "neg")}

@@ -7,7 +7,6 @@ from pathlib import Path
 import yaml
 
 DATA = Path(__file__).parent / "data" / "labelled.yaml"
-LABELS = ("enact-pos", "enact-neg", "narrate", "incoherent", "refusal", "neutral")
 
 
 def load_labelled(path: str | Path = DATA) -> dict[str, list[dict]]:

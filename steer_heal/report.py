@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+from steer_heal.evals.protocol import FOUNDATIONS
 from steer_heal.rundir import BAKE_COLUMNS, format_table, read_jsonl, write_atomic
 
 PANELS = [
@@ -64,8 +65,6 @@ def profile_figure(series: dict[str, list[float]], out_png: Path) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from steer_heal.evals.protocol import FOUNDATIONS
 
     colors = {"human": "black", "base": "gray", "steered": "tab:red", "healed": "tab:green"}
     fig, ax = plt.subplots(figsize=(10, 3.6))

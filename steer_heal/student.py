@@ -14,6 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steer_heal.models import num_layers
 from steer_heal.steering.core import layer_band
@@ -25,9 +29,6 @@ class Student:
     def __init__(self, model, tok, r: int = 32, alpha: int = 64, band=(0.2, 0.8),
                  target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                  base_path: str = ""):
-        from peft import LoraConfig, get_peft_model
-        from peft.tuners.lora import LoraLayer
-
         self.tok = tok
         self.base_path = base_path
         self.lora_layers = layer_band(num_layers(model), tuple(band))
@@ -134,9 +135,6 @@ class Student:
 
     def save_cumulative(self, path: str | Path) -> None:
         """The whole history as one rank-R LoRA on the original model (PEFT format)."""
-        from peft import LoraConfig
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         R = self.rank()
@@ -151,8 +149,6 @@ class Student:
         (path / "steer_heal.json").write_text(json.dumps({"n_bakes": self.n_bakes, "rank": R}))
 
     def load_cumulative(self, path: str | Path) -> None:
-        from safetensors.torch import load_file
-
         sd = load_file(str(Path(path) / "adapter_model.safetensors"))
         names = {k.rsplit(".lora_", 1)[0] for k in sd}
         if names - set(self.layers):
@@ -167,9 +163,6 @@ class Student:
 
 def export_merged(base_path: str, cumulative_dir: str | Path, out: str | Path, dtype=torch.float32) -> Path:
     """Write the original model with a cumulative adapter merged in: plain transformers loads it."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     merged = PeftModel.from_pretrained(base, str(cumulative_dir)).merge_and_unload()
     out = Path(out)

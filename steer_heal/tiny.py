@@ -7,6 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
@@ -26,9 +35,6 @@ _CORPUS = [
 
 
 def _train_tokenizer(vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -50,28 +56,18 @@ def _config(arch: str, vocab: int, eos: int):
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
                   eos_token_id=eos, pad_token_id=eos, bos_token_id=None, tie_word_embeddings=True)
     if arch == "llama":
-        from transformers import LlamaConfig
-
         return LlamaConfig(**common)
     if arch == "qwen2":
-        from transformers import Qwen2Config
-
         return Qwen2Config(**common)
     if arch == "qwen3":
-        from transformers import Qwen3Config
-
         return Qwen3Config(head_dim=32, **common)
     if arch == "gemma3":
-        from transformers import Gemma3TextConfig
-
         return Gemma3TextConfig(head_dim=32, sliding_window=64, **common)
     raise ValueError(f"unknown tiny arch '{arch}'; fix: use one of llama, qwen2, qwen3, gemma3 (optionally -262k)")
 
 
 def build_tiny_model(arch: str = "llama", out: str | Path | None = None, seed: int = 0) -> Path:
     """Build (once) and return the folder of a tiny random `arch` chat model."""
-    from transformers import AutoModelForCausalLM
-
     out = Path(out) if out is not None else Path.home() / ".cache" / "steer_heal" / "models" / f"tiny-random/{arch}"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out

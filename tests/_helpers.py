@@ -1,5 +1,12 @@
 """Plain helpers shared by test modules (not fixtures)."""
+import time
+
 import torch
+
+from steer_heal.grpo.penalty import trl_batch_rows
+from steer_heal.heal.kl import aggregate, barrier, chunked_kl_and_logp
+from steer_heal.logprobs import auto_chunk, final_hidden, lm_logits
+from steer_heal.models import causal_lm
 
 
 def trl_batch(tok, prompts, completions):
@@ -13,3 +20,22 @@ def trl_batch(tok, prompts, completions):
     ci = torch.tensor([c + [pad] * (C - len(c)) for c in completions])
     cm = torch.tensor([[1] * len(c) + [0] * (C - len(c)) for c in completions])
     return pi, pm, ci, cm
+
+
+def rmse_kl_penalty(model, ref_ctx, prompt_ids, prompt_mask, completion_ids, completion_mask, beta: float,
+                    tau: float, agg: str = "rmse", reverse: bool = True, chunk: int = 0, timers: dict | None = None):
+    """Reference implementation of the online barrier (two plain forwards, no fusion, no stash): the
+    trainer's fused penalty is checked against it. (penalty, D per sequence, per-position KL)."""
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    att, b, pos, t = trl_batch_rows(prompt_mask, completion_mask)
+    tgt = completion_ids[b, t]
+    t0 = time.perf_counter()
+    with torch.no_grad(), ref_ctx():
+        h_ref = final_hidden(model, ids, att)[b, pos]
+    if timers is not None:
+        timers["ref_forward"] = timers.get("ref_forward", 0.0) + time.perf_counter() - t0
+    h = final_hidden(model, ids, att)[b, pos]
+    vocab = causal_lm(model).get_output_embeddings().weight.shape[0]
+    kl, _ = chunked_kl_and_logp(h, h_ref, tgt, lambda x: lm_logits(model, x), chunk or auto_chunk(vocab), reverse)
+    D = aggregate(kl, b, ids.shape[0], agg)
+    return beta * barrier(D, tau).mean(), D, kl

@@ -6,10 +6,12 @@ import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from _helpers import trl_batch  # noqa: E402
+from _helpers import (
+    rmse_kl_penalty,  # noqa: E402
+    trl_batch,  # noqa: E402
+)
 
 from steer_heal.chat import encode_prompt, render_prompt  # noqa: E402
-from steer_heal.grpo.penalty import rmse_kl_penalty  # noqa: E402
 from steer_heal.student import Student  # noqa: E402
 
 

@@ -1,3 +1,4 @@
+from steer_heal.chat import render_prompt
 from steer_heal.engine.base import Rollout, RolloutEngine, Sampling
 from steer_heal.engine.hf import HFEngine
 from steer_heal.engine.vllm_engine import VLLMConfig, VLLMEngine
@@ -22,8 +23,6 @@ def check_push(engine, student, users: list[str], max_new_tokens: int = 8) -> di
     """After a push: how many greedy completions of the engine equal the HF baked student's (an
     engine serving the student's own modules matches trivially). GPU kernels may differ by a token
     now and then; a push that failed shows as ~0, and is printed as a warning."""
-    from steer_heal.chat import render_prompt
-
     if isinstance(engine, HFEngine):
         return dict(engine="hf", n=len(users), greedy_match=len(users))
     prompts = [render_prompt(student.tok, u) for u in users]

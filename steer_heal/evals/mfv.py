@@ -34,10 +34,9 @@ from steer_heal.engine.hf import HFEngine
 from steer_heal.evals import protocol as P
 from steer_heal.evals.mfv_data import human_label, human_profile
 from steer_heal.logprobs import final_hidden, left_pad, lm_logits
+from steer_heal.models import causal_lm
 from steer_heal.steering.core import Steering
 from steer_heal.steering.hooks import steer
-
-MARK = "\x00ANSWER\x00"
 
 
 class DigitTokenError(ValueError):
@@ -197,8 +196,6 @@ def _answer_full(model, tok, seqs: list[list[int]], n_prefill: int, digit_ids: l
 
 
 def _decoder(model, ids, att, pos, cache=None):
-    from steer_heal.models import causal_lm
-
     out = causal_lm(model).get_decoder()(input_ids=ids, attention_mask=att, position_ids=pos, past_key_values=cache,
                                          use_cache=cache is not None)
     return out.last_hidden_state

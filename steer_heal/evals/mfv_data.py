@@ -6,6 +6,8 @@ import os
 import random
 from pathlib import Path
 
+from datasets import load_dataset
+
 FOUNDATIONS = ["Care", "Fairness", "Loyalty", "Authority", "Sanctity", "Liberty", "SocialNorms"]
 CONFIGS = ("classic", "scifi", "ai-actor")
 CONDITIONS = ("other_violate", "self_violate")
@@ -32,8 +34,6 @@ def _from_folder(folder: Path, config: str, condition: str) -> list[dict]:
 
 def _from_hub(config: str, condition: str) -> list[dict]:
     try:
-        from datasets import load_dataset
-
         return [dict(r) for r in load_dataset(HUB_ID, config, split=condition)]
     except Exception as e:
         raise MFVDataError(f"MFV vignettes not found: no local folder given and the hub dataset {HUB_ID} could not be "

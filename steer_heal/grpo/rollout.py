@@ -1,6 +1,7 @@
 """TRL `rollout_func`: the engine serves the baked student plus c * v (never the live LoRA)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +33,6 @@ def make_rollout_func(engine, student, state: SteerState, max_new_tokens: int, t
     policy's; the learner is unsteered, so importance-sampling correction is off by design.
     """
     def rollout_func(prompts, trainer):
-        import time
-
         t0 = time.perf_counter()
         users = [user_text(p) for p in prompts]
         rendered = [render_prompt(engine.tok, u) for u in users]

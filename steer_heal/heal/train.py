@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 from steer_heal.heal.kl import aggregate, barrier, chunked_kl_and_logp
 from steer_heal.logprobs import auto_chunk, final_hidden, lm_logits, pack
@@ -93,8 +94,6 @@ def make_batches(examples: list[tuple[list[int], list[int]]], bs: int, pad_id: i
 def heal_round(student, examples: list[tuple[list[int], list[int]]], cfg, round_idx: int = 0, seed: int = 0,
                progress: bool = True, log_fn=None) -> HealResult:
     """Train the live adapter on (prompt_ids, completion_ids) examples; returns losses and timing."""
-    from transformers import get_cosine_schedule_with_warmup
-
     rng = random.Random(seed)
     ex = list(examples)
     rng.shuffle(ex)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 class LayerBandError(ValueError):
@@ -69,8 +71,6 @@ class SteeringVector:
         return cosine_flat(self.vectors, other.vectors)
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
         meta = {k: json.dumps(v) for k, v in {**self.meta, "layers": self.layers}.items()}
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
@@ -82,8 +82,6 @@ class SteeringVector:
 
     @classmethod
     def load(cls, path: str | Path) -> "SteeringVector":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
             vec = f.get_tensor("vectors")
