@@ -139,6 +139,36 @@ def test_compiled_mode_follows_in_place_steering_and_push(tiny_dir):
         eng.close()
 
 
+def test_bad_push_is_refused_and_leaves_the_engine_serving(tiny_dir):
+    """An incomplete layer is refused before anything moves; a push that fails while loading puts
+    every module's own tensors back (nothing left on the meta device). Generate never sleeps the engine."""
+    from steer_heal.models import load_model
+
+    lm = load_model(str(tiny_dir["llama"]), dtype="float32", device="cpu")
+    st = Student(lm.model, lm.tokenizer, r=4, alpha=8, band=(0.0, 1.0))
+    prompts = [render_prompt(lm.tokenizer, u) for u in USERS]
+    eng = _engine(tiny_dir["llama"], lm.tokenizer, [0])
+    try:
+        slept = []
+        eng.sleep = lambda: slept.append(1)
+        before = _ids(eng.generate(prompts, None, GREEDY16))
+        assert slept == []  # sleeping is the trainer's call, once per optimizer step
+        weights = [(n, w.detach().clone()) for n, w in st.merged_weights()]
+        part = [(n, w) for n, w in weights if not n.endswith("layers.0.self_attn.q_proj.weight")]
+        with pytest.raises(ValueError, match="decoder layer 0 brings"):
+            eng.llm.collective_rpc("steer_heal_load_weights", args=([n for n, _ in part], [w for _, w in part]))
+        assert _ids(eng.generate(prompts, None, GREEDY16)) == before
+        # same element count, wrong shape: accepted by the count check, fails inside vLLM's loader
+        bad = [(n, w.t().contiguous() if n.endswith("layers.0.mlp.down_proj.weight") else w) for n, w in weights]
+        with pytest.raises(Exception):
+            eng.llm.collective_rpc("steer_heal_load_weights", args=([n for n, _ in bad], [w for _, w in bad]))
+        assert _ids(eng.generate(prompts, None, GREEDY16)) == before
+        eng.push(st)  # and a good push still works afterwards
+        assert _ids(eng.generate(prompts, None, GREEDY16)) == before  # no bake yet: the same weights
+    finally:
+        eng.close()
+
+
 def test_wrong_layers_and_unsupported_model_are_one_line_errors(tiny_dir, tmp_path):
     from steer_heal.models import load_model
 
