@@ -15,6 +15,8 @@ def quiet_startup() -> None:
     """Called first by the entry points, before TRL / accelerate import vLLM or DeepSpeed."""
     # TRL warns on every import that it was tested up to vLLM 0.31; the steered engine pins 0.32 and is tested with it
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
+    # vLLM's kernel dispatcher touches torch's deprecated reduce_op alias at start-up (not ours to fix)
+    warnings.filterwarnings("ignore", message=r"`torch.distributed.reduce_op` is deprecated")
     # DeepSpeed (when installed) warns at import that it fell back to its CPU accelerator: name it instead
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
@@ -37,13 +39,22 @@ class VLLMNoiseFilter(logging.Filter):
 
 
 def quiet_vllm_logs() -> None:
-    """Filter VLLM_NOISE out of vLLM's own log handlers (once). Importing vllm.logger configures
-    them, so calling this before anything imports vLLM (TRL does) covers its import-time lines too."""
+    """Filter VLLM_NOISE out of vLLM's logs, wherever they print: vLLM configures its handler lazily
+    (from DEFAULT_LOGGING_CONFIG, at engine start), and before that its records reach Python's
+    last-resort handler. Call it before anything imports vLLM (TRL does)."""
     if importlib.util.find_spec("vllm") is None:
         return
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # steer-heal's default: vLLM's warnings, not its info
+    if not any(isinstance(f, VLLMNoiseFilter) for f in logging.lastResort.filters):
+        logging.lastResort.addFilter(VLLMNoiseFilter())
     import vllm.logger  # noqa: F401  (heavy, optional)
 
-    for h in logging.getLogger("vllm").handlers:
+    cfg = vllm.logger.DEFAULT_LOGGING_CONFIG  # deep-copied at every (re)configuration
+    cfg.setdefault("filters", {})["steer_heal_noise"] = {"()": "steer_heal.console.VLLMNoiseFilter"}
+    names = cfg["handlers"]["vllm"].setdefault("filters", [])
+    if "steer_heal_noise" not in names:
+        names.append("steer_heal_noise")
+    for h in logging.getLogger("vllm").handlers:  # already configured in this process
         if not any(isinstance(f, VLLMNoiseFilter) for f in h.filters):
             h.addFilter(VLLMNoiseFilter())
 

@@ -23,3 +23,27 @@ def test_vllm_noise_filter_keeps_what_a_user_can_act_on():
     assert not f.filter(rec("libtcmalloc is not found in LD_PRELOAD. For best performance, ..."))
     assert not f.filter(rec("Kernel vllm.v1.worker.block_table.X.kernel is already registered. Overwriting."))
     assert f.filter(rec("Not enough memory for the KV cache; lower max_model_len"))
+
+
+def test_vllm_filter_is_in_the_config_vllm_applies_at_engine_start():
+    """vLLM (re)configures its handler from DEFAULT_LOGGING_CONFIG when an engine starts: the filter
+    must be in that config, and on the last-resort handler that prints before it."""
+    import importlib.util
+    import logging
+
+    import pytest
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM not installed")
+    from logging.config import dictConfig
+
+    import vllm.logger
+
+    from steer_heal.console import quiet_vllm_logs
+
+    quiet_vllm_logs()
+    assert any(isinstance(f, VLLMNoiseFilter) for f in logging.lastResort.filters)
+    cfg = __import__("copy").deepcopy(vllm.logger.DEFAULT_LOGGING_CONFIG)
+    dictConfig(cfg)  # what vLLM's configure_logging does
+    handlers = logging.getLogger("vllm").handlers
+    assert handlers and all(any(isinstance(f, VLLMNoiseFilter) for f in h.filters) for h in handlers)
