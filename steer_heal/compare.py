@@ -31,7 +31,7 @@ import yaml
 from reward.components import Scorer, preset_scorer
 from steer_heal import stages
 from steer_heal.chat import encode_prompt, render_prompt
-from steer_heal.config import EvalConfig, ModelConfig, RunConfig, SteerConfig, apply_dict
+from steer_heal.config import EvalConfig, ModelConfig, RunConfig, SteerConfig, apply_dict, setting
 from steer_heal.engine import Sampling
 from steer_heal.evals.mfv import evaluate_mfv, nanmean, trait_nats
 from steer_heal.evals.student import SCORED, summarise
@@ -53,11 +53,11 @@ class CompareError(ValueError):
 
 @dataclass
 class Arm:
-    name: str
-    kind: str
-    config: str = ""  # the arm's own run config (iterative: RunConfig YAML; online: grpo YAML)
-    overrides: dict = field(default_factory=dict)  # iterative: section.key -> value; online: key -> value
-    launcher: str = ""  # online: an accelerate config; the arm then runs under `accelerate launch`
+    name: str = setting("", "the arm's name (its directory under compare_dir)")
+    kind: str = setting("", "base | prompt (persona as system prompt) | steer | iterative | online")
+    config: str = setting("", "the arm's own run config (iterative: a run YAML; online: a grpo YAML)")
+    overrides: dict = setting({}, "iterative: section.key -> value; online: flat key -> value")
+    launcher: str = setting("", "online: an accelerate config; the arm then runs under `accelerate launch`")
 
 
 def _evaluator_steer() -> SteerConfig:
@@ -72,13 +72,13 @@ def _evaluator_eval() -> EvalConfig:
 
 @dataclass
 class CompareConfig:
-    name: str = "compare"
-    compare_dir: str = ""  # default runs/compare-<name>
-    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    preset: str = "care-over-authority"
-    budget_tokens: int = 8000  # generated tokens per training arm (rollouts, walk-C probes, calibration)
-    seeds: list[int] = field(default_factory=lambda: [42])
-    dtype: str = "auto"
+    name: str = setting("compare", "the comparison's name")
+    compare_dir: str = setting("", "output folder; default runs/compare-<name>")
+    model: str = setting("HuggingFaceTB/SmolLM2-135M-Instruct", "every arm's model")
+    preset: str = setting("care-over-authority", "every arm's preset")
+    budget_tokens: int = setting(8000, "generated tokens per training arm (rollouts, walk-C probes, calibration)")
+    seeds: list[int] = setting([42], "each training arm runs once per seed; the table shows mean and spread")
+    dtype: str = setting("auto", "dtype of the evaluator's model")
     # the one evaluation and the baselines' vector: the run config's own sections (steer_heal/config.py)
     steer: SteerConfig = field(default_factory=_evaluator_steer)
     eval: EvalConfig = field(default_factory=_evaluator_eval)
