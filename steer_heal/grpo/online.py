@@ -263,7 +263,7 @@ class OnlineRun:
 
     def trainer(self) -> SteerHealGRPOTrainer:
         c, a = self.cfg, self.grpo_args
-        device = next(self.student.model.parameters()).device
+        device = PartialState().device  # this rank's accelerator device (NCCL all-reduces there)
         self.controller = DoseController(self.state, c.steer, self.scorer, lambda xs: global_sums(xs, device))
         which = [x for x in ("trait_" + c.reward.reward_trait, "verbalisation", "incoherence", "refusal")
                  if x != c.reward.reward_ablation]
