@@ -121,3 +121,54 @@ def test_rollout_sleeps_the_engine_once_per_generation_batch():
     finally:
         ro.render_prompt = orig
     assert eng.calls == ["generate", "sleep"] * 2 and out["completion_ids"] == [[2, 3], [2, 3]]
+
+
+def _reduce_worker(rank: int, world: int, init: str, out: str) -> None:
+    """One rank of test_metrics_and_divergence_are_reduced_over_ranks (module level: spawn pickles it)."""
+    import json
+    from collections import defaultdict
+
+    import torch.distributed as dist
+
+    from steer_heal.grpo.trainer import SteerHealGRPOTrainer
+    from steer_heal.heal.train import HealDivergedError
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        fake = SimpleNamespace(timers={"rollout": 2.0 + 2 * rank}, _timers_seen={}, scorer=None,
+                               accelerator=SimpleNamespace(device=torch.device("cpu")),
+                               state=SimpleNamespace(global_step=5))
+        m = defaultdict(list)
+        # rank 0: 2 sequences with rmse 0.1, 0.3 (sum 0.4), 1 of 2 over tau; rank 1: 2 sequences, sum 1.2, 0 of 2
+        part = dict(kl_rmse=0.4 + 0.8 * rank, kl_mean=0.2 * (1 + rank), n_seq=2.0, active=1.0 - rank, n_D=2.0,
+                    kl_penalty=0.05 * (1 - rank))
+        SteerHealGRPOTrainer._reduce_and_check(fake, m, part, torch.tensor(1.0), kl_on=True)
+        nan = torch.tensor(float("nan")) if rank == 1 else torch.tensor(1.0)
+        try:
+            SteerHealGRPOTrainer._reduce_and_check(fake, defaultdict(list), part, nan, kl_on=True)
+            err = ""
+        except HealDivergedError as e:
+            err = str(e)
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump(dict(m=dict(m), err=err), f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_metrics_and_divergence_are_reduced_over_ranks(tmp_path):
+    """Two gloo ranks with different partial sums log the same global means (worked by hand), and a
+    NaN on rank 1 raises on both ranks."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_reduce_worker, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    r = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    for x in r:
+        m = x["m"]
+        assert m["kl_rmse"] == pytest.approx([(0.4 + 1.2) / 4])  # sum over 4 sequences / 4
+        assert m["kl_mean"] == pytest.approx([(0.2 + 0.4) / 4])
+        assert m["barrier_active_frac"] == pytest.approx([1 / 4])
+        assert m["kl_penalty"] == pytest.approx([0.05 / 2])  # mean of the ranks' penalties
+        assert m["time/rollout"] == pytest.approx([(2.0 + 4.0) / 2])  # seconds per rank, averaged
+        assert x["err"].startswith("GRPO loss is not finite on 1 of 2 rank(s) at step 5; fix:")
