@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -22,36 +22,34 @@ from steer_heal.chat import encode_prompt, render_prompt
 from steer_heal.engine.base import Sampling
 from steer_heal.logprobs import pack
 from steer_heal.models import causal_lm, decoder_layers
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
+from steer_heal.setting import setting
 
 
 @dataclass
 class RewardConfig:
     """Scores, the iterative filter's thresholds and the online reward's weights (the `reward:`
     section of a run config; flat keys of the same names in an online config)."""
-    max_tail_nll: float = _f(4.0, "filter: highest NLL (nats/token) of a reply's last tail_frac, under the reference")
-    tail_frac: float = _f(0.25, "fraction of a reply's tokens that counts as its tail")
-    max_repetition: float = _f(0.3, "filter: highest most-common n-gram fraction (word and char n = 2..4)")
-    max_verbalisation: float = _f(0.5, "filter: highest verbalisation score (the reply names its persona)")
-    max_refusal: float = _f(0.5, "filter: highest refusal score")
-    min_tokens: int = _f(4, "filter: shortest reply kept, in tokens")
-    reward_trait: str = _f("llr", "trait measure in the reward: llr (persona log-likelihood ratio) | projection | "
+    max_tail_nll: float = setting(4.0, "filter: highest NLL (nats/token) of a reply's last tail_frac, under the "
+                                       "reference")
+    tail_frac: float = setting(0.25, "fraction of a reply's tokens that counts as its tail")
+    max_repetition: float = setting(0.3, "filter: highest most-common n-gram fraction (word and char n = 2..4)")
+    max_verbalisation: float = setting(0.5, "filter: highest verbalisation score (the reply names its persona)")
+    max_refusal: float = setting(0.5, "filter: highest refusal score")
+    min_tokens: int = setting(4, "filter: shortest reply kept, in tokens")
+    reward_trait: str = setting("llr", "trait measure in the reward: llr (persona log-likelihood ratio) | projection | "
                                   "judge (iterative only: needs a judge model)")
-    w_trait: float = _f(1.0, "reward weight of the trait measure")
-    w_verb: float = _f(1.0, "reward weight of the verbalisation penalty")
-    w_incoh: float = _f(0.25, "reward weight of the incoherence penalty")
-    w_refusal: float = _f(1.0, "reward weight of the refusal penalty")
-    rep_nats: float = _f(10.0, "incoherence: nats added per unit of loopiness above rep_floor")
-    rep_floor: float = _f(0.1, "incoherence: loopiness below this costs nothing")
-    incoherence: str = _f("tail", "incoherence's NLL part: tail (tail NLL under the reference) | collapse (tail NLL "
-                                  "minus the reply's mean NLL: late collapse only, a uniformly less predictable reply "
-                                  "is not penalised)")
-    reward_ablation: str = _f("", "online: drop one reward component: trait_llr | trait_projection | verbalisation | "
-                                  "incoherence | refusal")
-    judge: bool = _f(False, "score the optional judge component (a chat model with a rubric)")
+    w_trait: float = setting(1.0, "reward weight of the trait measure")
+    w_verb: float = setting(1.0, "reward weight of the verbalisation penalty")
+    w_incoh: float = setting(0.25, "reward weight of the incoherence penalty")
+    w_refusal: float = setting(1.0, "reward weight of the refusal penalty")
+    rep_nats: float = setting(10.0, "incoherence: nats added per unit of loopiness above rep_floor")
+    rep_floor: float = setting(0.1, "incoherence: loopiness below this costs nothing")
+    incoherence: str = setting("tail", "incoherence's NLL part: tail (tail NLL under the reference) | collapse "
+                                       "(tail NLL minus the reply's mean NLL: late collapse only, a uniformly less "
+                                       "predictable reply is not penalised)")
+    reward_ablation: str = setting("", "online: drop one reward component: trait_llr | trait_projection | "
+                                       "verbalisation | incoherence | refusal")
+    judge: bool = setting(False, "score the optional judge component (a chat model with a rubric)")
 
 
 # the trait measure's name -> the component that carries it (the reward, its functions and the filter)

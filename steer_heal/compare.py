@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from reward.components import Scorer, preset_scorer
+from reward.components import Scorer
 from steer_heal import stages
 from steer_heal.chat import encode_prompt, render_prompt
 from steer_heal.config import EvalConfig, ModelConfig, RunConfig, SteerConfig, apply_dict, setting
@@ -227,16 +227,17 @@ class Evaluator:
 
     def __init__(self, cfg: CompareConfig):
         self.cfg = cfg
-        self.b = stages.build(cfg.run_config(), engine_seed=0)
-        p = self.preset = self.b.preset
+        rc = cfg.run_config()
+        p = stages.run_preset(rc)  # refused before the model loads
         if not (p.eval_persona_pos and p.eval_persona_neg):
             raise CompareError(f"preset '{p.name}' has no held-out eval_persona_pos/neg; fix: add them (written for "
                                "evaluation only) so arms are not judged by the reward's own context")
+        self.b = stages.build(rc, engine_seed=0)
+        self.preset = p = self.b.preset
         self.student, self.tok, self.engine = self.b.student, self.b.tok, self.b.engine
         self.users = p.eval_prompts[:cfg.eval.eval_prompts]
-        ref = self.student.base
-        self.scorer = preset_scorer(self.student.model, self.tok, p, ref_ctx=ref)  # coherence components
-        self.heldout = heldout_scorer(self.student.model, self.tok, p, ref_ctx=ref)
+        self.scorer = stages.scorer(self.b)  # coherence components, the runs' own scorer
+        self.heldout = heldout_scorer(self.student.model, self.tok, p, ref_ctx=self.student.base)
         self.v0, self.kappa0 = self._vector()
         self.scorer.vector = self.v0
 

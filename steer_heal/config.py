@@ -13,23 +13,11 @@ import yaml
 
 from reward.components import RewardConfig
 from steer_heal.engine.vllm_engine import VLLMConfig
+from steer_heal.setting import BOTH, ITERATIVE, ONLINE, setting
 
 
 class ConfigError(ValueError):
     """Bad configuration; the message names the fix."""
-
-
-ITERATIVE, ONLINE = "iterative", "online"
-BOTH = (ITERATIVE, ONLINE)
-
-
-def setting(default, help: str, modes: tuple[str, ...] = BOTH):
-    """One declared setting: its default, its help text, and the modes that read it. The iterative
-    loop reads it as `section.name`, the online recipe as the flat `name` (README, "Settings")."""
-    meta = {"help": help, "modes": modes}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -226,16 +214,6 @@ def from_flat(flat) -> RunConfig:
     return cfg
 
 
-def to_flat(cfg: RunConfig, mode: str = ONLINE) -> dict:
-    out = {}
-    for path, _, _ in leaves(mode):
-        node = cfg
-        for p in path:
-            node = getattr(node, p)
-        out[flat_name(path)] = list(node) if isinstance(node, tuple) else node
-    return out
-
-
 def _coerce(value, tp, key: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -285,7 +263,7 @@ def parse_overrides(items: list[str]) -> dict:
     out: dict = {}
     for it in items:
         if "=" not in it:
-            raise ConfigError(f"override '{it}' is not key=value; fix: write e.g. heal.lam=0.3")
+            raise ConfigError(f"override '{it}' is not key=value; fix: write e.g. heal.kl_beta=0.3")
         key, val = it.split("=", 1)
         node = out
         parts = key.lstrip("-").split(".")
@@ -316,4 +294,4 @@ def config_from_dict(d: dict) -> RunConfig:
 
 __all__ = ["RunConfig", "VLLMConfig", "ModelConfig", "SteerConfig", "GenConfig", "HealConfig", "EvalConfig",
            "OnlineSection", "RewardConfig", "ConfigError", "load_config", "config_from_dict", "flat_dataclass",
-           "from_flat", "to_flat", "leaves"]
+           "from_flat", "leaves", "setting"]

@@ -16,7 +16,7 @@ import gc
 import importlib.util
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from steer_heal.chat import encode_prompt
 from steer_heal.console import quiet_vllm_logs
 from steer_heal.engine.base import Rollout, Sampling, eos_token_ids
 from steer_heal.engine.vllm_models import SUPPORTED, UNAVAILABLE, register, steered_name
+from steer_heal.setting import ITERATIVE, setting
 from steer_heal.steering.core import Steering, steering_delta
 
 
@@ -33,24 +34,21 @@ class VLLMUnavailableError(RuntimeError):
     """vLLM is not installed; the message names the fix."""
 
 
-def _f(default, help: str, modes=("iterative", "online")):
-    return field(default=default, metadata={"help": help, "modes": modes})
-
-
 @dataclass
 class VLLMConfig:
     """The `vllm:` section (iterative) / the `vllm_*` flat keys (online; GRPOConfig owns the three
     that TRL already declares: vllm_gpu_memory_utilization, vllm_enable_sleep_mode, vllm_max_model_length)."""
-    gpu_memory_utilization: float = _f(0.3, "fraction of the GPU for the colocated engine", ("iterative",))
-    enforce_eager: str = _f("auto", "auto: compiled + CUDA graphs on GPU (the steering buffers survive both), eager on "
-                                    "CPU | true | false")
-    sleep: bool = _f(False, "GPU: offload weights to pinned host RAM (one model per rank) and drop the KV cache while "
-                            "training", ("iterative",))
-    max_model_len: int = _f(2048, "longest prompt + completion", ("iterative",))
-    max_num_seqs: int = _f(256, "most sequences per engine step")
-    kv_cache_gib: float = _f(1.0, "CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
-    dtype: str = _f("auto", "auto: the trainer's dtype (bf16 on GPU, fp32 on CPU)")
-    enable_prefix_caching: bool = _f(True, "reuse the KV of repeated prompts (GRPO repeats each num_generations times)")
+    gpu_memory_utilization: float = setting(0.3, "fraction of the GPU for the colocated engine", (ITERATIVE,))
+    enforce_eager: str = setting("auto", "auto: compiled + CUDA graphs on GPU (the steering buffers survive "
+                                         "both), eager on CPU | true | false")
+    sleep: bool = setting(False, "GPU: offload weights to pinned host RAM (one model per rank) and drop the KV "
+                                 "cache while training", (ITERATIVE,))
+    max_model_len: int = setting(2048, "longest prompt + completion", (ITERATIVE,))
+    max_num_seqs: int = setting(256, "most sequences per engine step")
+    kv_cache_gib: float = setting(1.0, "CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    dtype: str = setting("auto", "auto: the trainer's dtype (bf16 on GPU, fp32 on CPU)")
+    enable_prefix_caching: bool = setting(True, "reuse the KV of repeated prompts (GRPO repeats each "
+                                                "num_generations times)")
 
     @property
     def eager(self) -> bool | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -32,7 +33,7 @@ def zero_stage(args) -> int:
         return int(plugin.zero_stage or 0)
     ds = getattr(args, "deepspeed", None)
     if ds:
-        cfg = ds if isinstance(ds, dict) else json.loads(open(ds).read())
+        cfg = ds if isinstance(ds, dict) else json.loads(Path(ds).read_text())
         return int(cfg.get("zero_optimization", {}).get("stage", 0))
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
@@ -54,8 +55,9 @@ def check_launch(args, engine: str) -> None:
         raise LaunchConfigError("DeepSpeed ZeRO-3 is not supported: the student needs whole weights on every rank "
                                 "(original-weight copies, history merge, reference and base modes); fix: launch with "
                                 "accelerate_configs/deepspeed_zero2.yaml or multi_gpu.yaml")
-    if stage in (1, 2) and _offload(args) != "none/none":
-        raise LaunchConfigError(f"DeepSpeed optimizer/parameter offload ({_offload(args)}) is not verified with bakes; "
+    offload = _offload(args) if stage else "none/none"
+    if offload != "none/none":
+        raise LaunchConfigError(f"DeepSpeed optimizer/parameter offload ({offload}) is not verified with bakes; "
                                 "fix: set offload_optimizer_device and offload_param_device to none")
     tp = int(getattr(args, "vllm_tensor_parallel_size", 1) or 1)
     if engine == "vllm" and tp > 1:
