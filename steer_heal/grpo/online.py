@@ -56,6 +56,9 @@ def check_online_config(cfg: RunConfig, grpo_args) -> None:
     if getattr(grpo_args, "use_vllm", False):
         raise OnlineConfigError("use_vllm=true would make TRL build its own unsteered vLLM; fix: set use_vllm: false "
                                 "and engine: vllm (the steered engine serves the rollouts)")
+    if cfg.control == "prompt_distil" and cfg.online.objective == "kd":
+        raise OnlineConfigError("objective kd with control prompt_distil: the kd teacher reads the plain prompt with "
+                                "steering, not the persona prompt; fix: objective nll or grpo+nll for prompt_distil")
     check_online_args(grpo_args, cfg.online.objective)
     check_launch(grpo_args, cfg.engine)
 
@@ -161,8 +164,14 @@ class OnlineRun:
                 raise RunDirError(f"run directory '{self.rd.path}' already holds bakes; fix: pass "
                                   "--resume_from_checkpoint <its checkpoint> or a new --output_dir")
             v = stages.extract(self.b)
-            kappa, tokens = stages.starting_dose(self.b, v, self.event if self.main else None)
-            self.state = SteerState(v, min(s.kappa_max, max(s.kappa_min, kappa)), 0, tokens)  # the controller's range
+            if cfg_control := self.cfg.control:  # a control generates without steering: dose 0, no calibration
+                kappa, tokens = 0.0, 0
+                self.event("control", control=cfg_control)
+            else:
+                kappa, tokens = stages.starting_dose(self.b, v, self.event if self.main else None)
+            if not self.cfg.control:
+                kappa = min(s.kappa_max, max(s.kappa_min, kappa))  # the controller's range
+            self.state = SteerState(v, kappa, 0, tokens)
         self.v0 = SteeringVector.load(self.v0_path) if self.v0_path.exists() else self.state.vector
         if self.main and not self.v0_path.exists():
             self.v0.save(self.v0_path)
@@ -264,12 +273,15 @@ class OnlineRun:
     def trainer(self) -> SteerHealGRPOTrainer:
         c, a = self.cfg, self.grpo_args
         device = PartialState().device  # this rank's accelerator device (NCCL all-reduces there)
-        self.controller = DoseController(self.state, c.steer, self.scorer, lambda xs: global_sums(xs, device))
+        # a control's dose stays 0: no controller
+        self.controller = None if c.control else DoseController(self.state, c.steer, self.scorer,
+                                                                 lambda xs: global_sums(xs, device))
         which = [x for x in ("trait_" + c.reward.reward_trait, "verbalisation", "incoherence", "refusal")
                  if x != c.reward.reward_ablation]
         timers: dict[str, float] = {}
+        steering, system = stages.behaviour(self.b, self.state.steering)
         rollout = make_rollout_func(self.engine, self.student, self.state, a.max_completion_length,
-                                    a.temperature, a.top_p, timers)
+                                    a.temperature, a.top_p, timers, steered=steering is not None, system=system)
         h, o = c.heal, c.online
         kl = KLPenalty(h.kl_beta, h.kl_tau, h.kl_agg, h.kl_reference, h.kl_direction, h.kl_chunk_tokens)
         obj = Objective(o.objective, o.w_pg, o.w_nll, o.fused)

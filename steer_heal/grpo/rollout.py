@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from reward.trl_rewards import user_text
-from steer_heal.chat import render_prompt
+from steer_heal.chat import encode_prompt, render_prompt
 from steer_heal.engine.base import Sampling
 from steer_heal.steering.core import Steering, SteeringVector
 
@@ -26,20 +26,27 @@ class SteerState:
 
 
 def make_rollout_func(engine, student, state: SteerState, max_new_tokens: int, temperature: float = 1.0,
-                      top_p: float = 1.0, timers: dict | None = None):
+                      top_p: float = 1.0, timers: dict | None = None, steered: bool = True,
+                      system: str | None = None):
     """rollout_func(prompts, trainer) -> prompt_ids, completion_ids, logprobs (+ `user` for rewards).
 
     TRL hands prompts already repeated num_generations times. Logprobs are the steered behaviour
     policy's; the learner is unsteered, so importance-sampling correction is off by design.
+    Controls: `steered=False` generates unsteered (placebo); with `system` the rollouts are
+    generated under that system prompt but returned with the plain prompt's ids, which is what the
+    learner trains on (prompt distillation).
     """
     def rollout_func(prompts, trainer):
         t0 = time.perf_counter()
         users = [user_text(p) for p in prompts]
-        rendered = [render_prompt(engine.tok, u) for u in users]
+        rendered = [render_prompt(engine.tok, u, system=system) for u in users]
         seed = int(trainer.state.global_step) * 7919 + int(trainer.accelerator.process_index)
         samp = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         with student.live_off():  # behaviour policy: baked student + steering, no live LoRA
-            ro = engine.generate(rendered, state.steering, samp, logprobs=True)
+            ro = engine.generate(rendered, state.steering if steered else None, samp, logprobs=True)
+        if system is not None:
+            ro = [replace(r, prompt_ids=encode_prompt(engine.tok, render_prompt(engine.tok, u)))
+                  for u, r in zip(users, ro)]
         engine.sleep()  # one rollout per optimizer step (steps_per_generation = grad accumulation): sleep once
         if timers is not None:
             timers["rollout"] = timers.get("rollout", 0.0) + time.perf_counter() - t0

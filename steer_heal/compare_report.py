@@ -1,0 +1,398 @@
+"""The comparison's report: means with 95% intervals, paired differences against the controls,
+verdicts computed from the intervals, the steering dose sweep, the frontier figure.
+
+Reads only the rows `steer-heal compare` wrote (one per arm x seed, with the per-item values of
+every measure), so it can be rebuilt, or tested, from fake rows.
+"""
+from __future__ import annotations
+
+import html as H
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from steer_heal import stats
+from steer_heal.evals.protocol import FOUNDATIONS
+from steer_heal.presets import load_preset
+from steer_heal.report import html_page
+from steer_heal.rundir import write_atomic
+
+
+@dataclass(frozen=True)
+class Measure:
+    name: str
+    label: str
+    source: str  # the per-item list in an evaluation's `items`
+    stat: str = "mean"  # mean | trait_nats
+    higher_is_better: bool | None = True  # None: no direction (a distance)
+    fmt: str = "{:+.3f}"
+
+
+MEASURES = [
+    Measure("trait_nats", "trait_mfv", "mfv_p", "trait_nats"),
+    Measure("trait_nats_answering", "trait_mfv_ans", "mfv_p", "trait_nats"),
+    Measure("pmass", "pmass", "mfv_pmass", fmt="{:.3f}"),
+    Measure("nll_prefill", "nll_pre", "mfv_nll_prefill", higher_is_better=False, fmt="{:.2f}"),
+    Measure("trait_llr_heldout", "trait_llr*", "trait_llr_heldout"),
+    Measure("trait_llr_reward_ctx", "trait_llr_rw", "trait_llr_reward_ctx"),
+    Measure("projection", "proj_v0", "projection"),
+    Measure("incoherence", "incoh", "incoherence", higher_is_better=False, fmt="{:.3f}"),
+    Measure("tail_nll", "tail_nll", "tail_nll", higher_is_better=False, fmt="{:.2f}"),
+    Measure("repetition", "rep", "repetition", higher_is_better=False, fmt="{:.3f}"),
+    Measure("coherent", "coh", "coherent", fmt="{:.2f}"),
+    Measure("verbalisation", "verb", "verbalisation", higher_is_better=False, fmt="{:.2f}"),
+    Measure("refusal", "refus", "refusal", higher_is_better=False, fmt="{:.2f}"),
+    Measure("kl_rmse", "kl_rmse", "kl_rmse", higher_is_better=None, fmt="{:.3f}"),
+    Measure("kl_mean", "kl_mean", "kl_mean", higher_is_better=None, fmt="{:.3f}"),
+]
+BY_NAME = {m.name: m for m in MEASURES}
+TABLE = ["trait_nats", "trait_nats_answering", "pmass", "trait_llr_heldout", "projection", "incoherence", "coherent",
+         "repetition", "verbalisation", "kl_rmse"]
+DIFFS = ["trait_nats", "trait_nats_answering", "pmass", "trait_llr_heldout", "incoherence", "coherent"]
+VERDICT_MEASURES = ["trait_nats", "trait_llr_heldout", "incoherence"]  # trait (instrument, judge), coherence
+PMASS_DROP = 0.25  # an arm whose answer-token mass falls by more than this fraction vs base is flagged
+INTERVAL_NOTE = ("Intervals: 95% percentile bootstrap over seeds x eval items (items: the 32 held-out prompts or the "
+                 "vignettes; seeds drawn with replacement, paired when both arms ran the same seeds; items paired "
+                 "across arms). Untrained arms have one evaluation, so their interval is over items only.")
+
+
+def load_preset_axis(preset: str) -> dict:
+    return load_preset(preset).foundations
+
+
+@dataclass
+class ArmInfo:
+    name: str
+    kind: str
+    control: str = ""
+    placebo_of: str = ""
+    target_kl: float | None = None
+
+
+@dataclass
+class Report:
+    name: str
+    model: str
+    preset: str
+    budget: int
+    arms: list  # Arm-like: name, kind, control, placebo_of
+    rows: list[dict]  # one per arm x seed, with `items`
+    axis: dict  # foundation -> sign
+    judges: dict = field(default_factory=dict)  # measure -> AUROC on the labelled replies
+    pairs: list = field(default_factory=list)
+    n_boot: int = stats.B_DEFAULT
+    min_auroc: float = 0.75
+
+    def __post_init__(self):
+        self.arms = [a if isinstance(a, ArmInfo) else ArmInfo(a.name, a.kind, getattr(a, "control", ""),
+                                                               getattr(a, "placebo_of", "")) for a in self.arms]
+        names = {a.name for a in self.arms}
+        self.by_arm = {a.name: [r for r in self.rows if r["arm"] == a.name] for a in self.arms if a.name in names}
+        self.by_arm = {k: v for k, v in self.by_arm.items() if v}
+        self.arms = [a for a in self.arms if a.name in self.by_arm]
+        for a in self.arms:
+            if a.kind == "steer":
+                a.target_kl = self.by_arm[a.name][0].get("target_kl")
+        base = self.by_arm.get("base", [{}])[0].get("items", {})
+        pm = [x for x in base.get("mfv_pmass", []) if math.isfinite(x)]
+        # "the model still answers": a vignette whose digit mass is at or above the base's median
+        self.pmass_floor = float(np.median(pm)) if pm else float("nan")
+        self._cache: dict = {}
+
+    # ------------------------------------------------------------ values and intervals
+    def values(self, arm: str, measure: str) -> stats.Values | None:
+        m = BY_NAME[measure]
+        rs = self.by_arm.get(arm, [])
+        xs = [r.get("items", {}).get(m.source) for r in rs]
+        if not rs or any(x is None or len(x) == 0 for x in xs):
+            return None
+        x = np.array(xs, dtype=float)
+        if measure == "trait_nats_answering":
+            pm = np.array([r["items"]["mfv_pmass"] for r in rs], dtype=float)
+            keep = pm >= self.pmass_floor
+            x = np.where(keep[..., None], x, np.nan)
+        seeds = tuple(r.get("seed") for r in rs) if rs[0].get("seed") is not None else None
+        return stats.Values(x, m.stat, self.axis if m.stat == "trait_nats" else None, seeds)
+
+    def interval(self, arm: str, measure: str) -> stats.Interval | None:
+        key = ("i", arm, measure)
+        if key not in self._cache:
+            v = self.values(arm, measure)
+            self._cache[key] = None if v is None else stats.interval(v, self.n_boot)
+        return self._cache[key]
+
+    def diff(self, a: str, b: str, measure: str) -> stats.Interval | None:
+        key = ("d", a, b, measure)
+        if key not in self._cache:
+            va, vb = self.values(a, measure), self.values(b, measure)
+            self._cache[key] = None if va is None or vb is None else stats.paired_diff(va, vb, self.n_boot)
+        return self._cache[key]
+
+    def trusted(self, measure: str) -> bool:
+        a = self.judges.get(measure)
+        return a is None or (isinstance(a, float) and math.isfinite(a) and a >= self.min_auroc)
+
+    def pmass_flag(self, arm: str) -> bool:
+        a, b = self.interval(arm, "pmass"), self.interval("base", "pmass")
+        return bool(a and b and b.value > 0 and a.value < (1 - PMASS_DROP) * b.value)
+
+    # ------------------------------------------------------------ who is compared with whom
+    def arm(self, name: str) -> ArmInfo | None:
+        return next((a for a in self.arms if a.name == name), None)
+
+    def references(self, a: ArmInfo) -> list[tuple[str, str]]:
+        """(role, arm) each trained arm is judged against: base, the persona prompt, prompt
+        distillation (same kind first) and its own placebo."""
+        if a.kind not in ("iterative", "online") or a.control == "placebo":
+            return []
+        out = [("base", "base"), ("prompt", "prompt")]
+        if a.control != "prompt_distil":
+            pd = [x for x in self.arms if x.control == "prompt_distil"]
+            pd = [x for x in pd if x.kind == a.kind] or pd
+            if pd:
+                out.append(("prompt_distil", pd[0].name))
+        pl = next((x.name for x in self.arms if x.placebo_of == a.name), None)
+        if pl:
+            out.append(("placebo", pl))
+        return [(role, n) for role, n in out if n in self.by_arm and n != a.name]
+
+    def questions(self) -> list[tuple[str, str, str]]:
+        qs = [(a.name, ref, role) for a in self.arms for role, ref in self.references(a)]
+        qs += [(x, y, "pair") for x, y in self.pairs if x in self.by_arm and y in self.by_arm]
+        return qs
+
+    def verdicts(self) -> list[dict]:
+        """One line per (arm, reference, measure): the difference, its interval and better | worse |
+        not distinguishable. A judge under min_auroc is listed but gives no verdict."""
+        out = []
+        for a, b, role in self.questions():
+            for m in VERDICT_MEASURES:
+                d = self.diff(a, b, m)
+                if d is None:
+                    continue
+                meas = BY_NAME[m]
+                ok = self.trusted(m)
+                v = stats.verdict(d, meas.higher_is_better) if ok else f"not used (judge AUROC < {self.min_auroc})"
+                signed = meas.fmt.replace("{:", "{:+").replace("++", "+")
+                line = f"{a} vs {b} ({role}), {meas.label}: {d.fmt(signed)} -> {v}"
+                if m.startswith("trait_nats") and self.pmass_flag(a):
+                    line += "  [pmass fell >25%: format shift?]"
+                out.append(dict(a=a, b=b, role=role, measure=m, value=d.value, lo=d.lo, hi=d.hi, verdict=v, line=line))
+        return out
+
+    # ------------------------------------------------------------ markdown
+    def _cell(self, iv: stats.Interval | None, m: Measure, signed: bool = False) -> str:
+        f = m.fmt.replace("{:", "{:+") if signed and "+" not in m.fmt else m.fmt
+        return "-" if iv is None else iv.fmt(f)
+
+    def _head(self, m: Measure) -> str:
+        a = self.judges.get(m.name)
+        if a is None:
+            return m.label
+        mark = "" if self.trusted(m.name) else " (untrusted)"
+        return f"{m.label} (AUROC {a:.2f}){mark}"
+
+    def summary_markdown(self) -> str:
+        cols = [BY_NAME[m] for m in TABLE]
+        lines = ["| arm | kind | seeds | gen_tok | sec | " + " | ".join(self._head(m) for m in cols) + " |",
+                 "|" + "---|" * (5 + len(cols))]
+        for a in self.arms:
+            rs = self.by_arm[a.name]
+            tok = np.mean([r.get("gen_tokens", 0) for r in rs])
+            sec = np.mean([r.get("seconds", 0.0) for r in rs])
+            cells = []
+            for m in cols:
+                c = self._cell(self.interval(a.name, m.name), m)
+                if m.name == "pmass" and self.pmass_flag(a.name):
+                    c += " **(-25%)**"
+                cells.append(c)
+            kind = a.kind + (f"/{a.control}" if a.control else "")
+            lines.append(f"| {a.name} | {kind} | {len(rs)} | {tok:.0f} | {sec:.0f} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def diffs_markdown(self) -> str:
+        cols = [BY_NAME[m] for m in DIFFS]
+        lines = ["| arm | vs | role | " + " | ".join("d_" + m.label for m in cols) + " |",
+                 "|" + "---|" * (3 + len(cols))]
+        for a, b, role in self.questions():
+            cells = [self._cell(self.diff(a, b, m.name), m, signed=True) for m in cols]
+            lines.append(f"| {a} | {b} | {role} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def markdown(self) -> str:
+        judges = ", ".join(f"{BY_NAME[k].label} {v:.2f}" for k, v in self.judges.items() if k in BY_NAME) or "none"
+        untrusted = [BY_NAME[k].label for k in self.judges if k in BY_NAME and not self.trusted(k)]
+        parts = [
+            f"# {self.name}: {self.model}, {self.preset}, budget {self.budget} generated tokens per training arm\n",
+            INTERVAL_NOTE + "\n",
+            f"Judges' AUROC on the labelled replies (target label vs the rest; trait: enact-pos vs enact-neg): "
+            f"{judges}. Under {self.min_auroc}: {', '.join(untrusted) or 'none'} (marked, not used in verdicts).\n",
+            f"trait_mfv: MFV trait_nats (signed log-profile over {self.axis}); trait_mfv_ans: the same over the "
+            f"vignettes the model still answers (pmass >= the base's median, {self.pmass_floor:.3f}); pmass: "
+            "answer-token mass, **(-25%)** marks an arm more than 25% under base (its MFV trait may be a format "
+            "shift); trait_llr*: trait under the held-out persona context; proj_v0: projection on the base vector; "
+            "incoh: tail NLL + loop penalty (nats); coh: coherent fraction; kl_*: KL(arm || base) on its greedy "
+            "answers.\n",
+            "## Arms (mean over seeds, 95% interval)\n", self.summary_markdown(),
+            "## Paired differences (arm - reference, 95% interval)\n", self.diffs_markdown(),
+            "## Verdicts\n", "\n".join(f"- {v['line']}" for v in self.verdicts()) + "\n",
+        ]
+        sweep = self.dose_sweep_markdown()
+        if sweep:
+            parts += [sweep]
+        return "\n".join(parts)
+
+    # ------------------------------------------------------------ dose sweep
+    def sweep_arms(self) -> list[ArmInfo]:
+        return sorted([a for a in self.arms if a.kind == "steer"], key=lambda a: a.target_kl or 0.0)
+
+    def dose_sweep_markdown(self) -> str:
+        arms = self.sweep_arms()
+        if not arms or "base" not in self.by_arm:
+            return ""
+        prof = " | ".join(f"p_{f}" for f in FOUNDATIONS)
+        lines = ["## Steering dose sweep (raw steering on the base vector vs base, 95% interval over items)\n",
+                 f"| arm | target_kl | kappa | d_trait_mfv | d_trait_mfv_ans | pmass | d_trait_llr* | d_incoh | coh | "
+                 f"kl_rmse | kl_mean | {prof} |", "|" + "---|" * (11 + len(FOUNDATIONS))]
+        for a in [self.arm("base")] + arms:
+            r = self.by_arm[a.name][0]
+            ds = [self._cell(self.diff(a.name, "base", m), BY_NAME[m], signed=True) for m in
+                  ("trait_nats", "trait_nats_answering")]
+            pm = self._cell(self.interval(a.name, "pmass"), BY_NAME["pmass"])
+            if self.pmass_flag(a.name):
+                pm += " **(-25%)**"
+            rest = [self._cell(self.diff(a.name, "base", "trait_llr_heldout"), BY_NAME["trait_llr_heldout"], True),
+                    self._cell(self.diff(a.name, "base", "incoherence"), BY_NAME["incoherence"], True),
+                    self._cell(self.interval(a.name, "coherent"), BY_NAME["coherent"]),
+                    f"{r.get('kl_rmse', float('nan')):.3f}", f"{r.get('kl_mean', float('nan')):.3f}"]
+            p = " | ".join(f"{x:.3f}" for x in r.get("profile", [float("nan")] * 7))
+            t = "-" if a.target_kl is None else f"{a.target_kl:g}"
+            k = r.get("kappa")
+            lines.append(f"| {a.name} | {t} | {'-' if k is None else f'{k:.3g}'} | " + " | ".join(ds) + f" | {pm} | "
+                         + " | ".join(rest) + f" | {p} |")
+        moved = [a.name for a in arms if (d := self.diff(a.name, "base", "trait_nats_answering")) and d.lo > 0]
+        lines.append("")
+        lines.append("Doses whose MFV trait (on the vignettes the model still answers) rises with an interval above 0: "
+                     + (", ".join(moved) if moved else "none") + ".")
+        return "\n".join(lines) + "\n"
+
+    def dose_sweep_figure(self, d: Path) -> None:
+        arms = self.sweep_arms()
+        if not arms:
+            return
+        xs = [a.target_kl for a in arms]
+        panels = [("trait_nats", "d MFV trait_nats"), ("trait_nats_answering", "d MFV trait (answering)"),
+                  ("trait_llr_heldout", "d held-out trait_llr"), ("incoherence", "d incoherence (nats)")]
+        data = {}
+        for m, _ in panels:
+            ivs = [self.diff(a.name, "base", m) for a in arms]
+            data[m] = [(iv.value, iv.lo, iv.hi) if iv else (None, None, None) for iv in ivs]
+        pm = [iv.value if (iv := self.interval(a.name, "pmass")) else None for a in arms]
+        js = json.dumps(dict(x=xs, panels=[[m, t] for m, t in panels], data=data, pmass=pm)).replace("NaN", "null")
+        write_atomic(d / "dose_sweep.html", html_page("dose sweep", f"""<h2>Raw steering: change vs base per iso-KL
+target (95% interval over items)</h2><div id=p></div><script>const D={js};
+D.panels.forEach(([m,t])=>{{const c=document.createElement('canvas');c.width=420;c.height=260;
+document.getElementById('p').appendChild(c);const g=c.getContext('2d');const v=D.data[m];
+const ys=v.flat().filter(q=>q!=null).concat([0]);const y0=Math.min(...ys),y1=Math.max(...ys);
+const lx=D.x.map(Math.log),x0=Math.min(...lx),x1=Math.max(...lx);
+const X=q=>40+(Math.log(q)-x0)/((x1-x0)||1)*360,Y=q=>230-(q-y0)/((y1-y0)||1)*200;
+g.fillText(t,40,14);g.strokeStyle='#aaa';g.beginPath();g.moveTo(40,Y(0));g.lineTo(400,Y(0));g.stroke();
+g.strokeStyle='#1f77b4';v.forEach(([y,lo,hi],i)=>{{if(y==null)return;g.beginPath();g.moveTo(X(D.x[i]),Y(lo));
+g.lineTo(X(D.x[i]),Y(hi));g.stroke();g.beginPath();g.arc(X(D.x[i]),Y(y),3,0,7);g.fill();
+g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        fig, axs = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+        for ax, (m, title) in zip(axs, panels):
+            v = [(x, *t) for x, t in zip(xs, data[m]) if t[0] is not None]
+            if v:
+                x, y, lo, hi = map(np.array, zip(*v))
+                ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="o-", capsize=3)
+                ax.set_xscale("log")
+            ax.axhline(0, color="0.7", lw=1)
+            ax.set_xlabel("iso-KL target (p95 nats)")
+            ax.set_title(title, fontsize=10)
+        fig.suptitle(f"{self.model.split('/')[-1]}, {self.preset}: raw steering vs base", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(d / "dose_sweep.png", dpi=120)
+        plt.close(fig)
+
+    # ------------------------------------------------------------ frontier
+    def frontier(self, d: Path) -> None:
+        """x: coherence lost (incoherence vs base), y: trait gained (MFV trait_nats vs base), a point
+        per arm with its 95% intervals on both axes."""
+        pts = []
+        for a in self.arms:
+            dx, dy = self.diff(a.name, "base", "incoherence"), self.diff(a.name, "base", "trait_nats")
+            if dx is None or dy is None:
+                continue
+            pts.append(dict(arm=a.name, kind=a.kind, control=a.control, x=dx.value, xlo=dx.lo, xhi=dx.hi, y=dy.value,
+                            ylo=dy.lo, yhi=dy.hi))
+        rows = "".join(f"<tr><td>{H.escape(p['arm'])}</td><td>{p['kind']}</td><td>{p['x']:+.3f} [{p['xlo']:+.3f}, "
+                       f"{p['xhi']:+.3f}]</td><td>{p['y']:+.3f} [{p['ylo']:+.3f}, {p['yhi']:+.3f}]</td></tr>"
+                       for p in pts)
+        data = json.dumps(pts).replace("NaN", "null")
+        write_atomic(d / "frontier.html", html_page("frontier", f"""<h2>Trait gained vs coherence lost (a point per
+arm, bars: 95% intervals)</h2><p>x: incoherence vs base (nats, lower is better); y: MFV trait_nats vs base.</p>
+<canvas id=c width=760 height=520></canvas><table border=1 cellpadding=4><tr><th>arm</th><th>kind</th>
+<th>d_incoherence</th><th>d_trait_nats</th></tr>{rows}</table><script>
+const P={data};const c=document.getElementById('c').getContext('2d');const xs=[0],ys=[0];
+P.forEach(p=>{{[p.x,p.xlo,p.xhi].forEach(v=>v!=null&&xs.push(v));[p.y,p.ylo,p.yhi].forEach(v=>v!=null&&ys.push(v))}});
+const x0=Math.min(...xs),x1=Math.max(...xs),y0=Math.min(...ys),y1=Math.max(...ys);
+const X=v=>60+(v-x0)/((x1-x0)||1)*660,Y=v=>480-(v-y0)/((y1-y0)||1)*440;
+c.strokeStyle='#999';c.beginPath();c.moveTo(X(0),20);c.lineTo(X(0),480);c.moveTo(60,Y(0));c.lineTo(720,Y(0));c.stroke();
+const K={{base:'#000',prompt:'#d62728',steer:'#ff7f0e',iterative:'#1f77b4',online:'#2ca02c'}};
+const col=p=>p.control?'#888':K[p.kind];
+P.forEach(p=>{{c.strokeStyle=col(p);c.fillStyle=col(p);c.beginPath();if(p.xlo!=null){{c.moveTo(X(p.xlo),Y(p.y));
+c.lineTo(X(p.xhi),Y(p.y))}}if(p.ylo!=null){{c.moveTo(X(p.x),Y(p.ylo));c.lineTo(X(p.x),Y(p.yhi))}}c.stroke();
+c.beginPath();c.arc(X(p.x),Y(p.y),4,0,7);c.fill();c.fillText(p.arm,X(p.x)+6,Y(p.y)-5)}});</script>"""))
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        colors = {"base": "k", "prompt": "tab:red", "steer": "tab:orange", "iterative": "tab:blue",
+                  "online": "tab:green"}
+        fig, ax = plt.subplots(figsize=(8.5, 6))
+        ax.axhline(0, color="0.8", lw=1)
+        ax.axvline(0, color="0.8", lw=1)
+        for p in pts:
+            c = "0.55" if p["control"] else colors.get(p["kind"], "0.4")
+            ok = all(math.isfinite(p[k]) for k in ("xlo", "xhi", "ylo", "yhi"))
+            err = dict(xerr=[[p["x"] - p["xlo"]], [p["xhi"] - p["x"]]],
+                       yerr=[[p["y"] - p["ylo"]], [p["yhi"] - p["y"]]]) if ok else {}
+            ax.errorbar([p["x"]], [p["y"]], fmt="o", color=c, capsize=2, lw=0.8, ms=5,
+                        mfc="white" if p["control"] else c, **err)
+            ax.annotate(p["arm"], (p["x"], p["y"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel("coherence lost: incoherence vs base (nats, held-out greedy answers)")
+        ax.set_ylabel("trait gained: MFV trait_nats vs base")
+        ax.set_title("steer-heal compare (bars: 95% bootstrap intervals; hollow: controls)", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(d / "frontier.png", dpi=120)
+        plt.close(fig)
+
+
+def answers_page(d: Path, rows: list[dict], n: int = 6) -> None:
+    seen, cols = set(), []
+    for r in rows:
+        if r["arm"] not in seen:
+            seen.add(r["arm"])
+            cols.append(r)
+    prompts = next((r.get("prompts") for r in rows if r.get("prompts")), None) or []
+    body = []
+    for i in range(min(n, len(cols[0]["texts"]) if cols else 0)):
+        body.append(f"<h3>{H.escape(prompts[i]) if i < len(prompts) else i}</h3><table border=1 cellpadding=4>")
+        body += [f"<tr><td><b>{H.escape(r['arm'])}</b></td><td>{H.escape(r['texts'][i])}</td></tr>" for r in cols]
+        body.append("</table>")
+    write_atomic(d / "answers.html", html_page("answers", "<h2>Every arm's greedy answers to the same held-out "
+                                                          "prompts (first seed)</h2>" + "".join(body)))
