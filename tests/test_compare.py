@@ -9,51 +9,81 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _config(tmp_path, tiny_dir, budget=60):
+def _config(tmp_path, tiny_dir, budget=60, **extra):
     cfg = dict(name="tiny", compare_dir=str(tmp_path / "cmp"), model=str(tiny_dir["llama"]), budget_tokens=budget,
-               dtype="float32", eval=dict(eval_prompts=3, eval_max_new_tokens=8, mfv_n=7, think_tokens=4,
-                                          mfv_batch_size=14), steer=dict(n_contexts=16),
+               dtype="float32", seeds=[1, 2], n_boot=300,
+               eval=dict(eval_prompts=3, eval_max_new_tokens=8, mfv_n=7, think_tokens=4, mfv_batch_size=14),
+               steer=dict(n_contexts=16), pairs=[["online", "iter"]],
                arms=[dict(name="base", kind="base"), dict(name="prompt", kind="prompt"),
-                     dict(name="iter", kind="iterative", config=str(ROOT / "recipes/configs/smoke.yaml")),
+                     dict(name="steer_lo", kind="steer", overrides=dict(target_kl=0.05)),
+                     dict(name="steer_hi", kind="steer", overrides=dict(target_kl=1.0)),
+                     dict(name="iter", kind="iterative", config=str(ROOT / "recipes/configs/smoke.yaml"), placebo=True),
                      dict(name="online", kind="online", config=str(ROOT / "recipes/configs/grpo_smoke.yaml"),
-                          overrides=dict(bake_every=2))])
+                          overrides=dict(bake_every=2)),
+                     dict(name="online_pd", kind="online", config=str(ROOT / "recipes/configs/grpo_smoke.yaml"),
+                          overrides=dict(bake_every=2, control="prompt_distil"))]) | extra
     p = tmp_path / "cmp.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
 
 
 @pytest.mark.slow
-def test_four_arm_comparison_table_budget_and_resume(tiny_dir, mfv_dir, tmp_path):
+def test_comparison_controls_sweep_intervals_budget_and_resume(tiny_dir, mfv_dir, tmp_path):
     from steer_heal.cli import main
-    from steer_heal.compare import COLUMNS, arm_rows, load_compare
+    from steer_heal.compare import arm_rows, load_compare
 
     path = _config(tmp_path, tiny_dir)
     d = tmp_path / "cmp"
     # first invocation stops after the first training arm (as if killed between arms)
     assert main(["compare", "--config", str(path), "--arms", "base,prompt,iter"]) == 0
-    first = {json.loads(x)["arm"]: json.loads(x) for x in (d / "compare.jsonl").read_text().splitlines()}
-    log_size = (d / "iter" / "train.log").stat().st_size
+    first = {(r["arm"], r["seed"]): r for r in map(json.loads, (d / "compare.jsonl").read_text().splitlines())}
+    log_size = (d / "iter-s1" / "train.log").stat().st_size
     assert main(["compare", "--config", str(path)]) == 0
-    assert (d / "iter" / "train.log").stat().st_size == log_size  # the finished arm was skipped, not rerun
-    rows = {json.loads(x)["arm"]: json.loads(x) for x in (d / "compare.jsonl").read_text().splitlines()}
-    assert list(rows) == ["base", "prompt", "iter", "online"]
-    for arm in ("base", "prompt", "iter"):
-        assert rows[arm] == first[arm]  # the same rows after the resume
-    table = (d / "compare.md").read_text()
-    assert all(h in table for _, h, _ in COLUMNS)
-    for k in ("d_trait_nats", "d_trait_llr_heldout", "projection", "d_incoherence", "kl_rmse", "pmass", "gen_tokens"):
-        assert k in rows["online"] and k in rows["iter"], k
-    assert rows["base"]["d_trait_nats"] == 0.0 and rows["base"]["kl_rmse"] < 1e-3  # base vs itself
-    assert rows["prompt"]["kl_rmse"] > 1e-3  # the persona prompt moves the distribution
+    assert (d / "iter-s1" / "train.log").stat().st_size == log_size  # the finished arm was skipped, not rerun
+    rows = {(r["arm"], r["seed"]): r for r in map(json.loads, (d / "compare.jsonl").read_text().splitlines())}
+    arms = list(dict.fromkeys(a for a, _ in rows))
+    assert arms == ["base", "prompt", "steer_lo", "steer_hi", "iter", "iter_placebo", "online", "online_pd"]
+    for k in first:
+        assert rows[k] == first[k]  # the same rows after the resume
+    assert rows[("base", None)]["d_trait_nats"] == 0.0 and rows[("base", None)]["kl_rmse"] < 1e-3
+    assert rows[("prompt", None)]["kl_rmse"] > 1e-3  # the persona prompt moves the distribution
+    # the sweep: a larger iso-KL target gives a larger dose and a larger KL to base
+    lo, hi = rows[("steer_lo", None)], rows[("steer_hi", None)]
+    assert lo["target_kl"] == 0.05 and hi["target_kl"] == 1.0 and lo["kappa"] < hi["kappa"]
+    assert lo["kl_rmse"] < hi["kl_rmse"]
+    # the placebo arm ran at dose 0 with the same seeds; the steered arm did not
+    for s in (1, 2):
+        assert all(r["kappa"] == 0.0 for r in arm_rows(d / f"iter_placebo-s{s}", "iterative"))
+        assert all(r["kappa"] > 0.0 for r in arm_rows(d / f"iter-s{s}", "iterative"))
+        assert rows[("iter_placebo", s)]["placebo_of"] == "iter"
     cfg = load_compare(str(path))
-    for arm, kind in (("iter", "iterative"), ("online", "online")):
+    for arm, kind in (("iter-s1", "iterative"), ("online-s2", "online")):
         r = arm_rows(d / arm, kind)
-        used = rows[arm]["gen_tokens"]
+        used = r[-1]["gen_tokens"]
         step = used - (r[-2]["gen_tokens"] if len(r) > 1 else 0)  # the last round's / bake's own tokens
         assert used >= cfg.budget_tokens and used - cfg.budget_tokens < step, (arm, used, step)
-    assert len(arm_rows(d / "iter", "iterative")) == 1 and [x["step"] for x in arm_rows(d / "online", "online")] == [2]
+    md = (d / "compare.md").read_text()
+    assert "## Verdicts" in md and "iter vs iter_placebo (placebo), trait_mfv:" in md
+    assert "iter vs online_pd (prompt_distil)" in md and "online vs iter (pair)" in md and "AUROC" in md
+    assert "## Steering dose sweep" in md and (d / "dose_sweep.md").exists() and (d / "dose_sweep.png").exists()
+    verdicts = json.loads((d / "verdicts.json").read_text())
+    assert all(v["verdict"] in ("better", "worse", "not distinguishable") or v["verdict"].startswith("not used")
+               for v in verdicts)
+    assert all(v["lo"] <= v["value"] <= v["hi"] for v in verdicts if v["lo"] == v["lo"])
     assert (d / "frontier.png").exists() and "<canvas" in (d / "frontier.html").read_text()
     assert "prompt" in (d / "answers.html").read_text()
+
+
+@pytest.mark.slow
+def test_failed_arm_stops_with_one_line_naming_its_log(tiny_dir, mfv_dir, tmp_path, capsys):
+    from steer_heal.cli import main
+
+    path = _config(tmp_path, tiny_dir, arms=[dict(name="base", kind="base"), dict(
+        name="broken", kind="online", config=str(ROOT / "recipes/configs/grpo_smoke.yaml"),
+        overrides=dict(objective="distill"))])
+    assert main(["compare", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken" in err[0] and "broken-s1/train.log" in err[0] and "Traceback" not in err[0]
 
 
 def test_heldout_judge_differs_from_the_reward_context(tiny):
@@ -80,6 +110,13 @@ def test_bad_compare_config_one_line(tmp_path):
     p.write_text(yaml.safe_dump(dict(arms=[dict(name="a", kind="online")])))
     with pytest.raises(CompareError, match="needs config"):
         load_compare(str(p))
+    p.write_text(yaml.safe_dump(dict(arms=[dict(name="a", kind="prompt", placebo=True)])))
+    with pytest.raises(CompareError, match="placebo: true needs a steered training arm"):
+        load_compare(str(p))
+    p.write_text(yaml.safe_dump(dict(arms=[dict(name="a", kind="online", config="x.yaml",
+                                                overrides=dict(control="placbo"))])))
+    with pytest.raises(CompareError, match="unknown control"):
+        load_compare(str(p))
     with pytest.raises(CompareError, match="not found"):
         load_compare(str(tmp_path / "missing.yaml"))
 
@@ -98,6 +135,8 @@ def test_shipped_studies_load_and_every_arm_parses():
         cfg = load_compare(str(f))
         kinds = {a.kind for a in cfg.arms}
         assert kinds == {"base", "prompt", "steer", "iterative", "online"}, f
+        assert len(cfg.seeds) >= 3 and cfg.eval.eval_prompts >= 24 and cfg.eval.mfv_n == 0, f
+        assert any(a.placebo_of for a in cfg.arms) and any(a.control == "prompt_distil" for a in cfg.arms), f
         for arm in cfg.arms:
             if arm.kind == "iterative":
                 load_config(ROOT / arm.config, [f"{k}={v}" for k, v in arm.overrides.items()])
@@ -107,18 +146,3 @@ def test_shipped_studies_load_and_every_arm_parses():
                 args[1] = str(ROOT / args[1])
                 oc, ga = TrlParser((OnlineConfig, GRPOConfig)).parse_args_and_config(args=args)
                 assert oc.budget_tokens == cfg.budget_tokens and ga.save_steps == oc.bake_every
-
-
-def test_seeds_give_mean_and_spread():
-    from steer_heal.compare import format_compare, summary_rows
-
-    rows = [dict(arm="base", kind="base", gen_tokens=0, d_trait_nats=0.0),
-            dict(arm="on", kind="online", seed=1, gen_tokens=100, d_trait_nats=0.1),
-            dict(arm="on", kind="online", seed=2, gen_tokens=120, d_trait_nats=0.3)]
-    s = {r["arm"]: r for r in summary_rows(rows)}
-    assert s["on"]["d_trait_nats"] == pytest.approx(0.2) and s["on"]["d_trait_nats_sd"] == pytest.approx(
-        0.1414, abs=1e-4
-    )
-    assert s["on"]["n_seeds"] == 2 and "d_trait_nats_sd" not in s["base"]
-    line = next(x for x in format_compare(rows).splitlines() if x.startswith("| on "))
-    assert "+0.200 ±0.141" in line and "110" in line
