@@ -112,10 +112,13 @@ class EvalConfig:
 
 @dataclass
 class OnlineSection:
-    objective: str = setting("nll", "live-LoRA objective: grpo | nll | grpo+nll | kd (README)", (ONLINE,))
+    objective: str = setting("nll", "live-LoRA objective: grpo | nll | grpo+nll | kd | opd (README)", (ONLINE,))
     w_pg: float = setting(1.0, "grpo+nll: weight of TRL's policy loss", (ONLINE,))
     w_nll: float = setting(1.0, "grpo+nll: weight of the filtered NLL", (ONLINE,))
     fused: bool = setting(True, "one student forward per micro-batch (false: TRL's forward + a second one)", (ONLINE,))
+    opd_estimator: str = setting("token", "opd: token (advantage log p_T - log p_S per sampled token, through TRL's "
+                                          "policy loss) | full (exact full-vocabulary KL(student || teacher) per "
+                                          "position)", (ONLINE,))
     bake_every: int = setting(4, "optimizer steps between bakes", (ONLINE,))
     seed_prompts: int = setting(0, "prompts of the preset in the dataset; 0: all", (ONLINE,))
     dump_rank_weights: bool = setting(False, "testing: each rank writes its LoRA, history and logits at the end",

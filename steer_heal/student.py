@@ -119,15 +119,25 @@ class Student:
                 W = W0.clone()
             m.base_layer.weight.data = W
 
-    def merged_weights(self):
+    def merged_weights(self, live: bool = False):
         """(HF checkpoint name, tensor) of every parameter in the decoder layers the LoRA touches, baked
         weights included: an engine push. Whole layers, because engines fuse q/k/v and gate/up and
-        reload a fused weight only from all of its parts."""
+        reload a fused weight only from all of its parts. `live` adds the live LoRA's delta (an
+        engine that serves the learner itself: on-policy distillation)."""
         want = {f".layers.{l}." for l in self.lora_layers}
+        deltas = {}
+        if live:
+            for n, m in self.model.get_base_model().named_modules():
+                if isinstance(m, LoraLayer):
+                    A, B = self._live_delta(m)
+                    deltas[f"{n}.base_layer.weight"] = B @ A
         for n, p in self.model.get_base_model().named_parameters():
             if "lora_" in n or not any(w in n for w in want):
                 continue
-            yield n.replace(".base_layer.", "."), p.data
+            w = p.data
+            if n in deltas:
+                w = (w.float() + deltas[n].to(w.device)).to(w.dtype)
+            yield n.replace(".base_layer.", "."), w
 
     # ------------------------------------------------------------ cumulative adapter
     def rank(self) -> int:

@@ -34,7 +34,7 @@ def _student(tiny, scale=0.3):
 
 
 def _trainer(tiny, st, tmp_path, objective="grpo", beta=0.0, tau=0.0, fused=True, rollout=None, reward=None,
-             steer_state=None, scorer=None, **grpo_kw):
+             steer_state=None, scorer=None, estimator="token", **grpo_kw):
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -51,7 +51,8 @@ def _trainer(tiny, st, tmp_path, objective="grpo", beta=0.0, tau=0.0, fused=True
     reward = reward or (lambda prompts, completions, **k: [float(len(c)) for c in completions])
     tr = SteerHealGRPOTrainer(model=st.model, reward_funcs=[reward], args=args, train_dataset=ds,
                               processing_class=tiny.tokenizer, student=st, kl=KLPenalty(beta=beta, tau=tau),
-                              objective=Objective(objective, w_pg=0.7, w_nll=1.3, fused=fused), rollout_func=rollout)
+                              objective=Objective(objective, w_pg=0.7, w_nll=1.3, fused=fused, opd_estimator=estimator),
+                              rollout_func=rollout)
     tr.current_gradient_accumulation_steps = 1
     tr.steer_state, tr.scorer = steer_state, scorer
     return tr
@@ -252,3 +253,173 @@ def test_judge_reward_refused_in_one_line(tmp_path):
         check_online_config(OnlineConfig(reward_trait="judge"), args)
     with pytest.raises(OnlineConfigError, match="unknown reward_ablation"):
         check_online_config(OnlineConfig(reward_ablation="trait"), args)
+
+
+# ------------------------------------------------------------------ on-policy distillation (opd)
+def _full_logps(st, ids, steering=None, live=True):
+    """float64 log-softmax over the whole vocabulary for one unpadded sequence: the student (live
+    LoRA on) or the teacher (live off, steered)."""
+    from contextlib import nullcontext
+
+    with torch.no_grad(), (nullcontext() if live else st.live_off()), steer(st.model, steering):
+        return torch.log_softmax(st.model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+
+
+def _opd_setup(tiny, tmp_path, kappa=3.0, scale=0.3, estimator="token"):
+    from steer_heal.grpo.rollout import SteerState
+
+    tok = tiny.tokenizer
+    st = _student(tiny, scale=scale)
+    v = extract_vector(st.model, tok, *PERSONAS, ["hi", "tell me a story", "why?"], [0, 1])
+    state = SteerState(v, kappa)
+    tr = _trainer(tiny, st, tmp_path, objective="opd", steer_state=state, estimator=estimator)
+    return tok, st, state, tr
+
+
+def test_opd_token_advantages_equal_a_hand_computation(tiny, tmp_path):
+    """A_t = log p_T(y_t) - log p_S(y_t) at every completion token (0 at padding), and TRL's policy
+    loss at ratio 1 is the per-sequence mean of -A_t, averaged over sequences."""
+    tok, st, state, tr = _opd_setup(tiny, tmp_path)
+    prompts, comps = _examples(tok)
+    inputs = _inputs(tok, prompts, comps, keep=[1, 0, 1, 1])  # opd ignores the filter
+    s = tr._student_terms(tr.model, inputs, entropy=True)
+    adv = tr.opd_advantages(s)
+    per_seq = []
+    for i in range(len(prompts)):
+        ids = prompts[i] + comps[i]
+        ls, lt = _full_logps(st, ids), _full_logps(st, ids, state.steering, live=False)
+        a = [float(lt[t, ids[t + 1]] - ls[t, ids[t + 1]]) for t in range(len(prompts[i]) - 1, len(ids) - 1)]
+        assert adv[i, :len(a)].tolist() == pytest.approx(a, abs=1e-4)
+        assert adv[i, len(a):].abs().sum() == 0
+        per_seq.append(-sum(a) / len(a))
+    assert max(abs(x) for x in per_seq) > 1e-2  # teacher and student differ on this batch
+    loss = tr._compute_loss(tr.model, inputs)
+    assert float(loss.detach()) == pytest.approx(sum(per_seq) / len(per_seq), rel=1e-4, abs=1e-6)
+
+
+def test_opd_gradient_is_exactly_zero_when_teacher_is_student(tiny, tmp_path):
+    """Fresh live LoRA (B = 0) and dose 0: the teacher is the student, every advantage is 0 and so is
+    every gradient; the same batch with a dose has a gradient."""
+    grads = {}
+    tok, st, state, tr = _opd_setup(tiny, tmp_path, kappa=0.0, scale=0.0)
+    prompts, comps = _examples(tok)
+    inputs = _inputs(tok, prompts, comps, keep=[1, 1, 1, 1])
+    for kappa in (0.0, 3.0):
+        state.kappa = kappa
+        st.model.zero_grad(set_to_none=True)
+        tr._compute_loss(tr.model, inputs).backward()
+        grads[kappa] = _lora_grads(st)
+        if kappa == 0.0:
+            adv = tr.opd_advantages(tr._student_terms(tr.model, inputs, entropy=True))
+            assert torch.equal(adv, torch.zeros_like(adv))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads[0.0].values())
+    assert sum(float(g.abs().sum()) for g in grads[3.0].values()) > 0
+
+
+def test_opd_full_vocabulary_estimator_equals_float64_reverse_kl(tiny, tmp_path):
+    tok, st, state, tr = _opd_setup(tiny, tmp_path, estimator="full")
+    prompts, comps = _examples(tok)
+    loss = tr._compute_loss(tr.model, _inputs(tok, prompts, comps, keep=[1, 0, 1, 1]))
+    tot, n = 0.0, 0
+    for i in range(len(prompts)):  # every rollout, one unpadded sequence at a time
+        ids = prompts[i] + comps[i]
+        ls, lt = _full_logps(st, ids), _full_logps(st, ids, state.steering, live=False)
+        for t in range(len(prompts[i]) - 1, len(ids) - 1):
+            tot += float((ls[t].exp() * (ls[t] - lt[t])).sum())  # KL(student || teacher)
+            n += 1
+    assert tot / n > 1e-3
+    assert float(loss.detach()) == pytest.approx(tot / n, rel=1e-4)
+    assert tr._metrics["train"]["opd_kl"][-1] == pytest.approx(tot / n, rel=1e-4)
+
+
+def test_opd_with_prompt_distil_or_bad_estimator_is_refused():
+    from trl import GRPOConfig
+
+    from steer_heal.config import RunConfig
+    from steer_heal.grpo.online import check_online_config
+    from steer_heal.grpo.trainer import OnlineConfigError
+
+    args = GRPOConfig(output_dir="/tmp/x", use_cpu=True, beta=0.0)
+    cfg = RunConfig(control="prompt_distil")
+    cfg.online.objective = "opd"
+    with pytest.raises(OnlineConfigError, match="fix: objective nll"):
+        check_online_config(cfg, args)
+    cfg = RunConfig()
+    cfg.online.objective, cfg.online.opd_estimator = "opd", "exact"
+    with pytest.raises(OnlineConfigError, match="fix: use one of token, full"):
+        check_online_config(cfg, args)
+
+
+def test_live_merged_weights_serve_the_learner(tiny, tiny_dir):
+    """What an engine loads for on-policy rollouts (baked + live LoRA), written into a fresh plain
+    copy of the model by checkpoint name, gives the student's own logits."""
+    from steer_heal.models import load_model
+
+    st = _student(tiny)
+    st.bake()
+    with torch.no_grad():  # a live LoRA that differs from the baked one
+        for m in st.layers.values():
+            m.lora_B["default"].weight.normal_(0, 0.2)
+    pushed = dict(st.merged_weights(live=True))
+    plain = load_model(str(tiny_dir["llama"]), dtype="float32", device="cpu").model
+    params = dict(plain.named_parameters())
+    assert pushed and set(pushed) <= set(params)
+    ids = torch.tensor([encode_prompt(tiny.tokenizer, render_prompt(tiny.tokenizer, "tell me a story"))])
+    with torch.no_grad():
+        for n, w in pushed.items():
+            params[n].copy_(w)
+        want = st.model(input_ids=ids).logits
+        with st.live_off():
+            baked = st.model(input_ids=ids).logits
+        got = plain(input_ids=ids).logits
+    assert (want - baked).abs().max() > 1e-3
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def _heldout_reverse_kl(st, tok, users, steering) -> float:
+    """Token-mean exact KL(student || steered baked teacher) on the student's own greedy answers."""
+    from steer_heal.engine import HFEngine, Sampling
+
+    eng = HFEngine(st.model, tok)
+    ro = eng.generate([render_prompt(tok, u) for u in users], None, Sampling(max_new_tokens=8, temperature=0.0))
+    tot, n = 0.0, 0
+    for r in ro:
+        ids = r.prompt_ids + r.completion_ids
+        ls, lt = _full_logps(st, ids), _full_logps(st, ids, steering, live=False)
+        for t in range(len(r.prompt_ids) - 1, len(ids) - 1):
+            tot += float((ls[t].exp() * (ls[t] - lt[t])).sum())
+            n += 1
+    return tot / max(n, 1)
+
+
+@pytest.mark.slow
+def test_opd_lowers_reverse_kl_to_the_teacher_more_per_token_than_nll(tiny_dir, mfv_dir, tmp_path):
+    """12 steps of each on the tiny model, the same fixed teacher (no bake, dose held), the filter open
+    so nll trains on every steered rollout: KL(student || teacher) on held-out prompts falls, and
+    falls more per generated token with opd."""
+    from trl import GRPOConfig, TrlParser
+
+    from steer_heal.grpo.online import OnlineConfig, OnlineRun
+    from steer_heal.presets import load_preset
+
+    users = load_preset("care-over-authority").eval_prompts[:8]
+    out = {}
+    for obj in ("opd", "nll"):
+        cfg, args = TrlParser((OnlineConfig, GRPOConfig)).parse_args_and_config(
+            args=["--config", "recipes/configs/grpo_smoke.yaml", "--model", str(tiny_dir["llama"]),
+                  "--output_dir", str(tmp_path / obj), "--max_steps", "12", "--bake_every", "100", "--mfv", "false",
+                  "--disable_tqdm", "true", "--objective", obj, "--dose_band", "0.0", "1.0",
+                  "--max_tail_nll", "1e9", "--max_repetition", "1.0", "--max_verbalisation", "1.0",
+                  "--max_refusal", "1.0", "--min_tokens", "1"])
+        run = OnlineRun(cfg, args, seed=args.seed)
+        run.setup()
+        teacher = run.state.steering
+        before = _heldout_reverse_kl(run.student, run.tok, users, teacher)
+        tr = run.trainer()
+        tr.train()
+        after = _heldout_reverse_kl(run.student, run.tok, users, teacher)
+        out[obj] = (before, after, run.state.gen_tokens)
+    (b_o, a_o, g_o), (b_n, a_n, g_n) = out["opd"], out["nll"]
+    assert b_o == pytest.approx(b_n)  # the same start: base student, same teacher
+    assert a_o < b_o
+    assert (b_o - a_o) / g_o > (b_n - a_n) / g_n, out

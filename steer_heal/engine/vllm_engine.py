@@ -183,10 +183,14 @@ class VLLMEngine:
         cfg = self.llm.llm_engine.model_config.hf_text_config
         return cfg.hidden_size
 
-    def push(self, student) -> None:
+    def push_live(self, student) -> None:
+        """Load the baked student plus its live LoRA (on-policy distillation samples from the learner)."""
+        self.push(student, live=True)
+
+    def push(self, student, live: bool = False) -> None:
         """Load the baked student's weights into the running engine (no restart)."""
         names, tensors = [], []
-        for n, w in student.merged_weights():
+        for n, w in student.merged_weights(live=live):
             names.append(n)
             tensors.append(w.detach())
         self.wake()

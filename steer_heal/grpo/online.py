@@ -56,10 +56,11 @@ def check_online_config(cfg: RunConfig, grpo_args) -> None:
     if getattr(grpo_args, "use_vllm", False):
         raise OnlineConfigError("use_vllm=true would make TRL build its own unsteered vLLM; fix: set use_vllm: false "
                                 "and engine: vllm (the steered engine serves the rollouts)")
-    if cfg.control == "prompt_distil" and cfg.online.objective == "kd":
-        raise OnlineConfigError("objective kd with control prompt_distil: the kd teacher reads the plain prompt with "
-                                "steering, not the persona prompt; fix: objective nll or grpo+nll for prompt_distil")
-    check_online_args(grpo_args, cfg.online.objective)
+    if cfg.control == "prompt_distil" and cfg.online.objective in ("kd", "opd"):
+        raise OnlineConfigError(f"objective {cfg.online.objective} with control prompt_distil: its teacher reads the "
+                                "plain prompt with steering, not the persona prompt; fix: objective nll or grpo+nll "
+                                "for prompt_distil")
+    check_online_args(grpo_args, cfg.online.objective, cfg.online.opd_estimator)
     check_launch(grpo_args, cfg.engine)
 
 
@@ -273,18 +274,21 @@ class OnlineRun:
     def trainer(self) -> SteerHealGRPOTrainer:
         c, a = self.cfg, self.grpo_args
         device = PartialState().device  # this rank's accelerator device (NCCL all-reduces there)
-        # a control's dose stays 0: no controller
-        self.controller = None if c.control else DoseController(self.state, c.steer, self.scorer,
-                                                                 lambda xs: global_sums(xs, device))
+        # a control's dose stays 0; opd's rollouts are the student's own, so their bad rate says nothing
+        # about the teacher's dose: no controller for either
+        on_policy = c.online.objective == "opd"
+        self.controller = None if (c.control or on_policy) else DoseController(self.state, c.steer, self.scorer,
+                                                                                lambda xs: global_sums(xs, device))
         which = [x for x in ("trait_" + c.reward.reward_trait, "verbalisation", "incoherence", "refusal")
                  if x != c.reward.reward_ablation]
         timers: dict[str, float] = {}
         steering, system = stages.behaviour(self.b, self.state.steering)
         rollout = make_rollout_func(self.engine, self.student, self.state, a.max_completion_length,
-                                    a.temperature, a.top_p, timers, steered=steering is not None, system=system)
+                                    a.temperature, a.top_p, timers, steered=steering is not None and not on_policy,
+                                    system=system, live=on_policy)
         h, o = c.heal, c.online
         kl = KLPenalty(h.kl_beta, h.kl_tau, h.kl_agg, h.kl_reference, h.kl_direction, h.kl_chunk_tokens)
-        obj = Objective(o.objective, o.w_pg, o.w_nll, o.fused)
+        obj = Objective(o.objective, o.w_pg, o.w_nll, o.fused, o.opd_estimator)
         tr = SteerHealGRPOTrainer(model=self.student.model, reward_funcs=make_reward_functions(self.scorer, which),
                                   args=a, train_dataset=self.dataset(), processing_class=self.tok,
                                   student=self.student, kl=kl, objective=obj, controller=self.controller,

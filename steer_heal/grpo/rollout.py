@@ -27,14 +27,15 @@ class SteerState:
 
 def make_rollout_func(engine, student, state: SteerState, max_new_tokens: int, temperature: float = 1.0,
                       top_p: float = 1.0, timers: dict | None = None, steered: bool = True,
-                      system: str | None = None):
+                      system: str | None = None, live: bool = False):
     """rollout_func(prompts, trainer) -> prompt_ids, completion_ids, logprobs (+ `user` for rewards).
 
     TRL hands prompts already repeated num_generations times. Logprobs are the steered behaviour
     policy's; the learner is unsteered, so importance-sampling correction is off by design.
     Controls: `steered=False` generates unsteered (placebo); with `system` the rollouts are
     generated under that system prompt but returned with the plain prompt's ids, which is what the
-    learner trains on (prompt distillation).
+    learner trains on (prompt distillation). `live=True` (on-policy distillation) samples from the
+    learner itself: baked + live LoRA, unsteered; a vLLM engine gets the live weights pushed first.
     """
     def rollout_func(prompts, trainer):
         t0 = time.perf_counter()
@@ -42,8 +43,13 @@ def make_rollout_func(engine, student, state: SteerState, max_new_tokens: int, t
         rendered = [render_prompt(engine.tok, u, system=system) for u in users]
         seed = int(trainer.state.global_step) * 7919 + int(trainer.accelerator.process_index)
         samp = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        with student.live_off():  # behaviour policy: baked student + steering, no live LoRA
-            ro = engine.generate(rendered, state.steering if steered else None, samp, logprobs=True)
+        if live:
+            if getattr(engine, "push_live", None) is not None:  # an engine with its own weight copy
+                engine.push_live(student)
+            ro = engine.generate(rendered, None, samp, logprobs=True)
+        else:
+            with student.live_off():  # behaviour policy: baked student + steering, no live LoRA
+                ro = engine.generate(rendered, state.steering if steered else None, samp, logprobs=True)
         if system is not None:
             ro = [replace(r, prompt_ids=encode_prompt(engine.tok, render_prompt(engine.tok, u)))
                   for u, r in zip(users, ro)]

@@ -11,6 +11,13 @@ the reference aggregated per sequence (rmse by default) by the same functions as
     grpo+nll  w_pg * policy loss + w_nll * filtered NLL (barrier over all rollouts).
     kd        dense distillation: token-mean KL(teacher || student) at the kept rollouts'
               completion positions, teacher = the steered baked student (same hooks as the engines).
+    opd       on-policy distillation: the rollouts come from the student itself (baked + live LoRA,
+              unsteered); the steered baked student scores the same tokens. `token` estimator: the
+              per-token advantage A_t = log p_T(y_t) - log p_S(y_t) (held constant) goes through TRL's
+              policy loss, whose gradient at ratio 1 is -sum_t A_t grad log p_S(y_t): in expectation
+              the gradient of KL(student || teacher) on the student's own states. `full`: the exact
+              full-vocabulary KL(student || teacher) per position, token mean (lower variance).
+              No filter (every rollout is the student's own), barrier over all rollouts.
 
 One student forward with gradients per micro-batch: the policy term, the NLL and both KLs are read
 from the same final hidden states (TRL's `_get_per_token_logps_and_entropies` is served from them).
@@ -35,8 +42,8 @@ from steer_heal.steering.hooks import steer
 
 log = logging.getLogger("steer_heal.grpo")
 
-OBJECTIVES = ("grpo", "nll", "grpo+nll", "kd")
-PG_OBJECTIVES = ("grpo", "grpo+nll")  # the ones that read TRL's policy loss
+OBJECTIVES = ("grpo", "nll", "grpo+nll", "kd", "opd")
+OPD_ESTIMATORS = ("token", "full")
 TIMERS = ("rollout", "scoring", "ref_forward", "teacher")  # logged as time/<name>, seconds per step
 
 
@@ -56,16 +63,29 @@ class KLPenalty:
 
 @dataclass
 class Objective:
-    name: str = "grpo"  # grpo | nll | grpo+nll | kd
+    name: str = "grpo"  # grpo | nll | grpo+nll | kd | opd
     w_pg: float = 1.0  # grpo+nll: weight of TRL's policy loss
     w_nll: float = 1.0  # grpo+nll: weight of the filtered NLL
     fused: bool = True  # one student forward per micro-batch; False: TRL's own forward + a second one (bench)
+    opd_estimator: str = "token"  # opd: token (sampled-token advantages) | full (full-vocabulary reverse KL)
+
+    @property
+    def pg(self) -> bool:
+        """Whether the loss reads TRL's policy loss."""
+        return self.name in ("grpo", "grpo+nll") or (self.name == "opd" and self.opd_estimator == "token")
+
+    @property
+    def teacher(self) -> bool:
+        """Whether a no-grad forward of the steered baked student runs (kd, opd)."""
+        return self.name in ("kd", "opd")
 
 
-def check_online_args(args, objective: str) -> None:
+def check_online_args(args, objective: str, opd_estimator: str = "token") -> None:
     """One-line refusals for settings that would silently change what the objectives mean."""
     if objective not in OBJECTIVES:
         raise OnlineConfigError(f"unknown objective '{objective}'; fix: use one of {', '.join(OBJECTIVES)}")
+    if opd_estimator not in OPD_ESTIMATORS:
+        raise OnlineConfigError(f"unknown opd_estimator '{opd_estimator}'; fix: use one of {', '.join(OPD_ESTIMATORS)}")
     if args.num_iterations != 1:
         raise OnlineConfigError(f"num_iterations={args.num_iterations}: the rollouts come from the steered baked "
                                 "student, so old log-probs would be the learner's, not the behaviour policy's; "
@@ -106,7 +126,8 @@ class SteerHealGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, student, kl: KLPenalty | None = None, objective: Objective | None = None,
                  controller=None, **kwargs):
         self.objective = objective or Objective()
-        check_online_args(kwargs["args"] if "args" in kwargs else args[2], self.objective.name)
+        check_online_args(kwargs["args"] if "args" in kwargs else args[2], self.objective.name,
+                          self.objective.opd_estimator)
         super().__init__(*args, **kwargs)
         if self.beta != 0.0:
             raise OnlineConfigError("GRPOConfig.beta must be 0: steer-heal replaces TRL's mean-k3 KL with its RMSE "
@@ -170,32 +191,57 @@ class SteerHealGRPOTrainer(GRPOTrainer):
             with torch.no_grad(), self.student.reference(k.reference):
                 refs.append((final_hidden(inner, ids, att)[b, pos], k.direction == "reverse"))
             self.timers["ref_forward"] = self.timers.get("ref_forward", 0.0) + time.perf_counter() - t0
-        if obj == "kd":
+        head = (lambda x: lm_logits(inner, x))  # noqa: E731
+        vocab = causal_lm(inner).get_output_embeddings().weight.shape[0]
+        chunk = k.chunk or auto_chunk(vocab)
+        lp_teacher = None
+        if self.objective.teacher:
             t0 = time.perf_counter()
             with torch.no_grad(), self.student.live_off(), steer(inner, self.steer_state.steering):
-                refs.append((final_hidden(inner, ids, att)[b, pos], False))  # KL(teacher || student)
+                h_t = final_hidden(inner, ids, att)[b, pos]
+            if obj == "kd":
+                refs.append((h_t, False))  # KL(teacher || student)
+            elif self.objective.opd_estimator == "full":
+                refs.append((h_t, True))  # KL(student || teacher), with gradient through the student
+            else:  # the teacher's log-prob of each sampled token
+                with torch.no_grad():
+                    lp_teacher, _, _ = chunked_token_stats(h_t, tgt, head, (), chunk)
             self.timers["teacher"] = self.timers.get("teacher", 0.0) + time.perf_counter() - t0
         h = student_hidden(model, inner, ids, att)[b, pos]
-        vocab = causal_lm(inner).get_output_embeddings().weight.shape[0]
-        lp, ent, kls = chunked_token_stats(h, tgt, lambda x: lm_logits(inner, x), refs, k.chunk or auto_chunk(vocab),
-                                           entropy=entropy)
+        lp, ent, kls = chunked_token_stats(h, tgt, head, refs, chunk, entropy=entropy)
         kl_ref = kls[0] if k.beta != 0.0 else None
-        kl_teacher = kls[-1] if obj == "kd" else None
-        return dict(b=b, t=t, lp=lp, ent=ent, kl_ref=kl_ref, kl_teacher=kl_teacher, shape=ci.shape)
+        kl_teacher = kls[-1] if (obj == "kd" or (obj == "opd" and lp_teacher is None)) else None
+        return dict(b=b, t=t, lp=lp, ent=ent, kl_ref=kl_ref, kl_teacher=kl_teacher, lp_teacher=lp_teacher,
+                    shape=ci.shape)
+
+    def opd_advantages(self, s: dict) -> torch.Tensor:
+        """Per-token advantages [B, T] of the token estimator: log p_T(y_t) - log p_S(y_t), constant."""
+        a = (s["lp_teacher"] - s["lp"].detach()).to(s["lp"].dtype)
+        return torch.zeros(s["shape"], dtype=a.dtype, device=a.device).index_put((s["b"], s["t"]), a)
 
     def _compute_loss(self, model, inputs):
         k, o = self.kl, self.objective
         mode = "train" if self.model.training else "eval"
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        need_pg = o.name in PG_OBJECTIVES
+        need_pg = o.pg
         fused = o.fused and need_pg and not self.aux_loss_enabled
         if o.name == "grpo" and k.beta == 0.0:
             return super()._compute_loss(model, inputs)  # nothing of ours to add: TRL's loss as is
-        if need_pg and not fused:  # the two-forward path: TRL's own forward for the policy term
+        if need_pg and not fused and o.name != "opd":  # the two-forward path: TRL's own forward for the policy term
             pg = super()._compute_loss(model, inputs)
         s = self._student_terms(model, inputs, entropy=fused)
         b, t, lp = s["b"], s["t"], s["lp"]
         n = s["shape"][0]
+        m = self._metrics[mode]
+        if o.name == "opd":
+            if s["lp_teacher"] is not None:  # the sampled-token advantages, through TRL's policy loss
+                adv = self.opd_advantages(s)
+                inputs = {**inputs, "advantages": adv}
+                m["opd_kl"].append(float((lp.detach() - s["lp_teacher"]).mean()) if len(lp) else 0.0)
+                if not fused:
+                    pg = super()._compute_loss(model, inputs)
+            else:
+                m["opd_kl"].append(float(s["kl_teacher"].detach().mean()) if len(lp) else 0.0)
         if fused:  # TRL's policy loss, read from our forward's per-token log-probs
             lp_bt = torch.zeros(s["shape"], dtype=lp.dtype, device=lp.device).index_put((b, t), lp)
             ent_bt = torch.zeros(s["shape"], dtype=lp.dtype, device=lp.device).index_put((b, t), s["ent"])
@@ -206,9 +252,10 @@ class SteerHealGRPOTrainer(GRPOTrainer):
                 self._stash = None
         total = o.w_pg * pg if o.name == "grpo+nll" else (pg if need_pg else lp.new_zeros(()))
         keep = inputs.get("keep")
-        keep = torch.ones(n, device=lp.device) if keep is None else keep.to(lp.device)
+        if keep is None or o.name == "opd":  # opd learns from every rollout: each is the student's own
+            keep = torch.ones(n, device=lp.device)
+        keep = keep.to(lp.device)
         kept_tok = keep[b] > 0
-        m = self._metrics[mode]
         seq_map = keep.gt(0).long().cumsum(0) - 1  # kept sequences renumbered 0..n_kept-1
         n_kept = int(keep.gt(0).sum())
         if o.name in ("nll", "grpo+nll"):
@@ -220,11 +267,14 @@ class SteerHealGRPOTrainer(GRPOTrainer):
             kd = s["kl_teacher"][kept_tok].mean() if n_kept else s["kl_teacher"].sum() * 0.0
             total = total + kd / normalizer
             m["kd"].append(float(kd.detach()))
+        if o.name == "opd" and s["lp_teacher"] is None:  # full: exact reverse KL per position, token mean
+            kl_t = s["kl_teacher"]
+            total = total + (kl_t.mean() if len(kl_t) else kl_t.sum() * 0.0) / normalizer
         # per-rank partial sums, reduced below in one all-reduce that every rank reaches
         part = dict.fromkeys(("kl_rmse", "kl_mean", "n_seq", "active", "n_D", "kl_penalty"), 0.0)
         if s["kl_ref"] is not None:
             kl = s["kl_ref"]
-            if o.name in ("nll", "kd"):  # the barrier acts on the rollouts trained on, as in the heal
+            if o.name in ("nll", "kd", "opd"):  # the barrier acts on the rollouts trained on, as in the heal
                 D = aggregate(kl[kept_tok], seq_map[b[kept_tok]], n_kept, k.agg)
             else:
                 D = aggregate(kl, b, n, k.agg)
