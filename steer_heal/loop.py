@@ -142,9 +142,11 @@ def round_row(r, kappa, samples, kept, gen_tokens, hres, steered, healed, steere
               foundations, cos_r0, seconds) -> dict:
     return dict(round=r, kappa=kappa, generated=len(samples), kept=len(kept), gen_tokens=gen_tokens,
                 heal_nll=hres.train_nll, val_nll=hres.val_nll, val_nll_before=hres.val_nll_before, heal_D=hres.D_mean,
-                barrier_frac=hres.barrier_frac, lam=hres.lam, heal_tokens_per_s=hres.tokens_per_s,
+                barrier_frac=hres.barrier_frac, barrier_active_frac=hres.active_frac,
+                **{f"D_{a}": x for a, x in hres.D_by_agg.items()}, lam=hres.lam, heal_tokens_per_s=hres.tokens_per_s,
                 trait_steered=steered["trait"], trait_healed=healed["trait"], coh_steered=steered["coherence"],
                 coh_healed=healed["coherence"], incoherence_healed=healed["incoherence"],
+                repetition_healed=healed["repetition"],
                 tail_nll_steered=steered["tail_nll"], tail_nll_healed=healed["tail_nll"], cos_r0=cos_r0,
                 **mfv_columns(steered_mfv, base_mfv, foundations, "_steered"),
                 **mfv_columns(healed_mfv, base_mfv, foundations, "_healed"), seconds=seconds)

@@ -87,3 +87,45 @@ def test_lam_decay():
     assert round_lam(0.3, 0, -0.5) == 0.3
     assert round_lam(0.3, 3, -0.5) == pytest.approx(0.15)
     assert math.isclose(round_lam(0.3, 5, 0.0), 0.3)
+
+
+def test_round_logs_D_per_aggregate_and_barrier_active_fraction_by_hand(tiny):
+    """With lr 0 the student is the same at every step, so the round's logged D under each aggregate
+    (mean over its training sequences) and the fraction of sequences over tau equal a float64 hand
+    computation of KL(student || base) per sequence; the round row carries them."""
+    import numpy as np
+
+    from steer_heal.loop import round_row
+
+    st = student(tiny)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a baked history, so the student differs from the base reference
+        for m in st.layers.values():
+            m.lora_B["default"].weight.copy_(torch.randn(m.lora_B["default"].weight.shape, generator=g) * 0.3)
+    st.bake()
+    ex = examples(tiny.tokenizer, 6)  # under 8 examples: no validation split, every one trains
+    per_seq = []
+    with torch.no_grad():
+        for p, c in ex:
+            ids = torch.tensor([p + c])
+            ls = torch.log_softmax(st.model(input_ids=ids).logits.double()[0], -1)
+            with st.base():
+                lb = torch.log_softmax(st.model(input_ids=ids).logits.double()[0], -1)
+            kl = [float((ls[t].exp() * (ls[t] - lb[t])).sum()) for t in range(len(p) - 1, len(p) + len(c) - 1)]
+            per_seq.append(np.array(kl))
+    want = dict(mean=np.mean([k.mean() for k in per_seq]),
+                rmse=np.mean([math.sqrt((k ** 2).mean() + 1e-8) for k in per_seq]),
+                p95=np.mean([np.percentile(k, 95) for k in per_seq]), max=np.mean([k.max() for k in per_seq]))
+    rmse = sorted(math.sqrt((k ** 2).mean() + 1e-8) for k in per_seq)
+    tau = (rmse[1] + rmse[2]) / 2  # two of six sequences under tau
+    cfg = HealConfig(kl_reference="base", kl_agg="rmse", kl_tau=tau, lr=0.0, epochs=2, batch_size=4, log_every=1)
+    res = heal_round(st, ex, cfg, progress=False)
+    assert min(want.values()) > 1e-3
+    for a, x in want.items():
+        assert res.D_by_agg[a] == pytest.approx(x, rel=1e-4), a
+    assert res.active_frac == pytest.approx(4 / 6)
+    assert want["max"] > want["p95"] > want["mean"] and want["rmse"] > want["mean"]
+    row = round_row(0, 1.0, [], [], 0, res, *[dict(trait=0, coherence=1, incoherence=0, tail_nll=0, repetition=0)] * 2,
+                    None, None, None, {}, 1.0, 0.0)
+    assert row["barrier_active_frac"] == res.active_frac and row["D_rmse"] == res.D_by_agg["rmse"]
+    assert row["D_mean"] == res.D_by_agg["mean"] and row["D_p95"] == res.D_by_agg["p95"]

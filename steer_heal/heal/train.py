@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from steer_heal.heal.kl import aggregate, barrier, chunked_kl_and_logp
+from steer_heal.heal.kl import AGGS, aggregate, barrier, chunked_kl_and_logp
 from steer_heal.logprobs import auto_chunk, final_hidden, lm_logits, pack
 from steer_heal.models import causal_lm
 
@@ -27,6 +27,10 @@ class HealResult:
     val_nll_before: float = float("nan")
     D_mean: float = 0.0
     barrier_frac: float = 0.0
+    # per training sequence, over every batch of the round: D under each aggregate (the barrier's own
+    # and the others, for the rmse-vs-mean question) and the fraction of sequences over tau
+    D_by_agg: dict = field(default_factory=dict)
+    active_frac: float = 0.0
     lam: float = 0.0
     tokens: int = 0
     seconds: float = 0.0
@@ -112,12 +116,12 @@ def heal_round(student, examples: list[tuple[list[int], list[int]]], cfg, round_
     student.model.train()
     res.val_nll_before = _val_nll(student, val_batches, cfg, ref_ctx) if val else float("nan")
     t0 = time.perf_counter()
-    acc: dict = {"nll": 0.0, "D": 0.0, "bar": 0.0, "n": 0}
+    acc: dict = {"nll": 0.0, "D": 0.0, "bar": 0.0, "n": 0, "seq": 0, "active": 0} | {f"D_{a}": 0.0 for a in AGGS}
     with tqdm(total=total, desc=f"heal r{round_idx}", disable=not progress, leave=False) as bar:  # closed on error too
         for epoch in range(cfg.epochs):
             batches = make_batches(train, cfg.batch_size, pad, rng)
             for i, bt in enumerate(batches):
-                nll, D, bar_t, k, _ = heal_terms(student, bt, cfg, ref_ctx)
+                nll, D, bar_t, k, kl = heal_terms(student, bt, cfg, ref_ctx)
                 pen = bar_t.mean()
                 loss = (nll + lam * pen) / cfg.grad_accum
                 if not torch.isfinite(loss):
@@ -132,6 +136,12 @@ def heal_round(student, examples: list[tuple[list[int], list[int]]], cfg, round_
                 acc["D"] += float(D.detach().mean()) * k
                 acc["bar"] += float((D > cfg.kl_tau).float().mean()) * k
                 acc["n"] += k
+                with torch.no_grad():  # every aggregate of the same per-token KL, per sequence
+                    seq = bt.targets()[0].to(kl.device)
+                    for a in AGGS:
+                        acc[f"D_{a}"] += float(aggregate(kl.detach(), seq, len(D), a).sum())
+                    acc["seq"] += len(D)
+                    acc["active"] += int((D.detach() > cfg.kl_tau).sum())
                 if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches):
                     gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     opt.step()
@@ -160,5 +170,8 @@ def heal_round(student, examples: list[tuple[list[int], list[int]]], cfg, round_
     student.model.eval()
     n = max(acc["n"], 1)
     res.train_nll, res.D_mean, res.barrier_frac = acc["nll"] / n, acc["D"] / n, acc["bar"] / n
+    ns = max(acc["seq"], 1)
+    res.D_by_agg = {a: acc[f"D_{a}"] / ns for a in AGGS}
+    res.active_frac = acc["active"] / ns
     res.val_nll = _val_nll(student, val_batches, cfg, ref_ctx) if val else float("nan")
     return res
