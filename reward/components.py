@@ -65,6 +65,12 @@ def preset_scorer(model, tok, preset, cfg: "RewardConfig | None" = None, **kw) -
     return Scorer(model, tok, (preset.persona_pos, preset.persona_neg), cfg, demos=preset.persona_demos, **kw)
 
 
+def heldout_scorer(model, tok, preset, **kw) -> "Scorer":
+    """trait_llr under the preset's held-out pair and demonstrations (written for evaluation only,
+    never the reward's context): how the comparison and the round rows judge the trait."""
+    return Scorer(model, tok, (preset.eval_persona_pos, preset.eval_persona_neg), demos=preset.eval_persona_demos, **kw)
+
+
 class Scorer:
     """Scores completions with the reference model (`ref_ctx()`: no steering, no live adapter).
 

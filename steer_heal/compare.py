@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from reward.components import Scorer
+from reward.components import heldout_scorer
 from reward.validation import load_labelled, score_labelled
 from reward.validation import report as validation_report
 from steer_heal import stages
@@ -379,11 +379,6 @@ def _finite(x: float) -> float:
     return float(x) if math.isfinite(x) else float("nan")
 
 
-def heldout_scorer(model, tok, preset, **kw) -> Scorer:
-    """trait_llr under the preset's held-out pair and demonstrations (never the reward's context)."""
-    return Scorer(model, tok, (preset.eval_persona_pos, preset.eval_persona_neg), demos=preset.eval_persona_demos, **kw)
-
-
 @torch.no_grad()
 def kl_to_base(student, tok, prompt_ids, completion_ids, base_prompt_ids, steering) -> dict:
     """Per-sequence rmse and mean over completion positions of the exact KL(student || base), where
@@ -484,6 +479,8 @@ def _row(cfg, arm: Arm, seed, res: dict, base: dict) -> dict:
             row[f"d_{k}"] = res[k] - base[k]
     if arm.trained:
         row["trajectory"] = trajectory(arm_dir(cfg, arm, seed), arm.kind)
+        row["rounds"] = [{k: v for k, v in r.items() if isinstance(v, (int, float)) or v is None}
+                         for r in arm_rows(arm_dir(cfg, arm, seed), arm.kind)]
     row["texts"], row["prompts"], row["items"] = res["texts"], res["prompts"], res.get("items", {})
     return row
 
@@ -516,6 +513,10 @@ def write_report(cfg: CompareConfig, rows: list[dict], evals: dict, base: dict, 
     if sweep:
         write_atomic(d / "dose_sweep.md", sweep)
         rep.dose_sweep_figure(d)
+    drift = rep.drift_markdown()
+    if drift:
+        write_atomic(d / "drift.md", drift)
+        rep.drift_figure(d)
     print(rep.summary_markdown(), flush=True)
     print("\n".join(v["line"] for v in rep.verdicts()), flush=True)
     rep.frontier(d)

@@ -59,6 +59,17 @@ INTERVAL_NOTE = ("Intervals: 95% percentile bootstrap over seeds x eval items (i
                  "across arms). Untrained arms have one evaluation, so their interval is over items only.")
 
 
+# drift measures: (iterative round-row key, online bake-row key)
+DRIFT_KEYS = {
+    "barrier_active_frac": ("barrier_active_frac", "barrier_active_frac"),
+    "D_mean": ("D_mean", "D_mean"), "D_rmse": ("D_rmse", "D_rmse"), "D_p95": ("D_p95", "D_p95"),
+    "D_max": ("D_max", "D_max"),
+    "coherent": ("coh_healed", "coherence"), "tail_nll": ("tail_nll_healed", "tail_nll"),
+    "repetition": ("repetition_healed", "repetition"), "incoherence": ("incoherence_healed", "incoherence"),
+    "trait_heldout": ("trait_heldout_healed", "trait_heldout"), "kappa": ("kappa", "kappa"),
+}
+
+
 def load_preset_axis(preset: str) -> dict:
     return load_preset(preset).foundations
 
@@ -323,6 +334,85 @@ g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
         fig.suptitle(f"{self.model.split('/')[-1]}, {self.preset}: raw steering vs base", fontsize=10)
         fig.tight_layout()
         fig.savefig(d / "dose_sweep.png", dpi=120)
+        plt.close(fig)
+
+    # ------------------------------------------------------------ drift over rounds / bakes
+    def drift_arms(self) -> list[ArmInfo]:
+        """Training arms whose runs logged at least two rounds / bakes with their own evaluations."""
+        return [a for a in self.arms if a.kind in ("iterative", "online") and all(
+            len(r.get("rounds", [])) >= 2 for r in self.by_arm[a.name])]
+
+    def drift_series(self, arm: str, measure: str) -> list[tuple[int, stats.Interval]]:
+        """Per round / bake: the mean over seeds and its 95% t-interval (seeds that reached it)."""
+        rs = [r.get("rounds", []) for r in self.by_arm[arm]]
+        out = []
+        for k in range(max(len(x) for x in rs)):
+            key = DRIFT_KEYS[measure]
+            xs = [x[k].get(key[0], x[k].get(key[1])) for x in rs if len(x) > k]
+            xs = [float(v) for v in xs if v is not None and math.isfinite(float(v))]
+            if xs:
+                out.append((k, stats.t_interval(xs)))
+        return out
+
+    def drift_markdown(self) -> str:
+        arms = self.drift_arms()
+        if not arms:
+            return ""
+        ms = list(DRIFT_KEYS)
+        lines = ["## Drift over rounds / bakes (mean over seeds, 95% t-interval over seeds)\n",
+                 "| arm | round | seeds | " + " | ".join(ms) + " |", "|" + "---|" * (3 + len(ms))]
+        for a in arms:
+            series = {m: dict(self.drift_series(a.name, m)) for m in ms}
+            n = max((len(r.get("rounds", [])) for r in self.by_arm[a.name]), default=0)
+            for k in range(n):
+                seeds = sum(len(r.get("rounds", [])) > k for r in self.by_arm[a.name])
+                cells = [series[m][k].fmt("{:.3f}") if k in series[m] else "-" for m in ms]
+                lines.append(f"| {a.name} | {k} | {seeds} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def drift_figure(self, d: Path) -> None:
+        arms = self.drift_arms()
+        if not arms:
+            return
+        panels = ["coherent", "tail_nll", "repetition", "barrier_active_frac", "D_rmse", "trait_heldout"]
+        data = {a.name: {m: [(k, iv.value, iv.lo, iv.hi) for k, iv in self.drift_series(a.name, m)] for m in panels}
+                for a in arms}
+        js = json.dumps(dict(panels=panels, data=data)).replace("NaN", "null")
+        write_atomic(d / "drift.html", html_page("drift", f"""<h2>Drift over rounds / bakes (lines: mean over seeds;
+bands: 95% t-interval)</h2><div id=p></div><script>const D={js};const C=['#1f77b4','#d62728','#2ca02c','#ff7f0e',
+'#9467bd','#8c564b','#e377c2'];D.panels.forEach(m=>{{const c=document.createElement('canvas');c.width=420;c.height=260;
+document.getElementById('p').appendChild(c);const g=c.getContext('2d');const A=Object.keys(D.data);
+const pts=A.flatMap(a=>D.data[a][m]);if(!pts.length)return;const ys=pts.flatMap(p=>[p[2],p[3]]).filter(v=>v!=null);
+const xs=pts.map(p=>p[0]);const y0=Math.min(...ys),y1=Math.max(...ys),x1=Math.max(...xs,1);
+const X=v=>40+v/x1*360,Y=v=>230-(v-y0)/((y1-y0)||1)*200;g.fillStyle='#000';g.fillText(m,40,14);
+A.forEach((a,i)=>{{const s=D.data[a][m];if(!s.length)return;g.fillStyle=C[i%7];g.globalAlpha=.2;g.beginPath();
+s.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[3])):g.moveTo(X(p[0]),Y(p[3])));
+s.slice().reverse().forEach(p=>g.lineTo(X(p[0]),Y(p[2])));g.fill();g.globalAlpha=1;g.strokeStyle=C[i%7];g.beginPath();
+s.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[1])):g.moveTo(X(p[0]),Y(p[1])));g.stroke();g.fillText(a,330,30+12*i)}})}});
+</script>"""))
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        fig, axs = plt.subplots(2, 3, figsize=(14, 7.5))
+        for ax, m in zip(axs.flat, panels):
+            for a in arms:
+                s = data[a.name][m]
+                if not s:
+                    continue
+                k, y, lo, hi = map(np.array, zip(*s))
+                (line,) = ax.plot(k, y, "-o", ms=3, label=a.name)
+                ax.fill_between(k, lo, hi, color=line.get_color(), alpha=0.15)
+            ax.set_title(m, fontsize=10)
+            ax.set_xlabel("round / bake")
+        axs.flat[0].legend(fontsize=7)
+        fig.suptitle(f"{self.model.split('/')[-1]}, {self.preset}: drift per round (bands: 95% t-interval over seeds)",
+                     fontsize=10)
+        fig.tight_layout()
+        fig.savefig(d / "drift.png", dpi=110)
         plt.close(fig)
 
     # ------------------------------------------------------------ frontier

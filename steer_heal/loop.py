@@ -44,6 +44,7 @@ class Ctx:
     rd: RunDir
     tracker: Tracker
     scorer: Scorer
+    heldout: Scorer | None = None  # the held-out trait judge of the round rows
 
     @property
     def cfg(self) -> RunConfig:
@@ -135,7 +136,8 @@ def heal(ctx: Ctx, kept: list[dict], r: int):
 
 def evaluate(ctx: Ctx, steering: Steering | None) -> tuple[dict, object]:
     """The fixed-prompt scores and the MFV result of the steered (steering given) or baked student."""
-    return stages.student_eval(ctx.b, ctx.scorer, steering, desc="generate"), stages.mfv_eval(ctx.b, steering)
+    return (stages.student_eval(ctx.b, ctx.scorer, steering, desc="generate", heldout=ctx.heldout),
+            stages.mfv_eval(ctx.b, steering))
 
 
 def round_row(r, kappa, samples, kept, gen_tokens, hres, steered, healed, steered_mfv, healed_mfv, base_mfv,
@@ -146,7 +148,8 @@ def round_row(r, kappa, samples, kept, gen_tokens, hres, steered, healed, steere
                 **{f"D_{a}": x for a, x in hres.D_by_agg.items()}, lam=hres.lam, heal_tokens_per_s=hres.tokens_per_s,
                 trait_steered=steered["trait"], trait_healed=healed["trait"], coh_steered=steered["coherence"],
                 coh_healed=healed["coherence"], incoherence_healed=healed["incoherence"],
-                repetition_healed=healed["repetition"],
+                repetition_healed=healed["repetition"], trait_heldout_healed=healed.get("trait_heldout", float("nan")),
+                trait_heldout_steered=steered.get("trait_heldout", float("nan")),
                 tail_nll_steered=steered["tail_nll"], tail_nll_healed=healed["tail_nll"], cos_r0=cos_r0,
                 **mfv_columns(steered_mfv, base_mfv, foundations, "_steered"),
                 **mfv_columns(healed_mfv, base_mfv, foundations, "_healed"), seconds=seconds)
@@ -156,7 +159,7 @@ def round_row(r, kappa, samples, kept, gen_tokens, hres, steered, healed, steere
 def build(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Ctx:
     b = stages.build(cfg, engine_seed=cfg.seed, progress=True)
     rd = RunDir(run_dir, cfg, resume=resume)
-    return Ctx(b, rd, Tracker(cfg.report_to, rd.path, cfg.to_dict()), stages.scorer(b))
+    return Ctx(b, rd, Tracker(cfg.report_to, rd.path, cfg.to_dict()), stages.scorer(b), stages.heldout(b))
 
 
 def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]:
@@ -168,7 +171,7 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
         b.student.load_cumulative(rd.round_dir(start - 1) / "cumulative")
         b.engine.push(b.student)
         ctx.log("resume", from_round=start)
-    base = stages.base_eval(b, rd, ctx.scorer)
+    base = stages.base_eval(b, rd, ctx.scorer, heldout=ctx.heldout)
     base_mfv = stages.base_mfv(base)
     kappa = rows[-1]["kappa"] if rows else None
     gen_tokens = rows[-1].get("gen_tokens", 0) if rows else 0

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from reward.components import Scorer, preset_scorer
+from reward.components import Scorer, heldout_scorer, preset_scorer
 from steer_heal.chat import encode_prompt, render_prompt
 from steer_heal.config import RunConfig, check_control
 from steer_heal.dose import calibrate_coeff
@@ -139,8 +139,16 @@ def starting_dose(b: Built, v: SteeringVector, event=None) -> tuple[float, int]:
 
 
 # ------------------------------------------------------------------ evaluation
+def heldout(b: Built) -> Scorer | None:
+    """The held-out trait judge (the preset's eval persona pair), or None for a preset without one."""
+    p = b.preset
+    if not (p.eval_persona_pos and p.eval_persona_neg):
+        return None
+    return heldout_scorer(b.student.model, b.tok, p, ref_ctx=b.student.base, batch_size=b.cfg.gen.batch_size)
+
+
 def student_eval(b: Built, sc: Scorer, steering: Steering | None = None, base: bool = False,
-                 desc: str | None = None) -> dict:
+                 desc: str | None = None, heldout: Scorer | None = None) -> dict:
     """Greedy answers to the preset's fixed prompts of the base, the steered or the baked student."""
     e = b.cfg.eval
     users = b.preset.eval_prompts[:e.eval_prompts]
@@ -148,9 +156,9 @@ def student_eval(b: Built, sc: Scorer, steering: Steering | None = None, base: b
         # an engine with its own weight copy holds the base model only before the first bake
         eng = b.engine if b.student.n_bakes == 0 else HFEngine(b.student.model, b.tok, b.cfg.gen.batch_size)
         with b.student.base():
-            return student_scores(eng, sc, users, None, e.eval_max_new_tokens, desc=desc)
+            return student_scores(eng, sc, users, None, e.eval_max_new_tokens, desc=desc, heldout=heldout)
     with b.student.live_off():
-        return student_scores(b.engine, sc, users, steering, e.eval_max_new_tokens, desc=desc)
+        return student_scores(b.engine, sc, users, steering, e.eval_max_new_tokens, desc=desc, heldout=heldout)
 
 
 def mfv_eval(b: Built, steering: Steering | None = None, base: bool = False,
@@ -164,13 +172,13 @@ def mfv_eval(b: Built, steering: Steering | None = None, base: bool = False,
                             progress=progress, read=e.mfv_read)
 
 
-def base_eval(b: Built, rd: RunDir, sc: Scorer, progress: bool = True) -> dict:
+def base_eval(b: Built, rd: RunDir, sc: Scorer, progress: bool = True, heldout: Scorer | None = None) -> dict:
     """The base model's student scores and MFV summary, computed once per run directory
     (base_eval.json; a resumed run reads it back)."""
     out = rd.load_json("base_eval.json")
     if out is not None:
         return out
-    out = student_eval(b, sc, base=True, desc="generate" if progress else None)
+    out = student_eval(b, sc, base=True, desc="generate" if progress else None, heldout=heldout)
     res = mfv_eval(b, base=True, progress=progress)
     if res is not None:
         out["mfv"] = res.summary() | {"profile": res.profile, "human_profile": res.human_profile,

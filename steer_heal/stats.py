@@ -144,3 +144,18 @@ def verdict(d: Interval, higher_is_better: bool = True) -> str:
     if d.hi < 0:
         return "worse" if higher_is_better else "better"
     return "not distinguishable"
+
+
+# two-sided 97.5% quantiles of Student's t by degrees of freedom (1..30); the normal's beyond
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t_interval(xs: list[float]) -> Interval:
+    """Mean and 95% t-interval over a few values (seeds); one value gives a point."""
+    n = len(xs)
+    m = float(np.mean(xs))
+    if n < 2:
+        return Interval(m, m, m)
+    h = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * float(np.std(xs, ddof=1)) / math.sqrt(n)
+    return Interval(m, m - h, m + h)

@@ -150,3 +150,34 @@ def test_report_references_each_trained_arm_to_its_controls():
     assert ("arm", "base", "base") in qs and ("arm", "prompt", "prompt") in qs
     assert ("arm", "arm_placebo", "placebo") in qs and ("arm", "prompt", "pair") in qs
     assert not any(a == "arm_placebo" for a, _, _ in qs)  # a placebo is a reference, not a subject
+
+
+def test_t_interval_equals_the_textbook_formula():
+    iv = stats.t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.303
+    assert iv.value == 2.0 and iv.hi - 2.0 == pytest.approx(4.303 / math.sqrt(3), rel=1e-4)
+    assert stats.t_interval([5.0]).lo == 5.0
+    try:
+        from scipy.stats import t
+    except ImportError:
+        return
+    for df, q in enumerate(stats._T975, start=1):
+        assert q == pytest.approx(t.ppf(0.975, df), abs=1e-3)
+
+
+def test_drift_table_is_the_mean_over_seeds_per_round(tmp_path):
+    arms = [SimpleArm("base", "base"), SimpleArm("rmse", "iterative"), SimpleArm("none", "online")]
+    rows = [dict(arm="base", kind="base", seed=None, items={})]
+    for s in (1, 2):
+        rows.append(dict(arm="rmse", kind="iterative", seed=s, items={}, rounds=[
+            dict(round=k, coh_healed=1.0 - 0.1 * k * s, barrier_active_frac=0.5, D_rmse=0.2 * s) for k in range(3)]))
+        rows.append(dict(arm="none", kind="online", seed=s, items={}, rounds=[
+            dict(bake=k, coherence=0.9, repetition=0.1 * k) for k in range(2)]))
+    rep = Report("t", "m/x", "p", 0, arms, rows, AXIS, n_boot=10)
+    series = dict(rep.drift_series("rmse", "coherent"))
+    assert series[2].value == pytest.approx(1.0 - 0.1 * 2 * 1.5)  # round 2: mean of 0.8 and 0.6
+    assert series[2].hi - series[2].value == pytest.approx(12.706 * statistics.stdev([0.8, 0.6]) / math.sqrt(2))
+    assert dict(rep.drift_series("none", "repetition"))[1].value == pytest.approx(0.1)
+    md = rep.drift_markdown()
+    assert "| rmse | 2 | 2 |" in md and "| none | 1 | 2 |" in md
+    rep.drift_figure(tmp_path)
+    assert (tmp_path / "drift.png").exists() and (tmp_path / "drift.html").exists()

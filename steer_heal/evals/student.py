@@ -26,12 +26,17 @@ def summarise(scorer, comp: dict) -> dict:
 
 
 def student_scores(engine, scorer, users: list[str], steering: Steering | None = None, max_new_tokens: int = 48,
-                   desc: str | None = None) -> dict:
+                   desc: str | None = None, heldout=None) -> dict:
     """Greedy answers of whatever the engine serves (the caller sets the student's mode) to `users`,
-    scored under the scorer's reference. Returns the summary plus the prompts and texts."""
+    scored under the scorer's reference (and, with `heldout`, the trait under the held-out persona
+    context: `trait_heldout`). Returns the summary plus the prompts and texts."""
     prompts = [render_prompt(engine.tok, u) for u in users]
     ro = engine.generate(prompts, steering, Sampling(max_new_tokens=max_new_tokens, temperature=0.0, seed=0),
                          logprobs=False, desc=desc)
     comp = scorer.components(users, [r.completion_ids for r in ro], [r.text for r in ro],
                              prompt_ids=[r.prompt_ids for r in ro], which=SCORED)
-    return summarise(scorer, comp) | {"texts": [r.text for r in ro], "prompts": users}
+    out = summarise(scorer, comp)
+    if heldout is not None:
+        h = heldout.components(users, [r.completion_ids for r in ro], [r.text for r in ro], which=["trait_llr"])
+        out["trait_heldout"] = sum(h["trait_llr"]) / max(len(h["trait_llr"]), 1)
+    return out | {"texts": [r.text for r in ro], "prompts": users}

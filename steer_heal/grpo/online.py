@@ -178,8 +178,9 @@ class OnlineRun:
             self.v0.save(self.v0_path)
         projection = self.cfg.reward.reward_trait == "projection"
         self.scorer = stages.scorer(self.b, self.state.vector if projection else None)
+        self.heldout = stages.heldout(self.b)
         if self.main:
-            self.base = stages.base_eval(self.b, self.rd, self.scorer, progress=False)
+            self.base = stages.base_eval(self.b, self.rd, self.scorer, progress=False, heldout=self.heldout)
 
     def save_state(self, d: Path) -> None:
         if not self.main:
@@ -216,12 +217,14 @@ class OnlineRun:
             return
         v.save(bd / "vector.safetensors")
         res = stages.mfv_eval(self.b, progress=False)
-        sc = stages.student_eval(self.b, self.scorer)
+        sc = stages.student_eval(self.b, self.scorer, heldout=self.heldout)
         self.rd.save_json(f"bake_{k:02d}/student.json", sc)
         self.engine.sleep()  # evaluation done: the GPU goes back to training
         row = dict(bake=k, step=trainer_state.global_step, gen_tokens=self.state.gen_tokens, kappa=self.state.kappa,
                    cos_r0=v.cosine(self.v0), seconds=seconds)
-        row.update({x: sc[x] for x in ("trait", "incoherence", "coherence", "verbalisation", "refusal", "tail_nll")})
+        row.update({x: sc[x] for x in ("trait", "incoherence", "coherence", "verbalisation", "refusal", "tail_nll",
+                                       "repetition")})
+        row["trait_heldout"] = sc.get("trait_heldout", float("nan"))
         row.update(mfv_columns(res, stages.base_mfv(self.base), self.preset.foundations))
         if res is not None:
             self.rd.save_json(f"bake_{k:02d}/mfv.json", dict(summary=res.summary(), rows=res.rows))
@@ -241,7 +244,9 @@ class OnlineRun:
             xs = [h[key] for h in hist if key in h]
             return sum(xs) / len(xs) if xs else None
 
-        row.update(reward=mean("reward"), kl_rmse=mean("kl_rmse"), keep_frac=mean("keep_frac"))
+        row.update(reward=mean("reward"), kl_rmse=mean("kl_rmse"), keep_frac=mean("keep_frac"),
+                   **{f"D_{a}": mean(f"kl_{a}") for a in ("mean", "rmse", "p95", "max")},
+                   barrier_active_frac=mean("barrier_active_frac"))
         self.rd.append_row(row, columns=BAKE_COLUMNS)
         print("\n" + self.base_line() + "\n" + format_table(self.rd.rows(), columns=BAKE_COLUMNS), flush=True)
         write_bake_report(self.rd.path, self.base.get("mfv"))

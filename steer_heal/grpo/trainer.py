@@ -34,7 +34,7 @@ from trl import GRPOTrainer
 
 from steer_heal.grpo.penalty import trl_batch_rows
 from steer_heal.grpo.rollout import global_sums
-from steer_heal.heal.kl import aggregate, barrier, chunked_token_stats
+from steer_heal.heal.kl import AGGS, aggregate, barrier, chunked_token_stats
 from steer_heal.heal.train import HealDivergedError, nll_and_barrier
 from steer_heal.logprobs import auto_chunk, final_hidden, lm_logits
 from steer_heal.models import causal_lm
@@ -271,7 +271,7 @@ class SteerHealGRPOTrainer(GRPOTrainer):
             kl_t = s["kl_teacher"]
             total = total + (kl_t.mean() if len(kl_t) else kl_t.sum() * 0.0) / normalizer
         # per-rank partial sums, reduced below in one all-reduce that every rank reaches
-        part = dict.fromkeys(("kl_rmse", "kl_mean", "n_seq", "active", "n_D", "kl_penalty"), 0.0)
+        part = dict.fromkeys(("kl_rmse", "kl_mean", "kl_p95", "kl_max", "n_seq", "active", "n_D", "kl_penalty"), 0.0)
         if s["kl_ref"] is not None:
             kl = s["kl_ref"]
             if o.name in ("nll", "kd", "opd"):  # the barrier acts on the rollouts trained on, as in the heal
@@ -281,8 +281,7 @@ class SteerHealGRPOTrainer(GRPOTrainer):
             pen = k.beta * barrier(D, k.tau).sum() / max(len(D), 1)
             total = total + pen / normalizer
             with torch.no_grad():
-                part.update(kl_rmse=float(aggregate(kl.detach(), b, n, "rmse").sum()),
-                            kl_mean=float(aggregate(kl.detach(), b, n, "mean").sum()), n_seq=float(n),
+                part.update(**{f"kl_{a}": float(aggregate(kl.detach(), b, n, a).sum()) for a in AGGS}, n_seq=float(n),
                             active=float((D.detach() > k.tau).sum()), n_D=float(len(D)), kl_penalty=float(pen.detach()))
         if self.debug_nan_step and self.state.global_step + 1 == self.debug_nan_step \
                 and self.accelerator.process_index == self.accelerator.num_processes - 1:
@@ -306,8 +305,8 @@ class SteerHealGRPOTrainer(GRPOTrainer):
                                     f"{self.state.global_step}; fix: lower learning_rate or kl_beta and resume from "
                                     "the last checkpoint")
         if kl_on:
-            m["kl_rmse"].append(g["kl_rmse"] / max(g["n_seq"], 1.0))
-            m["kl_mean"].append(g["kl_mean"] / max(g["n_seq"], 1.0))
+            for a in AGGS:  # per-sequence D under every aggregate, whichever the barrier uses
+                m[f"kl_{a}"].append(g[f"kl_{a}"] / max(g["n_seq"], 1.0))
             m["barrier_active_frac"].append(g["active"] / g["n_D"] if g["n_D"] else 0.0)
             m["kl_penalty"].append(g["kl_penalty"] / world)
         for name, d in zip(TIMERS, red[len(keys):len(keys) + len(TIMERS)]):
