@@ -29,7 +29,7 @@ from reward.components import RewardConfig, preset_scorer
 from steer_heal.chat import render_prompt
 from steer_heal.config import HealConfig
 from steer_heal.engine import HFEngine, Sampling
-from steer_heal.engine.vllm_engine import VLLMConfig, VLLMEngine, _build_llm, sampling_params
+from steer_heal.engine.vllm_engine import VLLMConfig, VLLMEngine, _build_llm, sampling_params, vllm_available
 from steer_heal.evals.mfv import evaluate_mfv
 from steer_heal.evals.mfv_data import load_vignettes
 from steer_heal.grpo.online import OnlineConfig, OnlineRun
@@ -251,6 +251,38 @@ def bench_grpo(model: str, steps: int = 4) -> list[dict]:
     return rows
 
 
+def bench_opd(model: str, steps: int = 4) -> list[dict]:
+    """Seconds per on-policy distillation step (objective opd) with the HF engine (generates with the
+    live LoRA on) and with vLLM (baked + live weights pushed before every rollout)."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    rows = []
+    engines = ["hf"] + (["vllm"] if vllm_available() else [])
+    for engine in engines:
+        out = tempfile.mkdtemp(prefix="bench_opd_")
+        cfg, args = TrlParser((OnlineConfig, GRPOConfig)).parse_args_and_config(
+            args=["--config", "recipes/configs/grpo_demo_cpu.yaml", "--model", model, "--output_dir", out,
+                  "--max_steps", str(steps), "--bake_every", "1000", "--mfv", "false", "--save_strategy", "no",
+                  "--kappa", "1.0", "--disable_tqdm", "true", "--objective", "opd", "--engine", engine,
+                  "--eval_prompts", "1", "--eval_max_new_tokens", "4"])
+        run = OnlineRun(cfg, args, seed=args.seed)
+        run.setup()
+        tr = run.trainer()
+        tr.train()
+        hist = [h for h in tr.state.log_history if "step_time" in h][1:]  # drop the warm-up step
+        mean = lambda k: sum(float(h.get(k, 0.0)) for h in hist) / max(len(hist), 1)  # noqa: E731
+        n = f"batch {args.per_device_train_batch_size} x {args.max_completion_length} tokens, mean of {len(hist)} steps"
+        rows += [dict(what=f"OPD step [{engine}]: total", value=mean("step_time"), unit="s", detail=n),
+                 dict(what=f"OPD step [{engine}]: rollout from the learner (push included)", value=mean("time/rollout"),
+                      unit="s", detail=""),
+                 dict(what=f"OPD step [{engine}]: push of baked + live weights", value=mean("time/push"), unit="s",
+                      detail="vLLM only: the engine holds its own weights"),
+                 dict(what=f"OPD step [{engine}]: teacher forward", value=mean("time/teacher"), unit="s", detail="")]
+        run.engine.sleep()
+        del tr, run
+        gc.collect()
+    return rows
+
+
 def bench_scoring(lm, preset, n: int = 8, new_tokens: int = 48, repeats: int = 3) -> list[dict]:
     """Reward scoring of one GRPO batch (all components) with the persona contexts' KV cache vs without."""
     users = preset.prompts[:n]
@@ -295,7 +327,7 @@ def main() -> None:
     ap.add_argument("--heal-batch", type=int, default=HealConfig().batch_size)
     ap.add_argument("--mfv-think", type=int, default=32)
     ap.add_argument("--mfv-batch", type=int, default=32)
-    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: gen vllm heal memory mfv grpo")
+    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: gen vllm heal memory mfv grpo opd")
     a = ap.parse_args()
     torch.manual_seed(0)
     lm = load_model(a.model, dtype="float32")
@@ -319,6 +351,9 @@ def main() -> None:
     if "grpo" not in a.skip:
         rows += bench_scoring(lm, preset)
         rows += bench_grpo(a.model)
+        print_table(rows, head)
+    if "opd" not in a.skip:
+        rows += bench_opd(a.model)
         print_table(rows, head)
     if "memory" not in a.skip:
         rows += bench_memory(a.model, "SmolLM2 (49k vocab)", 8, 96)

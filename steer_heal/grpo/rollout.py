@@ -45,7 +45,10 @@ def make_rollout_func(engine, student, state: SteerState, max_new_tokens: int, t
         samp = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         if live:
             if getattr(engine, "push_live", None) is not None:  # an engine with its own weight copy
+                t1 = time.perf_counter()
                 engine.push_live(student)
+                if timers is not None:
+                    timers["push"] = timers.get("push", 0.0) + time.perf_counter() - t1
             ro = engine.generate(rendered, None, samp, logprobs=True)
         else:
             with student.live_off():  # behaviour policy: baked student + steering, no live LoRA

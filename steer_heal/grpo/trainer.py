@@ -44,7 +44,7 @@ log = logging.getLogger("steer_heal.grpo")
 
 OBJECTIVES = ("grpo", "nll", "grpo+nll", "kd", "opd")
 OPD_ESTIMATORS = ("token", "full")
-TIMERS = ("rollout", "scoring", "ref_forward", "teacher")  # logged as time/<name>, seconds per step
+TIMERS = ("rollout", "scoring", "ref_forward", "teacher", "push")  # logged as time/<name>, seconds per step
 
 
 class OnlineConfigError(ValueError):
