@@ -29,7 +29,14 @@ from reward.components import RewardConfig, preset_scorer
 from steer_heal.chat import render_prompt
 from steer_heal.config import HealConfig
 from steer_heal.engine import HFEngine, Sampling
-from steer_heal.engine.vllm_engine import VLLMConfig, VLLMEngine, _build_llm, sampling_params, vllm_available
+from steer_heal.engine.vllm_engine import (
+    VLLMConfig,
+    VLLMEngine,
+    _build_llm,
+    engine_memory,
+    sampling_params,
+    vllm_available,
+)
 from steer_heal.evals.mfv import evaluate_mfv
 from steer_heal.evals.mfv_data import load_vignettes
 from steer_heal.grpo.online import OnlineConfig, OnlineRun
@@ -92,7 +99,9 @@ def bench_vllm(lm, preset, n_prompts: int, new_tokens: int, v, repeats: int = 3)
     from vllm import LLM
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    llm = _build_llm(LLM, dict(model=lm.path, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0))
+    # sized like the project's engine (explicit KV cache on CPU), so it starts beside the loaded model
+    llm = _build_llm(LLM, dict(model=lm.path, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
+                               **engine_memory(VLLMConfig(), not torch.cuda.is_available())))
     sp = sampling_params(samp, tok, [tok.eos_token_id], False)
 
     def stock(ps):

@@ -45,7 +45,7 @@ class VLLMConfig:
                                  "cache while training", (ITERATIVE,))
     max_model_len: int = setting(2048, "longest prompt + completion", (ITERATIVE,))
     max_num_seqs: int = setting(256, "most sequences per engine step")
-    kv_cache_gib: float = setting(1.0, "CPU only: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    kv_cache_gib: float = setting(1.0, "CPU only: KV cache size, passed to vLLM as kv_cache_memory_bytes")
     dtype: str = setting("auto", "auto: the trainer's dtype (bf16 on GPU, fp32 on CPU)")
     enable_prefix_caching: bool = setting(True, "reuse the KV of repeated prompts (GRPO repeats each "
                                                 "num_generations times)")
@@ -90,6 +90,15 @@ def sampling_params(sampling: Sampling, tok, eos_ids: list[int], logprobs: bool,
     return SamplingParams(**kw)
 
 
+def engine_memory(cfg: VLLMConfig, cpu: bool) -> dict:
+    """The engine's memory, sized from its config and nothing else. On CPU an explicit KV-cache size:
+    without one vLLM reserves gpu_memory_utilization (0.92) of the node's memory and refuses to
+    start when the trainer already holds some. On GPU the configured fraction (and sleep mode)."""
+    if cpu:
+        return dict(kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30))
+    return dict(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.sleep)
+
+
 def _build_llm(LLM, kw):
     """vLLM seeds the global RNGs and may cut torch's thread count when it runs in-process; the
     trainer beside it keeps its own."""
@@ -124,7 +133,6 @@ class VLLMEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # colocated: engine core in this process
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the round table readable
         if cpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gib))))
             # vLLM pins OMP threads to cores by default; leave the trainer's thread settings alone
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         register()
@@ -146,8 +154,7 @@ class VLLMEngine:
                   hf_overrides={"architectures": [steered_name(arch)], "steer_heal_layers": self.layers},
                   worker_extension_cls="steer_heal.engine.vllm_worker.SteerHealWorkerExtension",
                   logprobs_mode="raw_logprobs")  # behaviour logprobs at temperature 1, like the HF engine
-        if not cpu:
-            kw.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.sleep)
+        kw.update(engine_memory(cfg, cpu))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             kw["distributed_executor_backend"] = "external_launcher"  # one engine per trainer rank
         self.llm = _build_llm(LLM, kw)
