@@ -328,6 +328,8 @@ g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
                 x, y, lo, hi = map(np.array, zip(*v))
                 ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="o-", capsize=3)
                 ax.set_xscale("log")
+                ax.set_xticks(x, [f"{t:g}" for t in x])  # the targets themselves, no log minor labels
+                ax.minorticks_off()
             ax.axhline(0, color="0.7", lw=1)
             ax.set_xlabel("iso-KL target (p95 nats)")
             ax.set_title(title, fontsize=10)
