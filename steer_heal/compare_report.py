@@ -155,8 +155,11 @@ class Report:
         return next((a for a in self.arms if a.name == name), None)
 
     def references(self, a: ArmInfo) -> list[tuple[str, str]]:
-        """(role, arm) each trained arm is judged against: base, the persona prompt, prompt
-        distillation (same kind first) and its own placebo."""
+        """(role, arm) each arm is judged against: a trained arm against base, the persona prompt,
+        prompt distillation (same kind first) and its own placebo; the prompt and steer baselines
+        against base."""
+        if a.kind in ("prompt", "steer"):  # the baselines themselves: do they move the trait at all?
+            return [("base", "base")] if "base" in self.by_arm else []
         if a.kind not in ("iterative", "online") or a.control == "placebo":
             return []
         out = [("base", "base"), ("prompt", "prompt")]
