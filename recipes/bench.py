@@ -218,32 +218,38 @@ def bench_mfv(lm, think: int, batch: int) -> list[dict]:
 TINYMFV_SECONDS, TINYMFV_T = 436.2, 32
 
 
+def _demo_steps(model: str, steps: int, *extra: str):
+    """`steps` steps of the online demo config (no bake, no MFV, dose fixed); returns (mean of a logged
+    key over the steps after the first, the GRPOConfig)."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    cfg, args = TrlParser((OnlineConfig, GRPOConfig)).parse_args_and_config(
+        args=["--config", "recipes/configs/grpo_demo_cpu.yaml", "--model", model, "--output_dir",
+              tempfile.mkdtemp(prefix="bench_online_"), "--max_steps", str(steps), "--bake_every", "1000",
+              "--mfv", "false", "--save_strategy", "no", "--kappa", "1.0", "--disable_tqdm", "true",
+              "--eval_prompts", "1", "--eval_max_new_tokens", "4", *extra])
+    run = OnlineRun(cfg, args, seed=args.seed)
+    run.setup()
+    tr = run.trainer()
+    tr.train()
+    run.engine.sleep()
+    hist = [h for h in tr.state.log_history if "step_time" in h][1:]  # drop the warm-up step
+    return (lambda k: sum(float(h.get(k, 0.0)) for h in hist) / max(len(hist), 1)), args
+
+
 def bench_grpo(model: str, steps: int = 4) -> list[dict]:
     """Seconds per GRPO step on the demo config (objective grpo, the only one with a second forward to
     fuse), split into rollout, scoring, reference forward and the rest ("update": student forward,
     backward, optimizer), for the fused path (one student forward per micro-batch) next to the
     two-forward path (TRL's own logprob forward + a separate forward for the penalty)."""
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     rows, upd = [], {}
     for fused in (True, False):
-        out = tempfile.mkdtemp(prefix="bench_grpo_")
-        cfg, args = TrlParser((OnlineConfig, GRPOConfig)).parse_args_and_config(
-            args=["--config", "recipes/configs/grpo_demo_cpu.yaml", "--model", model, "--output_dir", out,
-                  "--max_steps", str(steps), "--bake_every", "1000", "--mfv", "false", "--save_strategy", "no",
-                  "--kappa", "1.0", "--disable_tqdm", "true", "--objective", "grpo", "--fused", str(fused).lower(),
-                  "--eval_prompts", "1", "--eval_max_new_tokens", "4"])
-        run = OnlineRun(cfg, args, seed=args.seed)
-        run.setup()
-        tr = run.trainer()
-        tr.train()
-        hist = [h for h in tr.state.log_history if "step_time" in h][1:]  # drop the warm-up step
-        mean = lambda k: sum(float(h.get(k, 0.0)) for h in hist) / max(len(hist), 1)  # noqa: E731
+        mean, args = _demo_steps(model, steps, "--objective", "grpo", "--fused", str(fused).lower())
         total, ro, sc, ref = mean("step_time"), mean("time/rollout"), mean("time/scoring"), mean("time/ref_forward")
         upd[fused] = total - ro - sc - ref
         tag = "fused, 1 student forward" if fused else "two forwards (TRL + penalty)"
         n = f"batch {args.per_device_train_batch_size} completions x {args.max_completion_length} tokens"
         rows += [
-            dict(what=f"GRPO step [{tag}]: total", value=total, unit="s", detail=f"{n}, mean of {len(hist)} steps"),
+            dict(what=f"GRPO step [{tag}]: total", value=total, unit="s", detail=f"{n}, mean of {steps - 1} steps"),
             dict(what=f"GRPO step [{tag}]: rollout (steered HF engine)", value=ro, unit="s", detail=""),
             dict(what=f"GRPO step [{tag}]: scoring (reward components)", value=sc, unit="s", detail=""),
             dict(what=f"GRPO step [{tag}]: reference forward (KL penalty)", value=ref, unit="s", detail=""),
@@ -254,7 +260,6 @@ def bench_grpo(model: str, steps: int = 4) -> list[dict]:
                 detail="",
             ),
         ]
-        del tr, run
     rows.append(dict(what="GRPO update time, fused / two-forward", value=upd[True] / max(upd[False], 1e-9), unit="x",
                      detail="target <= 0.65x"))
     return rows
@@ -263,31 +268,17 @@ def bench_grpo(model: str, steps: int = 4) -> list[dict]:
 def bench_opd(model: str, steps: int = 4) -> list[dict]:
     """Seconds per on-policy distillation step (objective opd) with the HF engine (generates with the
     live LoRA on) and with vLLM (baked + live weights pushed before every rollout)."""
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     rows = []
     engines = ["hf"] + (["vllm"] if vllm_available() else [])
     for engine in engines:
-        out = tempfile.mkdtemp(prefix="bench_opd_")
-        cfg, args = TrlParser((OnlineConfig, GRPOConfig)).parse_args_and_config(
-            args=["--config", "recipes/configs/grpo_demo_cpu.yaml", "--model", model, "--output_dir", out,
-                  "--max_steps", str(steps), "--bake_every", "1000", "--mfv", "false", "--save_strategy", "no",
-                  "--kappa", "1.0", "--disable_tqdm", "true", "--objective", "opd", "--engine", engine,
-                  "--eval_prompts", "1", "--eval_max_new_tokens", "4"])
-        run = OnlineRun(cfg, args, seed=args.seed)
-        run.setup()
-        tr = run.trainer()
-        tr.train()
-        hist = [h for h in tr.state.log_history if "step_time" in h][1:]  # drop the warm-up step
-        mean = lambda k: sum(float(h.get(k, 0.0)) for h in hist) / max(len(hist), 1)  # noqa: E731
-        n = f"batch {args.per_device_train_batch_size} x {args.max_completion_length} tokens, mean of {len(hist)} steps"
+        mean, args = _demo_steps(model, steps, "--objective", "opd", "--engine", engine)
+        n = f"batch {args.per_device_train_batch_size} x {args.max_completion_length} tokens, mean of {steps - 1} steps"
         rows += [dict(what=f"OPD step [{engine}]: total", value=mean("step_time"), unit="s", detail=n),
                  dict(what=f"OPD step [{engine}]: rollout from the learner (push included)", value=mean("time/rollout"),
                       unit="s", detail=""),
                  dict(what=f"OPD step [{engine}]: push of baked + live weights", value=mean("time/push"), unit="s",
                       detail="vLLM only: the engine holds its own weights"),
                  dict(what=f"OPD step [{engine}]: teacher forward", value=mean("time/teacher"), unit="s", detail="")]
-        run.engine.sleep()
-        del tr, run
         gc.collect()
     return rows
 
