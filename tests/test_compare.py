@@ -78,7 +78,7 @@ def test_comparison_controls_sweep_intervals_budget_and_resume(tiny_dir, mfv_dir
 def test_failed_arm_stops_with_one_line_naming_its_log(tiny_dir, mfv_dir, tmp_path, capsys):
     from steer_heal.cli import main
 
-    path = _config(tmp_path, tiny_dir, arms=[dict(name="base", kind="base"), dict(
+    path = _config(tmp_path, tiny_dir, pairs=[], arms=[dict(name="base", kind="base"), dict(
         name="broken", kind="online", config=str(ROOT / "recipes/configs/grpo_smoke.yaml"),
         overrides=dict(objective="distill"))])
     assert main(["compare", "--config", str(path)]) == 2

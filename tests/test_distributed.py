@@ -111,7 +111,7 @@ def test_rollout_sleeps_the_engine_once_per_generation_batch():
     import steer_heal.grpo.rollout as ro
 
     orig = ro.render_prompt
-    ro.render_prompt = lambda tok, u: u
+    ro.render_prompt = lambda tok, u, system=None: u
     try:
         f = make_rollout_func(eng, Student(), SteerState(vector=None, kappa=1.0), 4)
         trainer = SimpleNamespace(state=SimpleNamespace(global_step=0),
@@ -140,8 +140,8 @@ def _reduce_worker(rank: int, world: int, init: str, out: str) -> None:
                                state=SimpleNamespace(global_step=5))
         m = defaultdict(list)
         # rank 0: 2 sequences with rmse 0.1, 0.3 (sum 0.4), 1 of 2 over tau; rank 1: 2 sequences, sum 1.2, 0 of 2
-        part = dict(kl_rmse=0.4 + 0.8 * rank, kl_mean=0.2 * (1 + rank), n_seq=2.0, active=1.0 - rank, n_D=2.0,
-                    kl_penalty=0.05 * (1 - rank))
+        part = dict(kl_rmse=0.4 + 0.8 * rank, kl_mean=0.2 * (1 + rank), kl_p95=0.6 + rank, kl_max=1.0 + 2 * rank,
+                    n_seq=2.0, active=1.0 - rank, n_D=2.0, kl_penalty=0.05 * (1 - rank))
         SteerHealGRPOTrainer._reduce_and_check(fake, m, part, torch.tensor(1.0), kl_on=True)
         nan = torch.tensor(float("nan")) if rank == 1 else torch.tensor(1.0)
         try:
@@ -168,6 +168,7 @@ def test_metrics_and_divergence_are_reduced_over_ranks(tmp_path):
         m = x["m"]
         assert m["kl_rmse"] == pytest.approx([(0.4 + 1.2) / 4])  # sum over 4 sequences / 4
         assert m["kl_mean"] == pytest.approx([(0.2 + 0.4) / 4])
+        assert m["kl_p95"] == pytest.approx([(0.6 + 1.6) / 4]) and m["kl_max"] == pytest.approx([(1.0 + 3.0) / 4])
         assert m["barrier_active_frac"] == pytest.approx([1 / 4])
         assert m["kl_penalty"] == pytest.approx([0.05 / 2])  # mean of the ranks' penalties
         assert m["time/rollout"] == pytest.approx([(2.0 + 4.0) / 2])  # seconds per rank, averaged
