@@ -32,10 +32,10 @@ from reward.validation import report as validation_report
 from steer_heal import stages
 from steer_heal.chat import encode_prompt, render_prompt
 from steer_heal.compare_report import Report, answers_page, load_preset_axis
-from steer_heal.config import EvalConfig, ModelConfig, RunConfig, SteerConfig, apply_dict, setting
+from steer_heal.config import CONTROLS, EvalConfig, ModelConfig, RunConfig, SteerConfig, apply_dict, setting
 from steer_heal.engine import Sampling
 from steer_heal.evals.mfv import evaluate_mfv, nanmean, trait_nats
-from steer_heal.evals.protocol import FOUNDATIONS
+from steer_heal.evals.mfv_data import is_labelled
 from steer_heal.evals.student import SCORED
 from steer_heal.heal.kl import aggregate, chunked_kl_and_logp
 from steer_heal.logprobs import auto_chunk, final_hidden, lm_logits, pack
@@ -46,7 +46,6 @@ from steer_heal.steering.hooks import steer
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("base", "prompt", "steer", "iterative", "online")
-CONTROLS = ("", "placebo", "prompt_distil")  # the run config's `control` setting (steer_heal/config.py)
 
 
 class CompareError(ValueError):
@@ -364,9 +363,8 @@ class Evaluator:
         items = {k: [_finite(x) for x in v] for k, v in items.items()}
         out = {k: nanmean(v) for k, v in items.items()} | extra
         if mfv is not None:
-            labelled = [any(float(r.get(f"human_{f}", 0) or 0) > 0 for f in FOUNDATIONS) for r in self.b.mfv_rows]
-            items.update(mfv_p=[x["p"] if x["top1"] >= 0 and ok else [float("nan")] * 7
-                                for x, ok in zip(mfv.rows, labelled)],
+            items.update(mfv_p=[x["p"] if x["top1"] >= 0 and is_labelled(r) else [float("nan")] * 7
+                                for x, r in zip(mfv.rows, self.b.mfv_rows)],
                          mfv_pmass=[_finite(x["pmass_allowed"]) for x in mfv.rows],
                          mfv_nll_prefill=[_finite(x["nll_prefill"]) for x in mfv.rows])
             out.update(trait_nats=trait_nats(mfv, self.preset.foundations), pmass=mfv.pmass_allowed,

@@ -32,7 +32,7 @@ from steer_heal.chat import encode_prompt
 from steer_heal.engine.base import Sampling
 from steer_heal.engine.hf import HFEngine
 from steer_heal.evals import protocol as P
-from steer_heal.evals.mfv_data import human_label, human_profile
+from steer_heal.evals.mfv_data import human_label, human_profile, is_labelled
 from steer_heal.logprobs import final_hidden, left_pad, lm_logits
 from steer_heal.models import causal_lm
 from steer_heal.steering.core import Steering
@@ -328,8 +328,7 @@ def nanmean(xs) -> float:
 def aggregate_rows(res_rows: list[dict], rows: list[dict], think_tokens: int) -> MFVResult:
     """tinymfv's aggregation: profile and accuracy over scorable labelled rows; pmass and prefill
     NLL as NaN-skipping means; frac_unscorable = share of rows flagged unscorable."""
-    ok = [(x, human_label(r)) for x, r in zip(res_rows, rows) if x["top1"] >= 0 and any(
-        float(r.get(f"human_{f}", 0) or 0) > 0 for f in P.FOUNDATIONS)]
+    ok = [(x, human_label(r)) for x, r in zip(res_rows, rows) if x["top1"] >= 0 and is_labelled(r)]
     n = max(len(ok), 1)
     profile = [sum(x["p"][f] for x, _ in ok) / n for f in range(7)]
     pred, gold = [x["top1"] for x, _ in ok], [g for _, g in ok]

@@ -84,6 +84,11 @@ def human_profile(rows: list[dict]) -> list[float]:
     return [a / max(len(rows), 1) for a in acc]
 
 
+def is_labelled(row: dict) -> bool:
+    """A vignette with any human rating: only these count in the profile and accuracy (tinymfv)."""
+    return any(float(row.get(f"human_{f}", 0) or 0) > 0 for f in FOUNDATIONS)
+
+
 def human_label(row: dict) -> int:
     h = [float(row.get(f"human_{f}", 0.0)) for f in FOUNDATIONS]
     return max(range(7), key=lambda i: h[i])
