@@ -170,8 +170,19 @@ def load_compare(path: str, overrides: list[str] = ()) -> CompareConfig:
 
 
 # ------------------------------------------------------------------ training arms
+def run_key(cfg: CompareConfig, arm: Arm, seed: int | None) -> str:
+    """`<arm>-s<seed>` for every trained run, so a run of a subset of the seeds (`seeds=[42]`) lands where
+    the full study looks for it; a bare `<arm>` only for untrained arms and for a single-seed study
+    written before this naming (kept so it resumes)."""
+    if seed is None:
+        return arm.name
+    if len(cfg.seeds) == 1 and ((cfg.dir / arm.name).is_dir() or (cfg.dir / "eval" / f"{arm.name}.json").exists()):
+        return arm.name
+    return f"{arm.name}-s{seed}"
+
+
 def arm_dir(cfg: CompareConfig, arm: Arm, seed: int) -> Path:
-    return cfg.dir / (arm.name if len(cfg.seeds) == 1 else f"{arm.name}-s{seed}")
+    return cfg.dir / run_key(cfg, arm, seed)
 
 
 def _latest_checkpoint(d: Path) -> Path | None:
@@ -439,8 +450,7 @@ def arm_seeds(cfg: CompareConfig, arm: Arm) -> list:
 
 
 def _eval_path(cfg: CompareConfig, arm: Arm, seed) -> Path:
-    key = arm.name if seed is None or len(cfg.seeds) == 1 else f"{arm.name}-s{seed}"
-    return cfg.dir / "eval" / f"{key}.json"
+    return cfg.dir / "eval" / f"{run_key(cfg, arm, seed)}.json"
 
 
 def load_eval(cfg: CompareConfig, arm: Arm, seed) -> dict | None:

@@ -121,6 +121,23 @@ def test_bad_compare_config_one_line(tmp_path):
         load_compare(str(tmp_path / "missing.yaml"))
 
 
+def test_a_run_of_one_seed_lands_where_the_full_study_looks(tmp_path, tiny_dir):
+    """`seeds=[42]` (a pilot, or one seed resumed alone) writes <arm>-s42, the directory and evaluation
+    the full study's seeds [42, 43] then reuse; a single-seed study written under the bare name still
+    resumes there."""
+    from steer_heal.compare import _eval_path, arm_dir, load_compare
+
+    path = _config(tmp_path, tiny_dir)
+    one, full = load_compare(str(path), ["seeds=[42]"]), load_compare(str(path), ["seeds=[42, 43]"])
+    arm = next(a for a in full.arms if a.name == "online")
+    assert arm_dir(one, arm, 42) == arm_dir(full, arm, 42) == tmp_path / "cmp" / "online-s42"
+    assert _eval_path(one, arm, 42) == _eval_path(full, arm, 42)
+    assert _eval_path(full, next(a for a in full.arms if a.name == "base"), None).name == "base.json"
+    (tmp_path / "cmp" / "online").mkdir(parents=True)  # a legacy single-seed study
+    assert arm_dir(one, arm, 42) == tmp_path / "cmp" / "online"
+    assert arm_dir(full, arm, 42) == tmp_path / "cmp" / "online-s42"
+
+
 def test_shipped_studies_load_and_every_arm_parses():
     """Each arm's config plus its overrides is accepted by that arm's own entry point's parser."""
     from trl import GRPOConfig, TrlParser
