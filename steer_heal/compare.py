@@ -32,7 +32,17 @@ from reward.validation import report as validation_report
 from steer_heal import stages
 from steer_heal.chat import encode_prompt, render_prompt
 from steer_heal.compare_report import Report, answers_page, load_preset_axis
-from steer_heal.config import CONTROLS, EvalConfig, ModelConfig, RunConfig, SteerConfig, apply_dict, setting
+from steer_heal.config import (
+    CONTROLS,
+    ConfigError,
+    EvalConfig,
+    ModelConfig,
+    RunConfig,
+    SteerConfig,
+    apply_dict,
+    check_control,
+    setting,
+)
 from steer_heal.engine import Sampling
 from steer_heal.evals.mfv import evaluate_mfv, nanmean, trait_nats
 from steer_heal.evals.mfv_data import is_labelled
@@ -148,6 +158,12 @@ def load_compare(path: str, overrides: list[str] = ()) -> CompareConfig:
             raise CompareError(f"arm '{arm.name}' ({arm.kind}) needs config:; fix: point it at the arm's run config")
         if arm.control not in CONTROLS:
             raise CompareError(f"arm '{arm.name}': unknown control '{arm.control}'; fix: one of {CONTROLS[1:]}")
+        if arm.kind == "online":
+            for control in {arm.control, "placebo" if arm.placebo else ""}:
+                try:
+                    check_control(control, _objective(arm))
+                except ConfigError as e:
+                    raise CompareError(f"arm '{arm.name}': {e}") from None
         if arm.control and not arm.trained:
             raise CompareError(f"arm '{arm.name}': control '{arm.control}' needs a training arm; fix: kind "
                                "iterative or online")
@@ -170,6 +186,14 @@ def load_compare(path: str, overrides: list[str] = ()) -> CompareConfig:
 
 
 # ------------------------------------------------------------------ training arms
+def _objective(arm: Arm) -> str:
+    """An online arm's objective: its override, else its run config's (a missing config is reported later)."""
+    if "objective" in arm.overrides:
+        return str(arm.overrides["objective"])
+    p = Path(arm.config)
+    return str((yaml.safe_load(p.read_text()) or {}).get("objective", "")) if p.is_file() else ""
+
+
 def run_key(cfg: CompareConfig, arm: Arm, seed: int | None) -> str:
     """`<arm>-s<seed>` for every trained run, so a run of a subset of the seeds (`seeds=[42]`) lands where
     the full study looks for it; a bare `<arm>` only for untrained arms and for a single-seed study

@@ -23,9 +23,19 @@ class ConfigError(ValueError):
 CONTROLS = ("", "placebo", "prompt_distil")
 
 
-def check_control(control: str) -> None:
+TEACHER_OBJECTIVES = ("kd", "opd")  # online objectives whose teacher is the steered student on the plain prompt
+
+
+def check_control(control: str, objective: str = "") -> None:
     if control not in CONTROLS:
         raise ConfigError(f"unknown control '{control}'; fix: one of placebo, prompt_distil, or '' (steered)")
+    if objective in TEACHER_OBJECTIVES and control == "prompt_distil":
+        raise ConfigError(f"objective {objective} with control prompt_distil: its teacher reads the plain prompt with "
+                          "steering, not the persona prompt; fix: objective nll or grpo+nll for prompt_distil")
+    if objective in TEACHER_OBJECTIVES and control == "placebo":
+        # at dose 0 the teacher is the student: zero advantage / zero KL, the run stays at its start
+        raise ConfigError(f"objective {objective} with control placebo is the untrained model by construction (at dose "
+                          "0 its teacher is the student and the gradient is zero); fix: compare the arm with base")
 
 
 @dataclass

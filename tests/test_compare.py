@@ -119,6 +119,10 @@ def test_bad_compare_config_one_line(tmp_path):
         load_compare(str(p))
     with pytest.raises(CompareError, match="not found"):
         load_compare(str(tmp_path / "missing.yaml"))
+    p.write_text(yaml.safe_dump(dict(arms=[dict(name="a", kind="online", config="x.yaml", placebo=True,
+                                                overrides=dict(objective="opd"))])))
+    with pytest.raises(CompareError, match="fix: compare the arm with base"):
+        load_compare(str(p))
 
 
 def test_a_run_of_one_seed_lands_where_the_full_study_looks(tmp_path, tiny_dir):

@@ -151,6 +151,11 @@ def test_prompt_distil_with_kd_is_refused_in_one_line():
     cfg.online.objective = "kd"
     with pytest.raises(OnlineConfigError, match="fix: objective nll"):
         check_online_config(cfg, GRPOConfig(output_dir="/tmp/x", use_cpu=True, beta=0.0))
+    # a kd / opd placebo would be the untrained model (teacher = student at dose 0): refused, in the
+    # run and already when a comparison config asks for it
+    cfg.control = "placebo"
+    with pytest.raises(OnlineConfigError, match="fix: compare the arm with base"):
+        check_online_config(cfg, GRPOConfig(output_dir="/tmp/x", use_cpu=True, beta=0.0))
 
 
 def test_unknown_control_is_refused(tiny_cfg):

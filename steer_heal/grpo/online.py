@@ -24,7 +24,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from reward.trl_rewards import make_reward_functions
 from steer_heal import stages
 from steer_heal.chat import render_prompt
-from steer_heal.config import ONLINE, RunConfig, flat_dataclass, from_flat
+from steer_heal.config import ONLINE, ConfigError, RunConfig, check_control, flat_dataclass, from_flat
 from steer_heal.console import StepLine, StepPrinter
 from steer_heal.dose import DoseController
 from steer_heal.evals.mfv import mfv_columns
@@ -56,10 +56,10 @@ def check_online_config(cfg: RunConfig, grpo_args) -> None:
     if getattr(grpo_args, "use_vllm", False):
         raise OnlineConfigError("use_vllm=true would make TRL build its own unsteered vLLM; fix: set use_vllm: false "
                                 "and engine: vllm (the steered engine serves the rollouts)")
-    if cfg.control == "prompt_distil" and cfg.online.objective in ("kd", "opd"):
-        raise OnlineConfigError(f"objective {cfg.online.objective} with control prompt_distil: its teacher reads the "
-                                "plain prompt with steering, not the persona prompt; fix: objective nll or grpo+nll "
-                                "for prompt_distil")
+    try:
+        check_control(cfg.control, cfg.online.objective)
+    except ConfigError as e:
+        raise OnlineConfigError(str(e)) from None
     check_online_args(grpo_args, cfg.online.objective, cfg.online.opd_estimator)
     check_launch(grpo_args, cfg.engine)
 
