@@ -387,12 +387,12 @@ g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
 bands: 95% t-interval)</h2><div id=p></div><script>const D={js};const C=['#1f77b4','#d62728','#2ca02c','#ff7f0e',
 '#9467bd','#8c564b','#e377c2'];D.panels.forEach(m=>{{const c=document.createElement('canvas');c.width=420;c.height=260;
 document.getElementById('p').appendChild(c);const g=c.getContext('2d');const A=Object.keys(D.data);
-const pts=A.flatMap(a=>D.data[a][m]);if(!pts.length)return;const ys=pts.flatMap(p=>[p[2],p[3]]).filter(v=>v!=null);
+const pts=A.flatMap(a=>D.data[a][m]);if(!pts.length)return;const ys=pts.flatMap(p=>[p[1],p[2],p[3]]).filter(v=>v!=null);
 const xs=pts.map(p=>p[0]);const y0=Math.min(...ys),y1=Math.max(...ys),x1=Math.max(...xs,1);
 const X=v=>40+v/x1*360,Y=v=>230-(v-y0)/((y1-y0)||1)*200;g.fillStyle='#000';g.fillText(m,40,14);
-A.forEach((a,i)=>{{const s=D.data[a][m];if(!s.length)return;g.fillStyle=C[i%7];g.globalAlpha=.2;g.beginPath();
-s.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[3])):g.moveTo(X(p[0]),Y(p[3])));
-s.slice().reverse().forEach(p=>g.lineTo(X(p[0]),Y(p[2])));g.fill();g.globalAlpha=1;g.strokeStyle=C[i%7];g.beginPath();
+A.forEach((a,i)=>{{const s=D.data[a][m];if(!s.length)return;const b=s.filter(p=>p[2]!=null&&p[3]!=null);
+g.fillStyle=C[i%7];g.globalAlpha=.2;g.beginPath();b.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[3])):g.moveTo(X(p[0]),Y(p[3])));
+b.slice().reverse().forEach(p=>g.lineTo(X(p[0]),Y(p[2])));if(b.length)g.fill();g.globalAlpha=1;g.strokeStyle=C[i%7];g.beginPath();
 s.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[1])):g.moveTo(X(p[0]),Y(p[1])));g.stroke();g.fillText(a,330,30+12*i)}})}});
 </script>"""))
         try:

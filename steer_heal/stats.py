@@ -108,6 +108,8 @@ class Interval:
     def fmt(self, f: str = "{:+.3f}") -> str:
         if not math.isfinite(self.value):
             return "-"
+        if not (math.isfinite(self.lo) and math.isfinite(self.hi)):
+            return f"{f.format(self.value)} [n=1]"  # one seed: a value, not an interval
         return f"{f.format(self.value)} [{f.format(self.lo)}, {f.format(self.hi)}]"
 
 
@@ -152,10 +154,10 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 
 
 def t_interval(xs: list[float]) -> Interval:
-    """Mean and 95% t-interval over a few values (seeds); one value gives a point."""
+    """Mean and 95% t-interval over a few values (seeds); one value has no interval (nan bounds)."""
     n = len(xs)
     m = float(np.mean(xs))
     if n < 2:
-        return Interval(m, m, m)
+        return Interval(m, float("nan"), float("nan"))
     h = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * float(np.std(xs, ddof=1)) / math.sqrt(n)
     return Interval(m, m - h, m + h)

@@ -155,7 +155,8 @@ def test_report_references_each_trained_arm_to_its_controls():
 def test_t_interval_equals_the_textbook_formula():
     iv = stats.t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.303
     assert iv.value == 2.0 and iv.hi - 2.0 == pytest.approx(4.303 / math.sqrt(3), rel=1e-4)
-    assert stats.t_interval([5.0]).lo == 5.0
+    one = stats.t_interval([5.0])  # one seed: a value, no interval, never a verdict
+    assert one.value == 5.0 and math.isnan(one.lo) and not one.excludes_zero() and one.fmt("{:.1f}") == "5.0 [n=1]"
     try:
         from scipy.stats import t
     except ImportError:
