@@ -379,7 +379,9 @@ g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
         arms = self.drift_arms()
         if not arms:
             return
-        panels = ["coherent", "tail_nll", "repetition", "barrier_active_frac", "D_rmse", "trait_heldout"]
+        # coherence first (the loop-aware incoherence, the coherent fraction, repetition), then the barrier
+        panels = ["incoherence", "coherent", "repetition", "trait_heldout", "barrier_active_frac", "D_mean", "D_rmse",
+                  "tail_nll"]
         data = {a.name: {m: [(k, iv.value, iv.lo, iv.hi) for k, iv in self.drift_series(a.name, m)] for m in panels}
                 for a in arms}
         js = json.dumps(dict(panels=panels, data=data)).replace("NaN", "null")
@@ -402,7 +404,7 @@ s.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[1])):g.moveTo(X(p[0]),Y(p[1])));g.stroke
             import matplotlib.pyplot as plt
         except ImportError:
             return
-        fig, axs = plt.subplots(2, 3, figsize=(14, 7.5))
+        fig, axs = plt.subplots(2, 4, figsize=(17, 7.5))
         for ax, m in zip(axs.flat, panels):
             for a in arms:
                 s = data[a.name][m]
