@@ -113,13 +113,15 @@ def refusal(text: str) -> float:
 def _batched_logprobs(model, tok, prompt_ids, completion_ids, batch_size, cache_prefix: bool = True):
     """Per row: log p(completion token | prompt, earlier completion tokens), under `model` as it stands.
 
-    Rows whose prompts share a long token prefix (a system prompt, persona demonstrations, a
-    template's default system block) run that prefix once, at batch 1, and reuse its KV cache for
-    every row (`cache_prefix`); the numbers equal the uncached pass (tested)."""
+    With `cache_prefix`, work shared between rows runs once (the numbers equal the uncached pass,
+    tested): a long token prefix every prompt starts with (a system prompt, persona demonstrations, a
+    template's default system block) runs at batch 1, and rows with the same whole prompt (a GRPO
+    group's completions) share one pass over that prompt; only the completions run per row."""
     if not prompt_ids:
         return []
     Lp = shared_prefix_len(tok, prompt_ids) if cache_prefix else 0
-    if Lp >= MIN_PREFIX:
+    repeated = len({tuple(p) for p in prompt_ids}) < len(prompt_ids)
+    if Lp >= MIN_PREFIX or (Lp > 0 and repeated):
         return _prefixed_logprobs(model, prompt_ids[0][:Lp], [p[Lp:] for p in prompt_ids], completion_ids,
                                   batch_size)
     out = []
@@ -129,7 +131,7 @@ def _batched_logprobs(model, tok, prompt_ids, completion_ids, batch_size, cache_
     return out
 
 
-MIN_PREFIX = 16  # shorter shared prefixes are not worth a cache
+MIN_PREFIX = 16  # shorter shared prefixes are not worth a cache (unless whole prompts repeat)
 
 
 def shared_prefix_len(tok, rows: list[list[int]]) -> int:
@@ -161,36 +163,66 @@ def _prefixed_logprobs(model, prefix: list[int], suffixes: list[list[int]], comp
 
 
 def _prefixed_logprobs_eval(model, lm, dec, device, prefix, suffixes, completions, batch_size):
+    """Three levels: the shared prefix (batch 1, once), each distinct suffix but its last token (once
+    per group of rows with that suffix), then per row its suffix's last token + completion. Padding
+    sits at the right of each level and is masked; positions count real tokens only."""
     Lp = len(prefix)
     pre = dec(input_ids=torch.tensor([prefix], device=device), position_ids=torch.arange(Lp, device=device)[None],
               use_cache=True).past_key_values
     chunk = auto_chunk(lm.get_output_embeddings().weight.shape[0])
-    out: list[torch.Tensor] = []
-    for i in range(0, len(suffixes), batch_size):
-        sfx, cmp = suffixes[i:i + batch_size], completions[i:i + batch_size]
-        B = len(sfx)
-        rows = [s + c for s, c in zip(sfx, cmp)]
-        S = max(len(r) for r in rows)
-        ids = torch.zeros((B, S), dtype=torch.long)
-        att = torch.zeros((B, Lp + S), dtype=torch.long)
-        att[:, :Lp] = 1
-        for j, r in enumerate(rows):
-            ids[j, :len(r)] = torch.tensor(r)
-            att[j, Lp:Lp + len(r)] = 1
+    groups: dict[tuple, list[int]] = {}
+    for i, sf in enumerate(suffixes):
+        groups.setdefault(tuple(sf), []).append(i)
+    keys = list(groups)
+    out: list[torch.Tensor | None] = [None] * len(suffixes)
+    k = 0
+    while k < len(keys):  # whole groups per batch, up to batch_size rows (at least one group)
+        batch = [keys[k]]
+        n_rows = len(groups[keys[k]])
+        k += 1
+        while k < len(keys) and n_rows + len(groups[keys[k]]) <= batch_size:
+            n_rows += len(groups[keys[k]])
+            batch.append(keys[k])
+            k += 1
+        rows = [i for g in batch for i in groups[g]]
+        gi = torch.tensor([j for j, g in enumerate(batch) for _ in groups[g]], dtype=torch.long)
+        heads = [list(g[:-1]) for g in batch]
+        Sh = max(len(h) for h in heads)
         cache = copy.deepcopy(pre)
-        cache.batch_repeat_interleave(B)
-        pos = (Lp + torch.arange(S))[None].expand(B, S)
+        cache.batch_repeat_interleave(len(batch))
+        att_g = torch.zeros((len(batch), Lp + Sh), dtype=torch.long)
+        att_g[:, :Lp] = 1
+        if Sh:
+            ids_g = torch.zeros((len(batch), Sh), dtype=torch.long)
+            for j, h in enumerate(heads):
+                ids_g[j, :len(h)] = torch.tensor(h, dtype=torch.long)
+                att_g[j, Lp:Lp + len(h)] = 1
+            dec(input_ids=ids_g.to(device), attention_mask=att_g.to(device),
+                position_ids=(Lp + torch.arange(Sh))[None].expand(len(batch), Sh).to(device),
+                past_key_values=cache, use_cache=True)
+        cache.batch_select_indices(gi.to(device))  # each row gets its group's cache
+        cmp = [completions[i] for i in rows]
+        tails = [[suffixes[i][-1]] + c for i, c in zip(rows, cmp)]
+        St = max(len(t) for t in tails)
+        ids = torch.zeros((len(rows), St), dtype=torch.long)
+        att = torch.cat([att_g[gi], torch.zeros((len(rows), St), dtype=torch.long)], 1)
+        for j, t in enumerate(tails):
+            ids[j, :len(t)] = torch.tensor(t, dtype=torch.long)
+            att[j, Lp + Sh:Lp + Sh + len(t)] = 1
+        start = torch.tensor([Lp + len(heads[int(g)]) for g in gi])
+        pos = start[:, None] + torch.arange(St)[None]
         h = dec(input_ids=ids.to(device), attention_mask=att.to(device), position_ids=pos.to(device),
                 past_key_values=cache, use_cache=True).last_hidden_state
-        # hidden at suffix position t predicts token t + 1: the completion starts at len(suffix)
-        b = torch.tensor([j for j, (s, c) in enumerate(zip(sfx, cmp)) for _ in c], dtype=torch.long)
-        t = torch.tensor([len(s) - 1 + k for s, c in zip(sfx, cmp) for k in range(len(c))], dtype=torch.long)
+        # tail position t (the suffix's last token, then the completion) predicts completion token t
+        b = torch.tensor([j for j, c in enumerate(cmp) for _ in c], dtype=torch.long)
+        t = torch.tensor([x for c in cmp for x in range(len(c))], dtype=torch.long)
         tgt = torch.tensor([x for c in cmp for x in c], dtype=torch.long, device=device)
         lp = torch.empty(len(b), dtype=torch.float32, device=device)
-        for k in range(0, len(b), chunk):
-            logits = lm_logits(model, h[b[k:k + chunk].to(device), t[k:k + chunk].to(device)])
-            lp[k:k + chunk] = torch.log_softmax(logits, -1).gather(-1, tgt[k:k + chunk, None])[:, 0]
-        out += [x.cpu() for x in torch.split(lp, [len(c) for c in cmp])]
+        for c0 in range(0, len(b), chunk):
+            logits = lm_logits(model, h[b[c0:c0 + chunk].to(device), t[c0:c0 + chunk].to(device)])
+            lp[c0:c0 + chunk] = torch.log_softmax(logits, -1).gather(-1, tgt[c0:c0 + chunk, None])[:, 0]
+        for i, x in zip(rows, torch.split(lp, [len(c) for c in cmp])):
+            out[i] = x.cpu()
     return out
 
 

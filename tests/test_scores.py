@@ -106,6 +106,45 @@ def test_prefix_cached_scores_equal_uncached(tiny_any):
         tail_nll(m, tok, prompts, comps, batch_size=3, cache_prefix=False), abs=1e-4)
 
 
+def test_grouped_prompts_share_one_pass_and_equal_uncached(tiny_any):
+    """A GRPO batch (each prompt's completions together; one group larger than the batch) through the
+    three-level cache: every per-token log-prob equals the plain pass, with and without a long
+    shared prefix, and the pass over each prompt runs once per group, not once per row."""
+    from reward.scores import _batched_logprobs, shared_prefix_len
+    from steer_heal.chat import encode_prompt, render_prompt
+    from steer_heal.models import causal_lm
+
+    m, tok = tiny_any.model, tiny_any.tokenizer
+    users = ["hi"] * 4 + ["tell me about rivers and the sea"] * 3 + ["why"]
+    texts = [" well then", " yes yes yes yes no", " ok", " it is four, my friend, and more", " because", " a",
+             " no no", " rivers run to the sea and back"]
+    comps = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    for system in (None, "A long shared system prompt " * 4):
+        prompts = [encode_prompt(tok, render_prompt(tok, u, system=system)) for u in users]
+        plain = _batched_logprobs(m, tok, prompts, comps, batch_size=3, cache_prefix=False)
+        fed = []  # real (unmasked) tokens through the decoder
+
+        def count(mod, a, kw):
+            ids, att = kw["input_ids"], kw.get("attention_mask")
+            fed.append(ids.numel() if att is None else int(att[:, -ids.shape[1]:].sum()))
+
+        dec = causal_lm(m).get_decoder()
+        hook = dec.register_forward_pre_hook(count, with_kwargs=True)
+        try:
+            grouped = _batched_logprobs(m, tok, prompts, comps, batch_size=3, cache_prefix=True)
+        finally:
+            hook.remove()
+        for a, b in zip(grouped, plain):
+            assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+        assert max(float(x.abs().max()) for x in plain) > 0.1
+        # the shared prefix once, each distinct prompt's rest once, then per row only its completion (+ the
+        # prompt's last token, whose hidden state predicts the first completion token)
+        Lp = shared_prefix_len(tok, prompts)
+        assert Lp > 0
+        distinct = {tuple(p) for p in prompts}
+        assert sum(fed) == Lp + sum(len(p) - Lp - 1 for p in distinct) + sum(1 + len(c) for c in comps)
+
+
 def test_shared_prefix_len_stops_at_a_special_token(tiny):
     from reward.scores import shared_prefix_len
 
