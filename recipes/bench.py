@@ -288,11 +288,13 @@ def bench_opd(model: str, steps: int = 4) -> list[dict]:
     return rows
 
 
-def bench_scoring(lm, preset, n: int = 8, new_tokens: int = 48, repeats: int = 3) -> list[dict]:
-    """Reward scoring of one GRPO batch (all components) with the persona contexts' KV cache vs without."""
-    users = preset.prompts[:n]
+def bench_scoring(lm, preset, n: int = 8, group: int = 4, new_tokens: int = 48, repeats: int = 3) -> list[dict]:
+    """Reward scoring of one GRPO batch (all components; the demo's shape: n rollouts, `group` per
+    prompt) with the shared-work cache vs the plain pass."""
+    users = [u for u in preset.prompts[:n // group] for _ in range(group)]
     ro = HFEngine(lm.model, lm.tokenizer).generate([render_prompt(lm.tokenizer, u) for u in users], None,
-                                                    Sampling(max_new_tokens=new_tokens, seed=0), logprobs=False)
+                                                    Sampling(max_new_tokens=new_tokens, temperature=1.0, seed=0),
+                                                    logprobs=False)
     ids, texts = [r.completion_ids for r in ro], [r.text for r in ro]
     t = {}
     for cache in (True, False):
@@ -304,8 +306,8 @@ def bench_scoring(lm, preset, n: int = 8, new_tokens: int = 48, repeats: int = 3
             sc.components(users, ids, texts)
             best = min(best, time.perf_counter() - t0)
         t[cache] = best
-    return [dict(what="scoring: one GRPO batch, persona contexts cached", value=t[True], unit="s",
-                 detail=f"{n} completions x {new_tokens} tokens, best of {repeats}"),
+    return [dict(what="scoring: one GRPO batch, shared prefix + prompt cached", value=t[True], unit="s",
+                 detail=f"{n} completions ({n // group} prompts x {group}) x {new_tokens} tokens, best of {repeats}"),
             dict(what="scoring: one GRPO batch, uncached", value=t[False], unit="s", detail=""),
             dict(what="scoring time, cached / uncached", value=t[True] / t[False], unit="x", detail="target <= 0.5x")]
 
@@ -332,7 +334,7 @@ def main() -> None:
     ap.add_argument("--heal-batch", type=int, default=HealConfig().batch_size)
     ap.add_argument("--mfv-think", type=int, default=32)
     ap.add_argument("--mfv-batch", type=int, default=32)
-    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: gen vllm heal memory mfv grpo opd")
+    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: gen vllm heal memory mfv scoring grpo opd")
     a = ap.parse_args()
     torch.manual_seed(0)
     lm = load_model(a.model, dtype="float32")
@@ -353,8 +355,10 @@ def main() -> None:
     if "mfv" not in a.skip:
         rows += bench_mfv(lm, a.mfv_think, a.mfv_batch)
         print_table(rows, head)
-    if "grpo" not in a.skip:
+    if "scoring" not in a.skip:
         rows += bench_scoring(lm, preset)
+        print_table(rows, head)
+    if "grpo" not in a.skip:
         rows += bench_grpo(a.model)
         print_table(rows, head)
     if "opd" not in a.skip:
