@@ -23,13 +23,17 @@ import time
 from pathlib import Path
 
 import torch
-from trl import GRPOConfig, TrlParser
 
-from reward.components import RewardConfig, preset_scorer
-from steer_heal.chat import render_prompt
-from steer_heal.config import HealConfig
-from steer_heal.engine import HFEngine, Sampling
-from steer_heal.engine.vllm_engine import (
+from steer_heal.console import quiet_startup
+
+quiet_startup()  # before TRL imports vLLM: its version warning, once per import, is filtered as in the recipes
+from trl import GRPOConfig, TrlParser  # noqa: E402
+
+from reward.components import RewardConfig, preset_scorer  # noqa: E402
+from steer_heal.chat import render_prompt  # noqa: E402
+from steer_heal.config import HealConfig  # noqa: E402
+from steer_heal.engine import HFEngine, Sampling  # noqa: E402
+from steer_heal.engine.vllm_engine import (  # noqa: E402
     VLLMConfig,
     VLLMEngine,
     _build_llm,
@@ -37,16 +41,16 @@ from steer_heal.engine.vllm_engine import (
     sampling_params,
     vllm_available,
 )
-from steer_heal.evals.mfv import evaluate_mfv
-from steer_heal.evals.mfv_data import load_vignettes
-from steer_heal.grpo.online import OnlineConfig, OnlineRun
-from steer_heal.heal import heal_round, heal_terms
-from steer_heal.logprobs import pack
-from steer_heal.machine import load_timing, machine_key
-from steer_heal.models import DEFAULT_MODEL, load_model
-from steer_heal.presets import load_preset
-from steer_heal.steering import Steering, extract_vector, layer_band
-from steer_heal.student import Student
+from steer_heal.evals.mfv import evaluate_mfv  # noqa: E402
+from steer_heal.evals.mfv_data import load_vignettes  # noqa: E402
+from steer_heal.grpo.online import OnlineConfig, OnlineRun  # noqa: E402
+from steer_heal.heal import heal_round, heal_terms  # noqa: E402
+from steer_heal.logprobs import pack  # noqa: E402
+from steer_heal.machine import load_timing, machine_key  # noqa: E402
+from steer_heal.models import DEFAULT_MODEL, load_model  # noqa: E402
+from steer_heal.presets import load_preset  # noqa: E402
+from steer_heal.steering import Steering, extract_vector, layer_band  # noqa: E402
+from steer_heal.student import Student  # noqa: E402
 
 
 def _hf_rates(lm, prompts, steering, samp, batch: int, label: str, n_sequential: int | None = None) -> list[dict]:
