@@ -31,6 +31,7 @@ from trl import GRPOConfig, TrlParser  # noqa: E402
 
 from reward.components import RewardConfig, preset_scorer  # noqa: E402
 from steer_heal.chat import render_prompt  # noqa: E402
+from steer_heal.compare import Evaluator, arm_dir, final_adapter, load_compare, train_arm  # noqa: E402
 from steer_heal.config import HealConfig  # noqa: E402
 from steer_heal.engine import HFEngine, Sampling  # noqa: E402
 from steer_heal.engine.vllm_engine import (  # noqa: E402
@@ -316,6 +317,25 @@ def bench_scoring(lm, preset, n: int = 8, group: int = 4, new_tokens: int = 48, 
             dict(what="scoring time, cached / uncached", value=t[True] / t[False], unit="x", detail="target <= 0.5x")]
 
 
+def bench_study_arm(model: str, study: str = "recipes/compare/smollm2_cpu.yaml", arm: str = "online_nll") -> list[dict]:
+    """Seconds per study arm: one seed of one online arm of the SmolLM2 study at its budget (its own
+    process, as `steer-heal compare` runs it) plus the study's final evaluation of it, in a scratch
+    compare dir (the vector, dose and base evaluation it needs are computed there first, not timed)."""
+    d = tempfile.mkdtemp(prefix="bench_arm_")
+    cfg = load_compare(study, [f"compare_dir={d}", "seeds=[42]", f"model={model}"])
+    a = next(x for x in cfg.arms if x.name == arm)
+    t0 = time.perf_counter()
+    info = train_arm(cfg, a, 42)
+    t_train = time.perf_counter() - t0
+    ev = Evaluator(cfg)  # model load, vector, dose: shared by every arm of a study, so not counted
+    t0 = time.perf_counter()
+    ev.evaluate(a, final_adapter(arm_dir(cfg, a, 42), a.kind))
+    t_eval = time.perf_counter() - t0
+    return [dict(what=f"seconds per study arm ({arm}, 1 seed): training + final evaluation", value=t_train + t_eval,
+                 unit="s", detail=f"{study}: training {t_train:.0f} s ({info['gen_tokens']} generated tokens), "
+                                  f"evaluation {t_eval:.0f} s (32 prompts + 132 x 2 vignettes)")]
+
+
 def print_table(rows: list[dict], header: str) -> str:
     w = max(len(r["what"]) for r in rows)
     lines = [header, f"{'measurement'.ljust(w)}  {'value':>10}  unit           detail", "-" * (w + 50)]
@@ -338,7 +358,8 @@ def main() -> None:
     ap.add_argument("--heal-batch", type=int, default=HealConfig().batch_size)
     ap.add_argument("--mfv-think", type=int, default=32)
     ap.add_argument("--mfv-batch", type=int, default=32)
-    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: gen vllm heal memory mfv scoring grpo opd")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    help="sections to skip: gen vllm heal memory mfv scoring grpo opd arm")
     a = ap.parse_args()
     torch.manual_seed(0)
     lm = load_model(a.model, dtype="float32")
@@ -367,6 +388,9 @@ def main() -> None:
         print_table(rows, head)
     if "opd" not in a.skip:
         rows += bench_opd(a.model)
+        print_table(rows, head)
+    if "arm" not in a.skip:
+        rows += bench_study_arm(a.model)
         print_table(rows, head)
     if "memory" not in a.skip:
         rows += bench_memory(a.model, "SmolLM2 (49k vocab)", 8, 96)
