@@ -162,10 +162,22 @@ def _prefixed_logprobs(model, prefix: list[int], suffixes: list[list[int]], comp
         model.train(was)
 
 
+def _sliding_window(model) -> bool:
+    """Whether some layer attends within a window counted in cache slots (gemma-3, mistral): a masked
+    hole in the middle of a row would shift that window, so such models get hole-free batches."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if not getattr(cfg, "sliding_window", None) or getattr(cfg, "use_sliding_window", True) is False:
+        return False
+    types = getattr(cfg, "layer_types", None)
+    return types is None or any("sliding" in t for t in types)
+
+
 def _prefixed_logprobs_eval(model, lm, dec, device, prefix, suffixes, completions, batch_size):
-    """Three levels: the shared prefix (batch 1, once), each distinct suffix but its last token (once
-    per group of rows with that suffix), then per row its suffix's last token + completion. Padding
-    sits at the right of each level and is masked; positions count real tokens only."""
+    """The shared prefix runs once (batch 1). When whole prompts repeat, each distinct suffix but its
+    last token runs once per group of rows ("head"), and per row only the suffix's last token and the
+    completion run ("tail"); otherwise the tail is the whole suffix + completion. Padding sits at the
+    right of each stage and is masked; positions count real tokens only. With a sliding-window model
+    a batch holds only groups whose heads have one length, so no row has a masked hole."""
     Lp = len(prefix)
     pre = dec(input_ids=torch.tensor([prefix], device=device), position_ids=torch.arange(Lp, device=device)[None],
               use_cache=True).past_key_values
@@ -173,20 +185,23 @@ def _prefixed_logprobs_eval(model, lm, dec, device, prefix, suffixes, completion
     groups: dict[tuple, list[int]] = {}
     for i, sf in enumerate(suffixes):
         groups.setdefault(tuple(sf), []).append(i)
-    keys = list(groups)
+    use_heads = len(groups) < len(suffixes)
+    same_len = use_heads and _sliding_window(model)
+    keys = sorted(groups, key=len) if same_len else list(groups)
     out: list[torch.Tensor | None] = [None] * len(suffixes)
     k = 0
     while k < len(keys):  # whole groups per batch, up to batch_size rows (at least one group)
         batch = [keys[k]]
         n_rows = len(groups[keys[k]])
         k += 1
-        while k < len(keys) and n_rows + len(groups[keys[k]]) <= batch_size:
+        while (k < len(keys) and n_rows + len(groups[keys[k]]) <= batch_size
+               and not (same_len and len(keys[k]) != len(batch[0]))):
             n_rows += len(groups[keys[k]])
             batch.append(keys[k])
             k += 1
         rows = [i for g in batch for i in groups[g]]
         gi = torch.tensor([j for j, g in enumerate(batch) for _ in groups[g]], dtype=torch.long)
-        heads = [list(g[:-1]) for g in batch]
+        heads = [list(g[:-1]) if use_heads else [] for g in batch]
         Sh = max(len(h) for h in heads)
         cache = copy.deepcopy(pre)
         cache.batch_repeat_interleave(len(batch))
@@ -202,7 +217,8 @@ def _prefixed_logprobs_eval(model, lm, dec, device, prefix, suffixes, completion
                 past_key_values=cache, use_cache=True)
         cache.batch_select_indices(gi.to(device))  # each row gets its group's cache
         cmp = [completions[i] for i in rows]
-        tails = [[suffixes[i][-1]] + c for i, c in zip(rows, cmp)]
+        lead = [suffixes[i][len(heads[int(g)]):] for i, g in zip(rows, gi)]  # >= 1 token: predicts cmp[0]
+        tails = [a + c for a, c in zip(lead, cmp)]
         St = max(len(t) for t in tails)
         ids = torch.zeros((len(rows), St), dtype=torch.long)
         att = torch.cat([att_g[gi], torch.zeros((len(rows), St), dtype=torch.long)], 1)
@@ -213,9 +229,9 @@ def _prefixed_logprobs_eval(model, lm, dec, device, prefix, suffixes, completion
         pos = start[:, None] + torch.arange(St)[None]
         h = dec(input_ids=ids.to(device), attention_mask=att.to(device), position_ids=pos.to(device),
                 past_key_values=cache, use_cache=True).last_hidden_state
-        # tail position t (the suffix's last token, then the completion) predicts completion token t
+        # tail position len(lead) - 1 + t predicts completion token t
         b = torch.tensor([j for j, c in enumerate(cmp) for _ in c], dtype=torch.long)
-        t = torch.tensor([x for c in cmp for x in range(len(c))], dtype=torch.long)
+        t = torch.tensor([len(a) - 1 + x for a, c in zip(lead, cmp) for x in range(len(c))], dtype=torch.long)
         tgt = torch.tensor([x for c in cmp for x in c], dtype=torch.long, device=device)
         lp = torch.empty(len(b), dtype=torch.float32, device=device)
         for c0 in range(0, len(b), chunk):
