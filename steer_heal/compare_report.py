@@ -415,10 +415,12 @@ s.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[1])):g.moveTo(X(p[0]),Y(p[1])));g.stroke
                 ax.fill_between(k, lo, hi, color=line.get_color(), alpha=0.15)
             ax.set_title(m, fontsize=10)
             ax.set_xlabel("round / bake")
-        axs.flat[0].legend(fontsize=7)
+        handles = {lab: h for ax in axs.flat for h, lab in zip(*ax.get_legend_handles_labels())}
+        if handles:
+            fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 8), fontsize=8)
         fig.suptitle(f"{self.model.split('/')[-1]}, {self.preset}: drift per round (bands: 95% t-interval over seeds)",
                      fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
         fig.savefig(d / "drift.png", dpi=110)
         plt.close(fig)
 
