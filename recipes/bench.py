@@ -320,7 +320,7 @@ def bench_scoring(lm, preset, n: int = 8, group: int = 4, new_tokens: int = 48, 
 def bench_study_arm(model: str, study: str = "recipes/compare/smollm2_cpu.yaml", arm: str = "online_nll") -> list[dict]:
     """Seconds per study arm: one seed of one online arm of the SmolLM2 study at its budget (its own
     process, as `steer-heal compare` runs it) plus the study's final evaluation of it, in a scratch
-    compare dir (the vector, dose and base evaluation it needs are computed there first, not timed)."""
+    compare dir (the evaluator's model load, vector and dose are shared by a study's arms, so not timed)."""
     d = tempfile.mkdtemp(prefix="bench_arm_")
     cfg = load_compare(study, [f"compare_dir={d}", "seeds=[42]", f"model={model}"])
     a = next(x for x in cfg.arms if x.name == arm)

@@ -161,7 +161,7 @@ def load_compare(path: str, overrides: list[str] = ()) -> CompareConfig:
         if arm.kind == "online":
             for control in {arm.control, "placebo" if arm.placebo else ""}:
                 try:
-                    check_control(control, _objective(arm))
+                    check_control(control, str(_arm_setting(arm, "objective", "")))
                 except ConfigError as e:
                     raise CompareError(f"arm '{arm.name}': {e}") from None
         if arm.control and not arm.trained:
@@ -186,12 +186,13 @@ def load_compare(path: str, overrides: list[str] = ()) -> CompareConfig:
 
 
 # ------------------------------------------------------------------ training arms
-def _objective(arm: Arm) -> str:
-    """An online arm's objective: its override, else its run config's (a missing config is reported later)."""
-    if "objective" in arm.overrides:
-        return str(arm.overrides["objective"])
+def _arm_setting(arm: Arm, key: str, default):
+    """An online arm's setting: its override, else its run config's, else `default` (a missing config
+    file is reported when the arm runs)."""
+    if key in arm.overrides:
+        return arm.overrides[key]
     p = Path(arm.config)
-    return str((yaml.safe_load(p.read_text()) or {}).get("objective", "")) if p.is_file() else ""
+    return (yaml.safe_load(p.read_text()) or {}).get(key, default) if p.is_file() else default
 
 
 def run_key(cfg: CompareConfig, arm: Arm, seed: int | None) -> str:
@@ -225,8 +226,7 @@ def train_command(cfg: CompareConfig, arm: Arm, seed: int) -> list[str]:
         return [sys.executable, "-m", "steer_heal.cli", "run", "--config", arm.config] + [
             f"{k}={_s(v)}" for k, v in ov.items()
         ]
-    grpo = yaml.safe_load(Path(arm.config).read_text()) or {}
-    bake_every = int(arm.overrides.get("bake_every", grpo.get("bake_every", 4)))
+    bake_every = int(_arm_setting(arm, "bake_every", 4))
     # max_steps stays the config's (it shapes the lr schedule): it must reach the budget (checked after the run)
     ov = {"model": cfg.model, "preset": cfg.preset, "seed": seed, "budget_tokens": cfg.budget_tokens,
           "output_dir": str(d), "save_strategy": "steps", "save_steps": bake_every,

@@ -12,7 +12,7 @@ TIMINGS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "machine_
 
 
 def machine_key() -> str:
-    """CPU model x logical cores x torch threads' upper bound: the same key on every run on one machine."""
+    """CPU model and logical core count: the same key on every run on one machine."""
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
