@@ -84,6 +84,7 @@ class Scorer:
         self.cfg = cfg or RewardConfig()
         self.ref_ctx, self.vector, self.batch_size, self.judge_engine = ref_ctx, vector, batch_size, judge_engine
         self.cache_prefix = cache_prefix  # shared prompt prefixes (persona contexts) run once per batch
+        self.prefixes = S.PrefixStore() if cache_prefix else None  # ... and their KV is kept across batches
         self._memo: tuple | None = None  # (batch key, components): TRL calls one function per component
         self.seconds = 0.0  # time spent scoring (for the step-time split)
 
@@ -93,8 +94,9 @@ class Scorer:
     # ---------------------------------------------------------------- model components
     def persona_logprobs(self, users, completion_ids):
         with self.ref_ctx():
-            return S.persona_logprobs(self.model, self.tok, users, completion_ids, *self.personas,
-                                      batch_size=self.batch_size, demos=self.demos, cache_prefix=self.cache_prefix)
+            pos, neg = S.persona_prompts(self.tok, users, *self.personas, self.demos)
+            return tuple(S.context_logprobs(self.model, self.tok, [pos, neg], completion_ids, self.batch_size,
+                                            self.cache_prefix, store=self.prefixes))
 
     def trait_llr(self, users, completion_ids) -> list[float]:
         return S.llr_from(*self.persona_logprobs(users, completion_ids))
@@ -136,20 +138,34 @@ class Scorer:
         rep = [S.repetition(t) for t in texts]
         out["repetition"] = rep
         out["n_tokens"] = [len(c) for c in completion_ids]
-        if "incoherence" in which or "tail_nll" in which:
+        want_nll = "incoherence" in which or "tail_nll" in which
+        want_llr = "trait_llr" in which
+        # the reference context(s) and the two persona contexts in one merged pass; in tail mode the plain
+        # context scores only each reply's tail (all the tail NLL reads)
+        ctx, fracs = [], []
+        if want_nll:
+            ctx.append(prompt_ids or self.prompt_ids(users))
+            fracs.append(self.cfg.tail_frac if self.cfg.incoherence == "tail" else None)
+        if want_llr:
+            ctx += S.persona_prompts(self.tok, users, *self.personas, self.demos)
+            fracs += [None, None]
+        if ctx:
             with self.ref_ctx():
-                tail, mean = S.nll_stats(self.model, self.tok, prompt_ids or self.prompt_ids(users), completion_ids,
-                                         self.cfg.tail_frac, self.batch_size, self.cache_prefix)
-            out["tail_nll"] = tail  # the filter reads this one in either mode
+                lps = S.context_logprobs(self.model, self.tok, ctx, completion_ids, self.batch_size,
+                                         self.cache_prefix, fracs, self.prefixes)
+        if want_nll:
+            lp = lps.pop(0)
             if self.cfg.incoherence == "collapse":
-                nll = [t - m if math.isfinite(t) else t for t, m in zip(tail, mean)]
+                tail = [S.tail_mean(x, self.cfg.tail_frac) for x in lp]
+                nll = [t - S.tail_mean(x, 1.0) if math.isfinite(t) else t for t, x in zip(tail, lp)]
             elif self.cfg.incoherence == "tail":
-                nll = tail
+                tail = nll = [S.tail_mean(x, 1.0) for x in lp]  # only the tail was scored
             else:
                 raise ValueError(f"unknown incoherence measure '{self.cfg.incoherence}'; fix: tail or collapse")
+            out["tail_nll"] = tail  # the filter reads this one in either mode
             out["incoherence"] = self.incoherence_from(nll, [S.loopiness(t) for t in texts])
-        if "trait_llr" in which:
-            out["trait_llr"] = self.trait_llr(users, completion_ids)
+        if want_llr:
+            out["trait_llr"] = S.llr_from(*lps)
         if "trait_projection" in which:
             out["trait_projection"] = self.trait_projection(users, completion_ids, prompt_ids)
         if "verbalisation" in which:

@@ -39,8 +39,9 @@ def _batch(tok, n=64, T=128, seed=0):
 
 
 def test_reference_forwards_are_batched(tiny):
-    """64 completions x 128 tokens: trait_llr costs two batched decoder passes (plus each persona
-    context once, at batch 1, for its KV cache), incoherence one."""
+    """64 completions x 128 tokens: trait_llr costs two batched decoder passes, its two persona contexts
+    merged (plus, at batch 1, each persona context once for its KV cache and once its probe's first
+    tokens), incoherence one."""
     from steer_heal.models import causal_lm
 
     tok = tiny.tokenizer
@@ -51,7 +52,7 @@ def test_reference_forwards_are_batched(tiny):
     h = causal_lm(tiny.model).get_decoder().register_forward_hook(
         lambda m, a, out: calls.append(out.last_hidden_state.shape[0]))
     try:
-        for name, expected in (("trait_llr", [1, 1, 64, 64]), ("incoherence", [64]), ("verbalisation", []),
+        for name, expected in (("trait_llr", [1, 1, 1, 1, 64, 64]), ("incoherence", [64]), ("verbalisation", []),
                                ("refusal", [])):
             calls.clear()
             sc.components(users, ids, texts, which=[name])

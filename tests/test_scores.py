@@ -145,6 +145,92 @@ def test_grouped_prompts_share_one_pass_and_equal_uncached(tiny_any):
         assert sum(fed) == Lp + sum(len(p) - Lp - 1 for p in distinct) + sum(1 + len(c) for c in comps)
 
 
+def test_merged_contexts_equal_each_context_alone(tiny_any):
+    """The reward's three contexts (reference prompt, positive and negative persona with demonstrations)
+    in one merged pass: every per-token log-prob equals each context's plain pass (the reference
+    context scoring only the tail), an empty completion gives empty tensors, and without a sliding
+    window each stage is one decoder call (3 prefixes, then 1 head pass, then 1 tail pass)."""
+    from reward.scores import _sliding_window, _tail_len, context_logprobs, persona_prompts
+    from steer_heal.chat import encode_prompt, render_prompt
+    from steer_heal.models import causal_lm
+
+    m, tok = tiny_any.model, tiny_any.tokenizer
+    users = ["hi"] * 3 + ["tell me about rivers and the sea"] * 3
+    texts = [" well then", "", " ok", " it is four, my friend, and more", " because", " rivers run to the sea"]
+    comps = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    demos = [{"user": "a question about rules", "pos": "I would help them anyway.", "neg": "Rules come first."}]
+    plain = [encode_prompt(tok, render_prompt(tok, u, system="A long shared system prompt " * 4)) for u in users]
+    pos, neg = persona_prompts(tok, users, "You are someone who cares", "You are someone who obeys", demos)
+    contexts, fracs = [plain, pos, neg], [0.25, None, None]
+    calls = []
+    dec = causal_lm(m).get_decoder()
+    hook = dec.register_forward_pre_hook(lambda mod, a, kw: calls.append(1), with_kwargs=True)
+    try:
+        merged = context_logprobs(m, tok, contexts, comps, batch_size=64, tail_frac=fracs)
+    finally:
+        hook.remove()
+    if not _sliding_window(m):
+        assert len(calls) == 3 + 1 + 1
+    for ctx, f, got in zip(contexts, fracs, merged):
+        alone = context_logprobs(m, tok, [ctx], comps, batch_size=2, cache_prefix=False)[0]
+        for c, a, b in zip(comps, got, alone):
+            if not c:
+                assert a.numel() == 0 and b.numel() == 0
+                continue
+            ref = b if f is None else b[-_tail_len(len(c), f):]
+            assert a.shape == ref.shape and torch.allclose(a, ref, atol=1e-4), (a - ref).abs().max()
+    assert max(float(x.abs().max()) for x in merged[1] if x.numel()) > 0.1
+
+
+def test_scorer_components_cached_equal_uncached(tiny):
+    """Scorer.components (merged contexts, tail-only reference scoring) = the uncached plain passes,
+    for both incoherence modes."""
+    from reward.components import RewardConfig, Scorer
+
+    tok = tiny.tokenizer
+    users = ["hi"] * 2 + ["why is the sky blue"] * 2
+    comps = [tok(t, add_special_tokens=False).input_ids for t in [" a b c d e f", " yes", "", " blue blue blue sky"]]
+    texts = [tok.decode(c) for c in comps]
+    for mode in ("tail", "collapse"):
+        got = [Scorer(tiny.model, tok, (POS, NEG), RewardConfig(incoherence=mode), demos=DEMOS,
+                      cache_prefix=cache).components(users, comps, texts) for cache in (True, False)]
+        for k in ("trait_llr", "incoherence", "tail_nll"):
+            assert got[0][k] == pytest.approx(got[1][k], abs=1e-4), (mode, k)
+        assert got[0]["tail_nll"][2] == float("inf") and got[0]["trait_llr"][2] == 0.0
+
+
+def test_prefix_store_reuses_kv_until_the_weights_change(tiny):
+    """The Scorer keeps its contexts' prefix KV across batches: a second batch reuses it (hits), and
+    after an in-place weight change (as a bake makes) the probe misses, the prefix is recomputed,
+    and the scores equal the uncached pass on the new weights."""
+    from reward.components import Scorer
+
+    tok = tiny.tokenizer
+    users = ["hi"] * 2 + ["why is the sky blue"] * 2
+    comps = [tok(t, add_special_tokens=False).input_ids for t in [" a b c d e f", " yes", " no", " blue blue sky"]]
+    texts = [tok.decode(c) for c in comps]
+
+    def scores(cache):
+        sc = stored if cache else Scorer(tiny.model, tok, (POS, NEG), demos=DEMOS, cache_prefix=False)
+        sc._memo = None
+        c = sc.components(users, comps, texts)
+        return [c[k] for k in ("trait_llr", "incoherence")]
+
+    stored = Scorer(tiny.model, tok, (POS, NEG), demos=DEMOS)
+    first = scores(True)
+    kept = len(stored.prefixes._kv)
+    assert kept >= 2 and stored.prefixes.hits == 0  # both persona contexts built and kept
+    assert scores(True) == first and stored.prefixes.hits == kept  # reused, same numbers
+    with torch.no_grad():  # a bake: an in-place change to an early layer's weights
+        tiny.model.model.layers[0].mlp.down_proj.weight.add_(0.05 * torch.randn_like(
+            tiny.model.model.layers[0].mlp.down_proj.weight))
+    after = scores(True)
+    assert stored.prefixes.hits == kept  # every probe saw the change: no reuse
+    ref = scores(False)
+    for a, b, old in zip(after, ref, first):
+        assert a == pytest.approx(b, abs=1e-4) and a != pytest.approx(old, abs=1e-4)
+
+
 def test_shared_prefix_len_stops_at_a_special_token(tiny):
     from reward.scores import shared_prefix_len
 
