@@ -238,6 +238,10 @@ def bench_mfv(lm, think: int, batch: int) -> list[dict]:
 DEMO_CONFIG = "recipes/configs/grpo_demo_cpu.yaml"
 
 
+def _demo_engine() -> str:
+    return yaml.safe_load(Path(DEMO_CONFIG).read_text()).get("engine", "hf")
+
+
 def _demo_steps(model: str, steps: int, *extra: str):
     """`steps` steps of the online demo config (no bake, no MFV, dose fixed); returns (mean of a logged
     key over the steps after the first, the GRPOConfig)."""
@@ -270,7 +274,7 @@ def bench_grpo(model: str, steps: int = 4) -> list[dict]:
         n = f"batch {args.per_device_train_batch_size} completions x {args.max_completion_length} tokens"
         rows += [
             dict(what=f"GRPO step [{tag}]: total", value=total, unit="s", detail=f"{n}, mean of {steps - 1} steps"),
-            dict(what=f"GRPO step [{tag}]: rollout (steered HF engine)", value=ro, unit="s", detail=""),
+            dict(what=f"GRPO step [{tag}]: rollout (steered {_demo_engine()} engine)", value=ro, unit="s", detail=""),
             dict(what=f"GRPO step [{tag}]: scoring (reward components)", value=sc, unit="s", detail=""),
             dict(what=f"GRPO step [{tag}]: reference forward (KL penalty)", value=ref, unit="s", detail=""),
             dict(
@@ -300,9 +304,8 @@ def bench_demo_engines(model: str, steps: int = 4) -> list[dict]:
                       detail="")]
         gc.collect()
     if len(total) == 2:
-        demo = yaml.safe_load(Path(DEMO_CONFIG).read_text()).get("engine", "hf")
         rows.append(dict(what="demo step time, vllm / hf", value=total["vllm"] / total["hf"], unit="x",
-                         detail=f"{DEMO_CONFIG} uses engine: {demo}"))
+                         detail=f"{DEMO_CONFIG} uses engine: {_demo_engine()}"))
     return rows
 
 
