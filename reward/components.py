@@ -94,9 +94,9 @@ class Scorer:
     # ---------------------------------------------------------------- model components
     def persona_logprobs(self, users, completion_ids):
         with self.ref_ctx():
-            pos, neg = S.persona_prompts(self.tok, users, *self.personas, self.demos)
-            return tuple(S.context_logprobs(self.model, self.tok, [pos, neg], completion_ids, self.batch_size,
-                                            self.cache_prefix, store=self.prefixes))
+            return S.persona_logprobs(self.model, self.tok, users, completion_ids, *self.personas,
+                                      batch_size=self.batch_size, demos=self.demos, cache_prefix=self.cache_prefix,
+                                      store=self.prefixes)
 
     def trait_llr(self, users, completion_ids) -> list[float]:
         return S.llr_from(*self.persona_logprobs(users, completion_ids))

@@ -381,12 +381,14 @@ def persona_prompts(tok, users: list[str], persona_pos: str, persona_neg: str, d
 
 
 def persona_logprobs(model, tok, users: list[str], completion_ids, persona_pos: str, persona_neg: str,
-                     batch_size: int = 32, demos: list[dict] = (), cache_prefix: bool = True):
+                     batch_size: int = 32, demos: list[dict] = (), cache_prefix: bool = True,
+                     store: "PrefixStore | None" = None):
     """Per completion: log p(y_t | persona context, x, y<t) under the positive and the negative
     persona's context (`persona_prompts`; empty completions give empty tensors). Each context is
-    the same for every row, so with `cache_prefix` it runs once per call and serves the batch."""
+    the same for every row, so with `cache_prefix` it runs once per call and serves the batch
+    (`store`: kept across calls)."""
     pos, neg = persona_prompts(tok, users, persona_pos, persona_neg, demos)
-    lp_pos, lp_neg = context_logprobs(model, tok, [pos, neg], completion_ids, batch_size, cache_prefix)
+    lp_pos, lp_neg = context_logprobs(model, tok, [pos, neg], completion_ids, batch_size, cache_prefix, store=store)
     return lp_pos, lp_neg
 
 
