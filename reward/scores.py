@@ -12,6 +12,7 @@ from collections import Counter
 import torch
 
 from steer_heal.chat import encode_prompt, render_prompt
+from steer_heal.kvcache import prefix_pass, sliding_window, stack_caches
 from steer_heal.logprobs import auto_chunk, completion_logprobs, lm_logits, pack
 from steer_heal.models import causal_lm
 
@@ -153,7 +154,7 @@ def _cacheable(tok, prompt_ids) -> int:
 
 def _logprobs(model, tok, contexts, comps, skips, batch_size, cache_prefix, store=None):
     Lps = [_cacheable(tok, ctx) for ctx in contexts] if cache_prefix else [0] * len(contexts)
-    if all(Lps) and (len(contexts) == 1 or not _sliding_window(model)):
+    if all(Lps) and (len(contexts) == 1 or not sliding_window(model)):
         jobs = [(k, p[Lp:], c, s) for k, (ctx, Lp, sk) in enumerate(zip(contexts, Lps, skips))
                 for p, c, s in zip(ctx, comps, sk)]
         flat = _prefixed_logprobs(model, [ctx[0][:Lp] for ctx, Lp in zip(contexts, Lps)], jobs, batch_size, store)
@@ -208,21 +209,6 @@ def _prefixed_logprobs(model, prefixes: list[list[int]], jobs: list[tuple], batc
         model.train(was)
 
 
-def _sliding_window(model) -> bool:
-    """Whether some layer attends within a window counted in cache slots (gemma-3, mistral): a masked
-    hole in the middle of a row would shift that window, so such models get hole-free batches."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if not getattr(cfg, "sliding_window", None) or getattr(cfg, "use_sliding_window", True) is False:
-        return False
-    types = getattr(cfg, "layer_types", None)
-    return types is None or any("sliding" in t for t in types)
-
-
-def _prefix_pass(dec, ids: list[int], device):
-    return dec(input_ids=torch.tensor([ids], device=device), position_ids=torch.arange(len(ids), device=device)[None],
-               use_cache=True).past_key_values
-
-
 class PrefixStore:
     """Prefix KV caches kept across scoring calls: a run's persona contexts and system block are the
     same at every step, and the reference weights change only at a bake. Each reuse is checked
@@ -243,35 +229,18 @@ class PrefixStore:
 
     def kv(self, dec, ids: list[int], device):
         key = tuple(ids)
-        probe = self._tensors(_prefix_pass(dec, ids[:self.probe], device)) if len(ids) > self.probe else None
+        probe = self._tensors(prefix_pass(dec, ids[:self.probe], device)) if len(ids) > self.probe else None
         hit = self._kv.get(key)
         if hit is not None and probe is not None and all(torch.equal(a, b) for a, b in zip(probe, hit[0])):
             self.hits += 1
             return hit[1]
         self.misses += 1
-        cache = _prefix_pass(dec, ids, device)
+        cache = prefix_pass(dec, ids, device)
         if probe is not None:  # a prefix no longer than the probe is recomputed every time
             if len(self._kv) >= self.size:
                 self._kv.pop(next(iter(self._kv)))
             self._kv[key] = (probe, cache)
         return cache
-
-
-def _stack_caches(caches, lengths: list[int]):
-    """One cache holding each batch-1 cache as a row, right-padded to the longest (the padding is
-    masked by the returned [rows, L] attention mask)."""
-    L = max(lengths)
-    mask = torch.zeros((len(caches), L), dtype=torch.long)
-    for j, n in enumerate(lengths):
-        mask[j, :n] = 1
-    if len(caches) == 1:
-        return caches[0], mask
-    out = copy.deepcopy(caches[0])
-    for li, layer in enumerate(out.layers):
-        for attr in ("keys", "values"):
-            parts = [getattr(c.layers[li], attr) for c in caches]
-            setattr(layer, attr, torch.cat([torch.nn.functional.pad(x, (0, 0, 0, L - x.shape[-2])) for x in parts]))
-    return out, mask
 
 
 def _prefixed_logprobs_eval(model, lm, dec, device, prefixes, jobs, batch_size, store=None):
@@ -281,8 +250,8 @@ def _prefixed_logprobs_eval(model, lm, dec, device, prefixes, jobs, batch_size, 
     ("tail"); otherwise the tail is the whole suffix + completion. Padding sits at the right of each
     stage and is masked; positions count real tokens only. With a sliding-window model (one prefix
     only) a batch holds only groups whose heads have one length, so no row has a masked hole."""
-    pres = [store.kv(dec, p, device) if store is not None else _prefix_pass(dec, p, device) for p in prefixes]
-    pre, pmask = _stack_caches(pres, [len(p) for p in prefixes])
+    pres = [store.kv(dec, p, device) if store is not None else prefix_pass(dec, p, device) for p in prefixes]
+    pre, pmask = stack_caches(pres, [len(p) for p in prefixes])
     plen = torch.tensor([len(p) for p in prefixes])
     Lp = pmask.shape[1]
     chunk = auto_chunk(lm.get_output_embeddings().weight.shape[0])
@@ -290,7 +259,7 @@ def _prefixed_logprobs_eval(model, lm, dec, device, prefixes, jobs, batch_size, 
     for i, (j, sf, _, _) in enumerate(jobs):
         groups.setdefault((j, tuple(sf)), []).append(i)
     use_heads = len(groups) < len(jobs)
-    same_len = use_heads and _sliding_window(model)
+    same_len = use_heads and sliding_window(model)
     keys = sorted(groups, key=lambda g: len(g[1])) if same_len else list(groups)
     out: list[torch.Tensor | None] = [None] * len(jobs)
     k = 0

@@ -150,8 +150,9 @@ def test_merged_contexts_equal_each_context_alone(tiny_any):
     in one merged pass: every per-token log-prob equals each context's plain pass (the reference
     context scoring only the tail), an empty completion gives empty tensors, and without a sliding
     window each stage is one decoder call (3 prefixes, then 1 head pass, then 1 tail pass)."""
-    from reward.scores import _sliding_window, _tail_len, context_logprobs, persona_prompts
+    from reward.scores import _tail_len, context_logprobs, persona_prompts
     from steer_heal.chat import encode_prompt, render_prompt
+    from steer_heal.kvcache import sliding_window
     from steer_heal.models import causal_lm
 
     m, tok = tiny_any.model, tiny_any.tokenizer
@@ -169,7 +170,7 @@ def test_merged_contexts_equal_each_context_alone(tiny_any):
         merged = context_logprobs(m, tok, contexts, comps, batch_size=64, tail_frac=fracs)
     finally:
         hook.remove()
-    if not _sliding_window(m):
+    if not sliding_window(m):
         assert len(calls) == 3 + 1 + 1
     for ctx, f, got in zip(contexts, fracs, merged):
         alone = context_logprobs(m, tok, [ctx], comps, batch_size=2, cache_prefix=False)[0]

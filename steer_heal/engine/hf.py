@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from steer_heal.chat import encode_prompt
 from steer_heal.engine.base import Rollout, Sampling, eos_token_ids
+from steer_heal.kvcache import shared_prefill
 from steer_heal.logprobs import completion_logprobs, left_pad, pack
 from steer_heal.steering.core import Steering
 from steer_heal.steering.hooks import steer
@@ -35,13 +36,15 @@ class HFEngine:
 
     @torch.no_grad()
     def generate_batch(self, ids: list[list[int]], steering: Steering | None, sampling: Sampling,
-                       return_cache: bool = False):
+                       return_cache: bool = False, share_prefix: bool = False):
         """One left-padded batch. Returns (completion ids per row, finished flags, and with
-        `return_cache` the KV cache, the attention mask and the padded prompt length)."""
+        `return_cache` the KV cache, the attention mask and the padded prompt ids it covers).
+        `share_prefix`: prompt tokens that several rows share are prefilled once (kvcache.shared_prefill;
+        the prompt ids then hold masked holes)."""
         device = next(self.model.parameters()).device
         pad = self.tok.pad_token_id
         inp, att = left_pad(ids, pad)
-        L = inp.shape[1]
+        cache = None
         kw = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=self.eos_ids)
         if sampling.min_new_tokens:
             kw["min_new_tokens"] = sampling.min_new_tokens
@@ -52,9 +55,12 @@ class HFEngine:
         else:
             kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         with steer(self.model, steering), eval_mode(self.model):
-            out = self.model.generate(input_ids=inp.to(device), attention_mask=att.to(device),
+            shared = shared_prefill(self.model, ids, pad) if share_prefix else None
+            if shared is not None:
+                inp, att, cache = shared
+            out = self.model.generate(input_ids=inp.to(device), attention_mask=att.to(device), past_key_values=cache,
                                       return_dict_in_generate=True, use_cache=True, **kw)
-        gen = out.sequences[:, L:].cpu()
+        gen = out.sequences[:, inp.shape[1]:].cpu()
         comps, fins = [], []
         for r in range(len(ids)):
             c, fin = gen[r].tolist(), False
@@ -65,7 +71,7 @@ class HFEngine:
             comps.append(c)
             fins.append(fin)
         if return_cache:
-            return comps, fins, out.past_key_values, att.to(device), L
+            return comps, fins, out.past_key_values, att.to(device), inp.to(device)
         return comps, fins
 
     @torch.no_grad()

@@ -264,21 +264,22 @@ def _evaluate(model, tok, rows, think_tokens, batch_size, steering, min_pmass, p
                     banned=[[close_id]] if close_id != tok.eos_token_id else [])
     eng = HFEngine(model, tok, batch_size=batch_size)
     suppressed = sorted(set(eng.eos_ids) | {close_id})
-    order = sorted(range(len(items)), key=lambda i: -len(prompt_ids[i]))
+    # longest vignettes first, a vignette's two frames side by side: they share its text's prefill
+    order = sorted(range(len(items)), key=lambda i: (-len(prompt_ids[i - i % 2]), i))
     think: list = [None] * len(items)
     out_d: list = [None] * len(items)
     out_n: list = [None] * len(items)
     for j in tqdm(range(0, len(order), batch_size), desc="mfv", disable=not progress, leave=False):
         idx = order[j:j + batch_size]
         if think_tokens > 0:
-            comps, _, cache, att, _ = eng.generate_batch(
-                [prompt_ids[i] for i in idx], steering, samp, return_cache=True
+            comps, _, cache, att, inp = eng.generate_batch(
+                [prompt_ids[i] for i in idx], steering, samp, return_cache=True, share_prefix=True
             )
             n = cache.get_seq_length()  # prompt + think minus the last think token (sampled, never fed)
             think_t = torch.tensor(comps, device=device)
             real = torch.cat([att, torch.ones_like(think_t, dtype=att.dtype)], 1)[:, :n]
             if read == "tinymfv":  # the last think token stays out; pad-id tokens are not attended
-                ids_pt = torch.cat([left_pad([prompt_ids[i] for i in idx], pad)[0].to(device), think_t], 1)[:, :n]
+                ids_pt = torch.cat([inp, think_t], 1)[:, :n]
                 attend = real * (ids_pt != pad).long()
                 tail = torch.tensor([suffix + prefill for _ in comps], device=device)
             else:  # feed the last think token, attend to every real token
