@@ -197,7 +197,12 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
         samples = collect(ctx, v, kappa, r)
         gen_tokens += b.engine.n_generated - n0
         kept = [x for x in samples if x["kept"]]
-        if len(kept) < cfg.min_train:
+        if len(kept) < cfg.min_train and r > 0:  # a trained student whose steered text now fails: an outcome
+            ctx.log("stop_filter_starved", round=r, kept=len(kept), generated=len(samples), min_train=cfg.min_train)
+            print(f"stopping: round {r}: the filter kept {len(kept)}/{len(samples)} completions, fewer than "
+                  f"min_train={cfg.min_train} (the trained student's steered text no longer passes the filter)")
+            break
+        if len(kept) < cfg.min_train:  # round 0, the base model's own steered text: a setting to fix
             ctx.log("filter_empty", round=r, kept=len(kept), generated=len(samples))
             raise FilterEmptyError(f"round {r}: the filter kept {len(kept)}/{len(samples)} completions, fewer than "
                                    f"min_train={cfg.min_train}; fix: loosen reward.max_tail_nll / max_repetition, "

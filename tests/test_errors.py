@@ -77,6 +77,29 @@ def test_filter_empty_error(tiny_cfg, capsys):
     assert events[-1]["event"] == "filter_empty"
 
 
+def test_filter_starved_after_training_stops_the_run(tiny_cfg, capsys, monkeypatch):
+    """After round 0 a starved filter is an outcome (the trained student's text fails it), not bad
+    input: the run stops cleanly with the rounds it has and logs why."""
+    import steer_heal.loop as loop
+
+    real = loop.collect
+
+    def starved(ctx, v, kappa, r):
+        samples = real(ctx, v, kappa, r)
+        for x in samples:
+            x["kept"] = x["kept"] and r == 0
+        return samples
+
+    monkeypatch.setattr(loop, "collect", starved)
+    rc = main(["run", "--config", "recipes/configs/smoke.yaml", f"model.model={tiny_cfg.model.model}",
+               f"run_dir={tiny_cfg.run_dir}", "rounds=3", "min_train=1"])
+    assert rc == 0 and "stopping: round 1: the filter kept 0/" in capsys.readouterr().out
+    assert len(open(f"{tiny_cfg.run_dir}/rounds.jsonl").read().splitlines()) == 1
+    events = [json.loads(x) for x in open(f"{tiny_cfg.run_dir}/events.jsonl")]
+    stop = [e for e in events if e["event"] == "stop_filter_starved"]
+    assert len(stop) == 1 and stop[0]["round"] == 1 and stop[0]["kept"] == 0
+
+
 def test_nan_loss_stops_and_keeps_last_good_round(tiny_cfg, capsys, monkeypatch):
     import steer_heal.heal.train as train
 
