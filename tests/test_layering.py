@@ -15,7 +15,8 @@ LAYERS = [
      "steer_heal.grpo.distributed", "steer_heal.grpo.penalty", "steer_heal.steering.core",
      "steer_heal.engine.vllm_models", "steer_heal.engine.vllm_worker", "steer_heal.stats", "steer_heal.machine"],
     # tensors and models: steering, logprobs, the heal, the student, score primitives, figures
-    ["steer_heal.logprobs", "steer_heal.steering", "steer_heal.steering.hooks", "steer_heal.steering.extract",
+    ["steer_heal.logprobs", "steer_heal.kvcache", "steer_heal.steering", "steer_heal.steering.hooks",
+     "steer_heal.steering.extract",
      "steer_heal.heal", "steer_heal.heal.train", "steer_heal.student", "reward.scores", "steer_heal.report"],
     # rollout engines
     ["steer_heal.engine", "steer_heal.engine.base", "steer_heal.engine.hf", "steer_heal.engine.vllm_engine"],
