@@ -382,7 +382,12 @@ g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
         # coherence first (the loop-aware incoherence, the coherent fraction, repetition), then the barrier
         panels = ["incoherence", "coherent", "repetition", "trait_heldout", "barrier_active_frac", "D_mean", "D_rmse",
                   "tail_nll"]
-        data = {a.name: {m: [(k, iv.value, iv.lo, iv.hi) for k, iv in self.drift_series(a.name, m)] for m in panels}
+        # a t-interval over 2-3 seeds is wide (t = 12.7 at 2): bands are cut at what the measure can take
+        lo_ok = {m: 0.0 for m in ("incoherence", "coherent", "repetition", "barrier_active_frac", "D_mean", "D_rmse",
+                                  "tail_nll")}
+        hi_ok = {"coherent": 1.0, "repetition": 1.0, "barrier_active_frac": 1.0}
+        data = {a.name: {m: [(k, iv.value, max(iv.lo, lo_ok.get(m, -math.inf)), min(iv.hi, hi_ok.get(m, math.inf)))
+                             for k, iv in self.drift_series(a.name, m)] for m in panels}
                 for a in arms}
         js = json.dumps(dict(panels=panels, data=data)).replace("NaN", "null")
         write_atomic(d / "drift.html", html_page("drift", f"""<h2>Drift over rounds / bakes (lines: mean over seeds;
@@ -406,6 +411,7 @@ s.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[1])):g.moveTo(X(p[0]),Y(p[1])));g.stroke
             return
         fig, axs = plt.subplots(2, 4, figsize=(17, 7.5))
         for ax, m in zip(axs.flat, panels):
+            means = []
             for a in arms:
                 s = data[a.name][m]
                 if not s:
@@ -413,13 +419,21 @@ s.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[1])):g.moveTo(X(p[0]),Y(p[1])));g.stroke
                 k, y, lo, hi = map(np.array, zip(*s))
                 (line,) = ax.plot(k, y, "-o", ms=3, label=a.name)
                 ax.fill_between(k, lo, hi, color=line.get_color(), alpha=0.15)
-            ax.set_title(m, fontsize=10)
+                means += [v for v in y if math.isfinite(v)]
+            if m.startswith("D_") and means and min(means) > 0:  # drift spans decades between arms
+                ax.set_yscale("log")
+                ax.set_ylim(min(means) / 2, max(means) * 2)
+            elif means:  # the axis follows the means; a band wider than that is cut at the frame
+                pad = 0.25 * ((max(means) - min(means)) or abs(max(means)) or 1.0)
+                ax.set_ylim(max(min(means) - pad, lo_ok.get(m, -math.inf) - 0.02 * pad),
+                            min(max(means) + pad, hi_ok.get(m, math.inf) + 0.02 * pad))
+            ax.set_title(m + (" (log)" if ax.get_yscale() == "log" else ""), fontsize=10)
             ax.set_xlabel("round / bake")
         handles = {lab: h for ax in axs.flat for h, lab in zip(*ax.get_legend_handles_labels())}
         if handles:
             fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 8), fontsize=8)
-        fig.suptitle(f"{self.model.split('/')[-1]}, {self.preset}: drift per round (bands: 95% t-interval over seeds)",
-                     fontsize=10)
+        fig.suptitle(f"{self.model.split('/')[-1]}, {self.preset}: drift per round "
+                     "(bands: 95% t-interval over seeds, cut at the frame)", fontsize=10)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
         fig.savefig(d / "drift.png", dpi=110)
         plt.close(fig)
