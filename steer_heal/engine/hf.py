@@ -43,8 +43,6 @@ class HFEngine:
         the prompt ids then hold masked holes)."""
         device = next(self.model.parameters()).device
         pad = self.tok.pad_token_id
-        inp, att = left_pad(ids, pad)
-        cache = None
         kw = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=self.eos_ids)
         if sampling.min_new_tokens:
             kw["min_new_tokens"] = sampling.min_new_tokens
@@ -56,8 +54,7 @@ class HFEngine:
             kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         with steer(self.model, steering), eval_mode(self.model):
             shared = shared_prefill(self.model, ids, pad) if share_prefix else None
-            if shared is not None:
-                inp, att, cache = shared
+            inp, att, cache = shared if shared is not None else (*left_pad(ids, pad), None)
             out = self.model.generate(input_ids=inp.to(device), attention_mask=att.to(device), past_key_values=cache,
                                       return_dict_in_generate=True, use_cache=True, **kw)
         gen = out.sequences[:, inp.shape[1]:].cpu()
