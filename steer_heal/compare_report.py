@@ -409,6 +409,10 @@ s.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[1])):g.moveTo(X(p[0]),Y(p[1])));g.stroke
             import matplotlib.pyplot as plt
         except ImportError:
             return
+        # a placebo takes its arm's colour, dotted; online arms are dashed, so ten arms stay readable
+        roots = list(dict.fromkeys(a.placebo_of or a.name for a in arms))
+        colour = {a.name: plt.get_cmap("tab10")(roots.index(a.placebo_of or a.name) % 10) for a in arms}
+        style = {a.name: ":" if a.control == "placebo" else "--" if a.kind == "online" else "-" for a in arms}
         fig, axs = plt.subplots(2, 4, figsize=(17, 7.5))
         for ax, m in zip(axs.flat, panels):
             means = []
@@ -417,8 +421,8 @@ s.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[1])):g.moveTo(X(p[0]),Y(p[1])));g.stroke
                 if not s:
                     continue
                 k, y, lo, hi = map(np.array, zip(*s))
-                (line,) = ax.plot(k, y, "-o", ms=3, label=a.name)
-                ax.fill_between(k, lo, hi, color=line.get_color(), alpha=0.15)
+                ax.plot(k, y, style[a.name], marker="o", ms=3, color=colour[a.name], label=a.name)
+                ax.fill_between(k, lo, hi, color=colour[a.name], alpha=0.12)
                 means += [v for v in y if math.isfinite(v)]
             if m.startswith("D_") and means and min(means) > 0:  # drift spans decades between arms
                 ax.set_yscale("log")

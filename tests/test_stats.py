@@ -166,9 +166,12 @@ def test_t_interval_equals_the_textbook_formula():
 
 
 def test_drift_table_is_the_mean_over_seeds_per_round(tmp_path):
-    arms = [SimpleArm("base", "base"), SimpleArm("rmse", "iterative"), SimpleArm("none", "online")]
+    arms = [SimpleArm("base", "base"), SimpleArm("rmse", "iterative"), SimpleArm("none", "online"),
+            SimpleArm("rmse_placebo", "iterative", "placebo", "rmse")]
     rows = [dict(arm="base", kind="base", seed=None, items={})]
     for s in (1, 2):
+        rows.append(dict(arm="rmse_placebo", kind="iterative", seed=s, items={}, rounds=[
+            dict(round=k, coh_healed=0.9) for k in range(2)]))
         rows.append(dict(arm="rmse", kind="iterative", seed=s, items={}, rounds=[
             dict(round=k, coh_healed=1.0 - 0.1 * k * s, barrier_active_frac=0.5, D_rmse=0.2 * s) for k in range(3)]))
         rows.append(dict(arm="none", kind="online", seed=s, items={}, rounds=[
@@ -179,6 +182,6 @@ def test_drift_table_is_the_mean_over_seeds_per_round(tmp_path):
     assert series[2].hi - series[2].value == pytest.approx(12.706 * statistics.stdev([0.8, 0.6]) / math.sqrt(2))
     assert dict(rep.drift_series("none", "repetition"))[1].value == pytest.approx(0.1)
     md = rep.drift_markdown()
-    assert "| rmse | 2 | 2 |" in md and "| none | 1 | 2 |" in md
+    assert "| rmse | 2 | 2 |" in md and "| none | 1 | 2 |" in md and "| rmse_placebo | 1 | 2 |" in md
     rep.drift_figure(tmp_path)
     assert (tmp_path / "drift.png").exists() and (tmp_path / "drift.html").exists()
