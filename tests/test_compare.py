@@ -160,6 +160,7 @@ def test_shipped_studies_load_and_every_arm_parses():
             assert {a.overrides.get("heal.kl_agg", a.overrides.get("kl_agg")) for a in cfg.arms[1:]} >= {
                 "rmse", "mean", "p95", "max"}
             assert any(a.overrides.get("heal.kl_beta", a.overrides.get("kl_beta")) == 0.0 for a in cfg.arms)
+            assert {a.kind for a in cfg.arms if a.placebo_of} == {"iterative", "online"}  # drift from training alone
         else:
             assert kinds == {"base", "prompt", "steer", "iterative", "online"}, f
             assert len(cfg.seeds) >= 3 and cfg.eval.eval_prompts >= 24 and cfg.eval.mfv_n == 0, f
