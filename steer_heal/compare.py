@@ -187,8 +187,8 @@ def load_compare(path: str, overrides: list[str] = ()) -> CompareConfig:
 
 # ------------------------------------------------------------------ training arms
 def _arm_setting(arm: Arm, key: str, default):
-    """An online arm's setting: its override, else its run config's, else `default` (a missing config
-    file is reported when the arm runs)."""
+    """A training arm's top-level setting: its override, else its run config's, else `default` (a missing
+    config file is reported when the arm runs)."""
     if key in arm.overrides:
         return arm.overrides[key]
     p = Path(arm.config)
@@ -504,6 +504,7 @@ def _row(cfg, arm: Arm, seed, res: dict, base: dict) -> dict:
         f = arm_dir(cfg, arm, seed) / "arm_done.json"
         info = json.loads(f.read_text()) if f.exists() else {}
     row = dict(arm=arm.name, kind=arm.kind, control=arm.control, placebo_of=arm.placebo_of, seed=seed,
+               engine=str(_arm_setting(arm, "engine", "hf")) if arm.trained else "",  # rollouts: hf | vllm
                gen_tokens=info.get("gen_tokens", 0), seconds=info.get("seconds", 0.0),
                **{k: v for k, v in res.items() if k not in ("texts", "prompts", "items")})
     for k in ("trait_nats", "trait_llr_heldout", "incoherence"):

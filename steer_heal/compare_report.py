@@ -211,8 +211,8 @@ class Report:
 
     def summary_markdown(self) -> str:
         cols = [BY_NAME[m] for m in TABLE]
-        lines = ["| arm | kind | seeds | gen_tok | sec | " + " | ".join(self._head(m) for m in cols) + " |",
-                 "|" + "---|" * (5 + len(cols))]
+        lines = ["| arm | kind | engine | seeds | gen_tok | sec | " + " | ".join(self._head(m) for m in cols) + " |",
+                 "|" + "---|" * (6 + len(cols))]
         for a in self.arms:
             rs = self.by_arm[a.name]
             tok = np.mean([r.get("gen_tokens", 0) for r in rs])
@@ -224,7 +224,9 @@ class Report:
                     c += " **(-25%)**"
                 cells.append(c)
             kind = a.kind + (f"/{a.control}" if a.control else "")
-            lines.append(f"| {a.name} | {kind} | {len(rs)} | {tok:.0f} | {sec:.0f} | " + " | ".join(cells) + " |")
+            engine = "/".join(sorted({r.get("engine") or "-" for r in rs}))
+            lines.append(f"| {a.name} | {kind} | {engine} | {len(rs)} | {tok:.0f} | {sec:.0f} | " + " | ".join(cells)
+                         + " |")
         return "\n".join(lines) + "\n"
 
     def diffs_markdown(self) -> str:

@@ -46,6 +46,7 @@ def test_comparison_controls_sweep_intervals_budget_and_resume(tiny_dir, mfv_dir
     for k in first:
         assert rows[k] == first[k]  # the same rows after the resume
     assert rows[("base", None)]["d_trait_nats"] == 0.0 and rows[("base", None)]["kl_rmse"] < 1e-3
+    assert rows[("iter", 1)]["engine"] == "hf" and rows[("base", None)]["engine"] == ""  # the arm's rollout engine
     assert rows[("prompt", None)]["kl_rmse"] > 1e-3  # the persona prompt moves the distribution
     # the sweep: a larger iso-KL target gives a larger dose and a larger KL to base
     lo, hi = rows[("steer_lo", None)], rows[("steer_hi", None)]
@@ -64,6 +65,7 @@ def test_comparison_controls_sweep_intervals_budget_and_resume(tiny_dir, mfv_dir
         assert used >= cfg.budget_tokens and used - cfg.budget_tokens < step, (arm, used, step)
     md = (d / "compare.md").read_text()
     assert "## Verdicts" in md and "iter vs iter_placebo (placebo), trait_mfv:" in md
+    assert "| iter | iterative | hf | 2 |" in md and "| base | base | - | 1 |" in md
     assert "iter vs online_pd (prompt_distil)" in md and "online vs iter (pair)" in md and "AUROC" in md
     assert "## Steering dose sweep" in md and (d / "dose_sweep.md").exists() and (d / "dose_sweep.png").exists()
     verdicts = json.loads((d / "verdicts.json").read_text())
