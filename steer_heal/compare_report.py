@@ -60,6 +60,8 @@ INTERVAL_NOTE = ("Intervals: 95% percentile bootstrap over seeds x eval items (i
 
 
 # drift measures: (iterative round-row key, online bake-row key)
+# matplotlib's tab10, as hex so the HTML canvas and the PNG draw an arm in the same colour
+TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 DRIFT_KEYS = {
     "barrier_active_frac": ("barrier_active_frac", "barrier_active_frac"),
     "D_mean": ("D_mean", "D_mean"), "D_rmse": ("D_rmse", "D_rmse"), "D_p95": ("D_p95", "D_p95"),
@@ -377,6 +379,15 @@ g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
                 lines.append(f"| {a.name} | {k} | {seeds} | " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
+    @staticmethod
+    def drift_look(arms: list[ArmInfo]) -> dict[str, dict]:
+        """One colour and dash per arm, shared by drift.png and drift.html: a placebo takes its arm's colour,
+        dotted; online arms are dashed; so a dozen arms stay readable."""
+        roots = list(dict.fromkeys(a.placebo_of or a.name for a in arms))
+        return {a.name: dict(colour=TAB10[roots.index(a.placebo_of or a.name) % len(TAB10)],
+                             dash=[2, 3] if a.control == "placebo" else [6, 4] if a.kind == "online" else [])
+                for a in arms}
+
     def drift_figure(self, d: Path) -> None:
         arms = self.drift_arms()
         if not arms:
@@ -391,18 +402,20 @@ g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
         data = {a.name: {m: [(k, iv.value, max(iv.lo, lo_ok.get(m, -math.inf)), min(iv.hi, hi_ok.get(m, math.inf)))
                              for k, iv in self.drift_series(a.name, m)] for m in panels}
                 for a in arms}
-        js = json.dumps(dict(panels=panels, data=data)).replace("NaN", "null")
+        look = self.drift_look(arms)
+        js = json.dumps(dict(panels=panels, data=data, look=look)).replace("NaN", "null")
         write_atomic(d / "drift.html", html_page("drift", f"""<h2>Drift over rounds / bakes (lines: mean over seeds;
-bands: 95% t-interval)</h2><div id=p></div><script>const D={js};const C=['#1f77b4','#d62728','#2ca02c','#ff7f0e',
-'#9467bd','#8c564b','#e377c2'];D.panels.forEach(m=>{{const c=document.createElement('canvas');c.width=420;c.height=260;
+bands: 95% t-interval; a placebo dotted in its arm's colour, online dashed)</h2><div id=p></div><script>const D={js};
+D.panels.forEach(m=>{{const c=document.createElement('canvas');c.width=420;c.height=260;
 document.getElementById('p').appendChild(c);const g=c.getContext('2d');const A=Object.keys(D.data);
 const pts=A.flatMap(a=>D.data[a][m]);if(!pts.length)return;const ys=pts.flatMap(p=>[p[1],p[2],p[3]]).filter(v=>v!=null);
 const xs=pts.map(p=>p[0]);const y0=Math.min(...ys),y1=Math.max(...ys),x1=Math.max(...xs,1);
 const X=v=>40+v/x1*360,Y=v=>230-(v-y0)/((y1-y0)||1)*200;g.fillStyle='#000';g.fillText(m,40,14);
 A.forEach((a,i)=>{{const s=D.data[a][m];if(!s.length)return;const b=s.filter(p=>p[2]!=null&&p[3]!=null);
-g.fillStyle=C[i%7];g.globalAlpha=.2;g.beginPath();b.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[3])):g.moveTo(X(p[0]),Y(p[3])));
-b.slice().reverse().forEach(p=>g.lineTo(X(p[0]),Y(p[2])));if(b.length)g.fill();g.globalAlpha=1;g.strokeStyle=C[i%7];g.beginPath();
-s.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[1])):g.moveTo(X(p[0]),Y(p[1])));g.stroke();g.fillText(a,330,30+12*i)}})}});
+const L=D.look[a];g.fillStyle=L.colour;g.globalAlpha=.2;g.beginPath();b.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[3])):g.moveTo(X(p[0]),Y(p[3])));
+b.slice().reverse().forEach(p=>g.lineTo(X(p[0]),Y(p[2])));if(b.length)g.fill();g.globalAlpha=1;g.strokeStyle=L.colour;g.setLineDash(L.dash);
+g.beginPath();s.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[1])):g.moveTo(X(p[0]),Y(p[1])));g.stroke();g.setLineDash([]);
+g.fillStyle=L.colour;g.fillText(a,330,30+12*i)}})}});
 </script>"""))
         try:
             import matplotlib
@@ -411,10 +424,6 @@ s.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[1])):g.moveTo(X(p[0]),Y(p[1])));g.stroke
             import matplotlib.pyplot as plt
         except ImportError:
             return
-        # a placebo takes its arm's colour, dotted; online arms are dashed, so ten arms stay readable
-        roots = list(dict.fromkeys(a.placebo_of or a.name for a in arms))
-        colour = {a.name: plt.get_cmap("tab10")(roots.index(a.placebo_of or a.name) % 10) for a in arms}
-        style = {a.name: ":" if a.control == "placebo" else "--" if a.kind == "online" else "-" for a in arms}
         fig, axs = plt.subplots(2, 4, figsize=(17, 7.5))
         for ax, m in zip(axs.flat, panels):
             means = []
@@ -423,8 +432,9 @@ s.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[1])):g.moveTo(X(p[0]),Y(p[1])));g.stroke
                 if not s:
                     continue
                 k, y, lo, hi = map(np.array, zip(*s))
-                ax.plot(k, y, style[a.name], marker="o", ms=3, color=colour[a.name], label=a.name)
-                ax.fill_between(k, lo, hi, color=colour[a.name], alpha=0.12)
+                ax.plot(k, y, marker="o", ms=3, color=look[a.name]["colour"], label=a.name,
+                        linestyle=(0, look[a.name]["dash"]) if look[a.name]["dash"] else "-")
+                ax.fill_between(k, lo, hi, color=look[a.name]["colour"], alpha=0.12)
                 means += [v for v in y if math.isfinite(v)]
             if m.startswith("D_") and means and min(means) > 0:  # drift spans decades between arms
                 ax.set_yscale("log")

@@ -1,6 +1,7 @@
 """The comparison's intervals and verdicts against references computed another way: a naive loop
 through the project's own scalar MFV aggregation, the analytic standard error of a mean, and fake
 rows whose shift must flip a verdict."""
+import json
 import math
 import statistics
 
@@ -183,5 +184,11 @@ def test_drift_table_is_the_mean_over_seeds_per_round(tmp_path):
     assert dict(rep.drift_series("none", "repetition"))[1].value == pytest.approx(0.1)
     md = rep.drift_markdown()
     assert "| rmse | 2 | 2 |" in md and "| none | 1 | 2 |" in md and "| rmse_placebo | 1 | 2 |" in md
+    look = rep.drift_look(rep.drift_arms())  # a placebo: its arm's colour, dotted; online dashed; steered solid
+    assert look["rmse_placebo"]["colour"] == look["rmse"]["colour"] != look["none"]["colour"]
+    assert look["rmse"]["dash"] == [] and look["rmse_placebo"]["dash"] and look["none"]["dash"]
+    assert look["rmse_placebo"]["dash"] != look["none"]["dash"]
     rep.drift_figure(tmp_path)
-    assert (tmp_path / "drift.png").exists() and (tmp_path / "drift.html").exists()
+    assert (tmp_path / "drift.png").exists()
+    page = (tmp_path / "drift.html").read_text()
+    assert json.dumps(look["rmse_placebo"]) in page  # the canvas draws with the PNG's colours and dashes
