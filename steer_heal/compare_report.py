@@ -412,7 +412,8 @@ const pts=A.flatMap(a=>D.data[a][m]);if(!pts.length)return;const ys=pts.flatMap(
 const xs=pts.map(p=>p[0]);const y0=Math.min(...ys),y1=Math.max(...ys),x1=Math.max(...xs,1);
 const X=v=>40+v/x1*360,Y=v=>230-(v-y0)/((y1-y0)||1)*200;g.fillStyle='#000';g.fillText(m,40,14);
 A.forEach((a,i)=>{{const s=D.data[a][m];if(!s.length)return;const b=s.filter(p=>p[2]!=null&&p[3]!=null);
-const L=D.look[a];g.fillStyle=L.colour;g.globalAlpha=.2;g.beginPath();b.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[3])):g.moveTo(X(p[0]),Y(p[3])));
+const L=D.look[a];g.fillStyle=L.colour;
+g.globalAlpha=.2;g.beginPath();b.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[3])):g.moveTo(X(p[0]),Y(p[3])));
 b.slice().reverse().forEach(p=>g.lineTo(X(p[0]),Y(p[2])));if(b.length)g.fill();g.globalAlpha=1;g.strokeStyle=L.colour;g.setLineDash(L.dash);
 g.beginPath();s.forEach((p,j)=>j?g.lineTo(X(p[0]),Y(p[1])):g.moveTo(X(p[0]),Y(p[1])));g.stroke();g.setLineDash([]);
 g.fillStyle=L.colour;g.fillText(a,330,30+12*i)}})}});
