@@ -59,9 +59,9 @@ INTERVAL_NOTE = ("Intervals: 95% percentile bootstrap over seeds x eval items (i
                  "across arms). Untrained arms have one evaluation, so their interval is over items only.")
 
 
-# drift measures: (iterative round-row key, online bake-row key)
 # matplotlib's tab10, as hex so the HTML canvas and the PNG draw an arm in the same colour
 TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+# drift measures: (iterative round-row key, online bake-row key)
 DRIFT_KEYS = {
     "barrier_active_frac": ("barrier_active_frac", "barrier_active_frac"),
     "D_mean": ("D_mean", "D_mean"), "D_rmse": ("D_rmse", "D_rmse"), "D_p95": ("D_p95", "D_p95"),
