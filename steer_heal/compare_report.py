@@ -433,9 +433,9 @@ g.fillStyle=L.colour;g.fillText(a,330,30+12*i)}})}});
                 if not s:
                     continue
                 k, y, lo, hi = map(np.array, zip(*s))
-                ax.plot(k, y, marker="o", ms=3, color=look[a.name]["colour"], label=a.name,
-                        linestyle=(0, look[a.name]["dash"]) if look[a.name]["dash"] else "-")
-                ax.fill_between(k, lo, hi, color=look[a.name]["colour"], alpha=0.12)
+                colour, dash = look[a.name]["colour"], look[a.name]["dash"]
+                ax.plot(k, y, marker="o", ms=3, color=colour, label=a.name, linestyle=(0, dash) if dash else "-")
+                ax.fill_between(k, lo, hi, color=colour, alpha=0.12)
                 means += [v for v in y if math.isfinite(v)]
             if m.startswith("D_") and means and min(means) > 0:  # drift spans decades between arms
                 ax.set_yscale("log")
