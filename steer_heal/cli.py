@@ -1,33 +1,31 @@
-"""`steer-heal run | export`: the command-line entry points."""
+"""steer-heal: distil a steering vector into LoRA weights and heal the incoherence it causes.
+
+commands:
+  run      the iterative steer -> filter -> heal -> bake loop (the seed's loop)
+  export   a merged model from a run, loadable with plain transformers
+  eval     the moral-foundations forced-choice evaluation (tinymfv protocol)
+  score    score completions with the reward components; --validate prints judge AUROCs
+  compare  arms side by side at a matched generated-token budget, with verdicts
+
+The online GRPO heal runs as `accelerate launch recipes/grpo_heal.py --config ...`.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import time
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _pkg_version
 from pathlib import Path
 
-import yaml
-from peft import PeftModel
-
-from reward import RewardConfig
-from reward.components import preset_scorer
-from reward.validation import load_labelled, means_by_label, report, score_labelled
-from steer_heal.compare import load_compare, run_compare
-from steer_heal.config import apply_dict, config_from_dict, load_config, parse_overrides
-from steer_heal.console import quiet_startup
-from steer_heal.errors import one_line_errors
-from steer_heal.evals.mfv import evaluate_mfv, format_profile
-from steer_heal.evals.mfv_data import load_vignettes
-from steer_heal.loop import run
-from steer_heal.models import load_model, num_layers, resolve_model_path
-from steer_heal.presets import load_preset
-from steer_heal.rundir import read_jsonl
-from steer_heal.steering import Steering, SteeringVector, extract_vector, layer_band
-from steer_heal.student import export_merged
-
+# torch, transformers and the library are imported inside each command: `--help` answers at once
 
 def _run(args) -> int:
+    import yaml
+
+    from steer_heal.config import apply_dict, config_from_dict, load_config, parse_overrides
+    from steer_heal.loop import run
     if args.resume:
         cfg_file = Path(args.resume) / "config.yaml"
         if not cfg_file.exists():
@@ -48,6 +46,11 @@ def _run(args) -> int:
 
 
 def _export(args) -> int:
+    import yaml
+
+    from steer_heal.models import resolve_model_path
+    from steer_heal.rundir import read_jsonl
+    from steer_heal.student import export_merged
     d = Path(args.run_dir)
     rows = read_jsonl(d / "rounds.jsonl")
     if not rows:
@@ -63,6 +66,14 @@ def _export(args) -> int:
 
 
 def _eval(args) -> int:
+    import yaml
+    from peft import PeftModel
+
+    from steer_heal.evals.mfv import evaluate_mfv, format_profile
+    from steer_heal.evals.mfv_data import load_vignettes
+    from steer_heal.models import load_model
+    from steer_heal.rundir import read_jsonl
+    from steer_heal.steering import Steering, SteeringVector
     model_id, adapter = args.model, args.adapter
     if args.run:
         d = Path(args.run)
@@ -96,6 +107,12 @@ def _eval(args) -> int:
 
 
 def _score(args) -> int:
+    from reward import RewardConfig
+    from reward.components import preset_scorer
+    from reward.validation import load_labelled, means_by_label, report, score_labelled
+    from steer_heal.models import load_model, num_layers
+    from steer_heal.presets import load_preset
+    from steer_heal.steering import extract_vector, layer_band
     lm = load_model(args.model, dtype=args.dtype)
     if args.validate:
         lines = ["| preset | component | target | vs | AUROC |", "|---|---|---|---|---|"]
@@ -134,15 +151,28 @@ def _score(args) -> int:
 
 
 def _compare(args) -> int:
+    from steer_heal.compare import load_compare, run_compare
+
     cfg = load_compare(args.config, args.overrides)
-    run_compare(cfg, [a for a in args.arms.split(",") if a] or None)
+    run_compare(cfg, [a for a in args.arms.split(",") if a] or None, train_only=args.train_only)
+    if args.train_only:
+        print(f"trained: {cfg.dir} (evaluate and report: the same command without --train-only)")
+        return 0
     print(f"done: {cfg.dir}/compare.md, {cfg.dir}/frontier.png, {cfg.dir}/answers.html")
     return 0
 
 
+def version() -> str:
+    try:
+        return _pkg_version("steer-heal")
+    except PackageNotFoundError:  # a source tree that was not installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    quiet_startup()
-    p = argparse.ArgumentParser(prog="steer-heal", description=__doc__)
+    p = argparse.ArgumentParser(prog="steer-heal", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"steer-heal {version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the iterative steer -> filter -> heal -> bake loop")
     r.add_argument("--config", help="YAML config (recipes/configs/*.yaml)")
@@ -181,8 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("compare", help="arms side by side at a matched generated-token budget (one table, a frontier)")
     c.add_argument("--config", required=True, help="recipes/compare/<name>.yaml")
     c.add_argument("--arms", default="", help="comma-separated subset of the config's arms")
+    c.add_argument("--train-only", action="store_true",
+                   help="train the selected arms and stop (evaluate and report later, e.g. after a code change)")
     c.add_argument("overrides", nargs="*", help="key=value overrides of the comparison config, e.g. budget_tokens=4000")
     args = p.parse_args(argv)
+    from steer_heal.console import quiet_startup  # imports torch: after argparse has answered --help
+    from steer_heal.errors import one_line_errors
+
+    quiet_startup()
     cmd = {"run": _run, "export": _export, "eval": _eval, "score": _score, "compare": _compare}[args.cmd]
     return one_line_errors(cmd, args)
 

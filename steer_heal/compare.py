@@ -31,7 +31,7 @@ from reward.validation import load_labelled, score_labelled
 from reward.validation import report as validation_report
 from steer_heal import stages
 from steer_heal.chat import encode_prompt, render_prompt
-from steer_heal.compare_report import Report, answers_page, load_preset_axis
+from steer_heal.compare_report import VERDICT_MEASURES, Report, answers_page, load_preset_axis
 from steer_heal.config import (
     CONTROLS,
     ConfigError,
@@ -102,6 +102,9 @@ class CompareConfig:
     seeds: list[int] = setting([42, 43, 44], "each training arm runs once per seed; the report shows means and 95% "
                                              "intervals over seeds x eval items")
     pairs: list[list[str]] = setting([], "extra verdicts, [a, b] per line: e.g. online vs iterative, rmse vs mean")
+    primary: list[list[str]] = setting([], "the study's primary questions, declared before it runs: [a, b, measure] "
+                                           "per line; their verdicts are Holm-adjusted as one family, every other "
+                                           "line of the report is exploratory")
     n_boot: int = setting(2000, "bootstrap replicates of every interval")
     min_auroc: float = setting(0.75, "a judge under this AUROC on the labelled replies is marked and not used in "
                                      "verdicts")
@@ -182,6 +185,10 @@ def load_compare(path: str, overrides: list[str] = ()) -> CompareConfig:
     for pair in cfg.pairs:
         if len(pair) != 2 or not set(pair) <= set(names):
             raise CompareError(f"pairs entry {pair} must name two arms of the config; fix: pick from {names}")
+    for q in cfg.primary:
+        if len(q) != 3 or not set(q[:2]) <= set(names) or q[2] not in VERDICT_MEASURES:
+            raise CompareError(f"primary entry {q} must be [arm, arm, measure] with arms of the config and a measure "
+                               f"in {VERDICT_MEASURES}; fix: e.g. [iter_rmse, iter_rmse_placebo, trait_llr_heldout]")
     return cfg
 
 
@@ -252,7 +259,7 @@ def train_arm(cfg: CompareConfig, arm: Arm, seed: int) -> dict:
     d = arm_dir(cfg, arm, seed)
     done = d / "arm_done.json"
     if done.exists():
-        return json.loads(done.read_text())
+        return json.loads(done.read_text()) | dict(skipped=True)
     d.mkdir(parents=True, exist_ok=True)
     cmd = train_command(cfg, arm, seed)
     print(f"[compare] {arm.name} (seed {seed}): {' '.join(cmd[1:4])} ... -> {d}/train.log", flush=True)
@@ -268,13 +275,24 @@ def train_arm(cfg: CompareConfig, arm: Arm, seed: int) -> dict:
     # attempt's wall time for the record
     info = dict(arm=arm.name, seed=seed, seconds=sum(float(r.get("seconds", 0.0)) for r in rows),
                 last_attempt_wall_s=time.perf_counter() - t0, gen_tokens=rows[-1].get("gen_tokens", 0) if rows else 0,
-                n_rows=len(rows))
+                n_rows=len(rows)) | realised(d, arm.kind)
     if info["gen_tokens"] < cfg.budget_tokens and not arm.control:  # a control spends nothing on calibration
         print(f"warning: arm '{arm.name}' ended at {info['gen_tokens']} generated tokens, under budget_tokens "
               f"{cfg.budget_tokens} (its max_steps / rounds ran out first); its row is not at the matched budget",
               flush=True)
     write_atomic(done, json.dumps(info))
     return info
+
+
+def realised(d: Path, kind: str) -> dict:
+    """What the arm actually ran with, read from its own run directory (not from today's config): the rollout
+    engine and the generation doses per round / bake (iterative: alpha x kappa for each alpha; online: the
+    controller's kappa), so the report shows the doses that were realised."""
+    f = d / "config.yaml"
+    rc = (yaml.safe_load(f.read_text()) or {}) if f.exists() else {}
+    alphas = [float(a) for a in rc.get("steer", {}).get("alphas", [1.0])] if kind == "iterative" else [1.0]
+    doses = [[round(a * float(r.get("kappa") or 0.0), 4) for a in alphas] for r in arm_rows(d, kind)]
+    return dict(engine=rc.get("engine", "hf"), doses=doses)
 
 
 def arm_rows(d: Path, kind: str) -> list[dict]:
@@ -443,30 +461,61 @@ def kl_to_base(student, tok, prompt_ids, completion_ids, base_prompt_ids, steeri
 
 
 # ------------------------------------------------------------------ the driver
-def run_compare(cfg: CompareConfig, only: list[str] | None = None) -> list[dict]:
+def run_compare(cfg: CompareConfig, only: list[str] | None = None, train_only: bool = False) -> list[dict]:
     """Train the selected arms (each seed its own process; finished ones are skipped), evaluate
-    them with one evaluator, then report every arm of the config that has an evaluation."""
+    them with one evaluator, then report every arm of the config that has an evaluation
+    (`train_only`: stop after training)."""
     arms = [a for a in cfg.arms if not only or a.name in only]
     if only and len(arms) != len(only):
         raise CompareError(f"--arms {only}: unknown arm(s) {sorted(set(only) - {a.name for a in cfg.arms})}; "
                            f"fix: pick from {[a.name for a in cfg.arms]}")
     cfg.dir.mkdir(parents=True, exist_ok=True)
     write_atomic(cfg.dir / "compare_config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
-    for arm in arms:  # train first (each its own process), then one evaluator for all
-        if arm.trained:
-            for seed in cfg.seeds:
-                train_arm(cfg, arm, seed)
+    jobs = [(arm, seed) for arm in arms if arm.trained for seed in cfg.seeds]  # train first, each its own process
+    progress = Progress(len(jobs), "trained")
+    for arm, seed in jobs:
+        info = train_arm(cfg, arm, seed)
+        progress.step(f"{arm.name} seed {seed}", skipped=info.get("skipped", False))
+    if train_only:
+        return []
     ev = Evaluator(cfg)
     judges = ev.judges()
     base = _cached_eval(cfg, ev, Arm("base", "base"), None)
-    for arm in arms:
-        for seed in arm_seeds(cfg, arm):
-            _cached_eval(cfg, ev, arm, seed)
+    jobs = [(arm, seed) for arm in arms for seed in arm_seeds(cfg, arm)]
+    progress = Progress(len(jobs), "evaluated")
+    for arm, seed in jobs:
+        cached = load_eval(cfg, arm, seed) is not None
+        _cached_eval(cfg, ev, arm, seed)
+        progress.step(arm.name + (f" seed {seed}" if seed is not None else ""), skipped=cached)
     evals = {a.name: {s: e for s in arm_seeds(cfg, a) if (e := load_eval(cfg, a, s)) is not None} for a in cfg.arms}
     evals = {k: v for k, v in evals.items() if v}
     rows = [_row(cfg, a, s, e, base) for a in cfg.arms for s, e in evals.get(a.name, {}).items()]
     write_report(cfg, rows, evals, base, judges)
     return rows
+
+
+class Progress:
+    """One line per finished arm x seed: n/N, elapsed, and what remains at the mean pace of the jobs that ran
+    (skipped ones, already done, cost nothing and do not count toward the pace)."""
+
+    def __init__(self, total: int, verb: str):
+        self.total, self.verb, self.done, self.ran, self.t0 = total, verb, 0, 0, time.perf_counter()
+
+    def step(self, what: str, skipped: bool = False) -> str:
+        self.done += 1
+        self.ran += not skipped
+        el = time.perf_counter() - self.t0
+        left = self.total - self.done
+        eta = f"~{_hms(el / self.ran * left)} left" if self.ran and left else ("done" if not left else "pace unknown")
+        line = (f"[compare] {self.verb} {self.done}/{self.total}: {what}" + (" (already done)" if skipped else "")
+                + f" | elapsed {_hms(el)} | {eta}")
+        print(line, flush=True)
+        return line
+
+
+def _hms(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def arm_seeds(cfg: CompareConfig, arm: Arm) -> list:

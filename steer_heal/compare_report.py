@@ -52,7 +52,9 @@ BY_NAME = {m.name: m for m in MEASURES}
 TABLE = ["trait_nats", "trait_nats_answering", "pmass", "trait_llr_heldout", "projection", "incoherence", "coherent",
          "repetition", "verbalisation", "kl_rmse"]
 DIFFS = ["trait_nats", "trait_nats_answering", "pmass", "trait_llr_heldout", "incoherence", "coherent"]
-VERDICT_MEASURES = ["trait_nats", "trait_llr_heldout", "incoherence"]  # trait (instrument, judge), coherence
+# trait (instrument, judge) and coherence: incoh_ctx, which does not read the trait (incoherence, scored under the
+# base model with the plain prompt, is kept as a distance from base)
+VERDICT_MEASURES = ["trait_nats", "trait_llr_heldout", "incoh_ctx"]
 PMASS_DROP = 0.25  # an arm whose answer-token mass falls by more than this fraction vs base is flagged
 INTERVAL_NOTE = ("Intervals: 95% percentile bootstrap over seeds x eval items (items: the 32 held-out prompts or the "
                  "vignettes; seeds drawn with replacement, paired when both arms ran the same seeds; items paired "
