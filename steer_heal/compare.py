@@ -587,7 +587,7 @@ def write_report(cfg: CompareConfig, rows: list[dict], evals: dict, base: dict, 
     os.replace(d / "compare.jsonl.tmp", d / "compare.jsonl")
     arms = [a for a in cfg.arms if a.name in evals]
     rep = Report(cfg.name, cfg.model, cfg.preset, cfg.budget_tokens, arms, rows, load_preset_axis(cfg.preset), judges,
-                 cfg.pairs, cfg.n_boot, cfg.min_auroc)
+                 cfg.pairs, cfg.n_boot, cfg.min_auroc, cfg.primary)
     text = rep.markdown()
     write_atomic(d / "compare.md", text)
     write_atomic(d / "verdicts.json", json.dumps(rep.verdicts(), indent=1))

@@ -39,7 +39,8 @@ MEASURES = [
     Measure("trait_llr_heldout", "trait_llr*", "trait_llr_heldout"),
     Measure("trait_llr_reward_ctx", "trait_llr_rw", "trait_llr_reward_ctx"),
     Measure("projection", "proj_v0", "projection"),
-    Measure("incoherence", "incoh", "incoherence", higher_is_better=False, fmt="{:.3f}"),
+    Measure("incoh_ctx", "incoh_ctx", "incoh_ctx", higher_is_better=False, fmt="{:.3f}"),
+    Measure("incoherence", "dist_base", "incoherence", higher_is_better=False, fmt="{:.3f}"),
     Measure("tail_nll", "tail_nll", "tail_nll", higher_is_better=False, fmt="{:.2f}"),
     Measure("repetition", "rep", "repetition", higher_is_better=False, fmt="{:.3f}"),
     Measure("coherent", "coh", "coherent", fmt="{:.2f}"),
@@ -49,16 +50,20 @@ MEASURES = [
     Measure("kl_mean", "kl_mean", "kl_mean", higher_is_better=None, fmt="{:.3f}"),
 ]
 BY_NAME = {m.name: m for m in MEASURES}
-TABLE = ["trait_nats", "trait_nats_answering", "pmass", "trait_llr_heldout", "projection", "incoherence", "coherent",
-         "repetition", "verbalisation", "kl_rmse"]
-DIFFS = ["trait_nats", "trait_nats_answering", "pmass", "trait_llr_heldout", "incoherence", "coherent"]
+TABLE = ["trait_nats", "trait_nats_answering", "pmass", "trait_llr_heldout", "projection", "incoh_ctx", "incoherence",
+         "coherent", "repetition", "verbalisation", "kl_rmse"]
+DIFFS = ["trait_nats", "trait_nats_answering", "pmass", "trait_llr_heldout", "incoh_ctx", "incoherence", "coherent"]
 # trait (instrument, judge) and coherence: incoh_ctx, which does not read the trait (incoherence, scored under the
 # base model with the plain prompt, is kept as a distance from base)
 VERDICT_MEASURES = ["trait_nats", "trait_llr_heldout", "incoh_ctx"]
 PMASS_DROP = 0.25  # an arm whose answer-token mass falls by more than this fraction vs base is flagged
-INTERVAL_NOTE = ("Intervals: 95% percentile bootstrap over seeds x eval items (items: the 32 held-out prompts or the "
-                 "vignettes; seeds drawn with replacement, paired when both arms ran the same seeds; items paired "
-                 "across arms). Untrained arms have one evaluation, so their interval is over items only.")
+INTERVAL_NOTE = ("Intervals: 95%, carrying the seed-to-seed spread: Student's t with Satterthwaite degrees of freedom "
+                 "on a seeds x items variance decomposition (steer_heal/stats.py; items paired across arms, seeds "
+                 "paired when both arms ran the same seeds). Untrained arms have one (greedy) evaluation, so their "
+                 "interval is over items only. No verdict about a trained arm with fewer than 3 seeds.")
+MULTIPLICITY_NOTE = ("Multiplicity: the primary questions were declared in the study config before the run and are one "
+                     "family, adjusted by Holm's step-down rule (p_holm; a verdict needs p_holm < 0.05). Every other "
+                     "line is exploratory: unadjusted, a lead for a later study, not a claim.")
 
 
 # matplotlib's tab10, as hex so the HTML canvas and the PNG draw an arm in the same colour
@@ -100,6 +105,7 @@ class Report:
     pairs: list = field(default_factory=list)
     n_boot: int = stats.B_DEFAULT
     min_auroc: float = 0.75
+    primary: list = field(default_factory=list)  # [a, b, measure]: the declared family (Holm)
 
     def __post_init__(self):
         self.arms = [a if isinstance(a, ArmInfo) else ArmInfo(a.name, a.kind, getattr(a, "control", ""),
@@ -115,7 +121,12 @@ class Report:
         pm = [x for x in base.get("mfv_pmass", []) if math.isfinite(x)]
         # "the model still answers": a vignette whose digit mass is at or above the base's median
         self.pmass_floor = float(np.median(pm)) if pm else float("nan")
+        self.answering = np.array(base.get("mfv_pmass", []), dtype=float) >= self.pmass_floor
         self._cache: dict = {}
+        # the coherence measure of the tables and figures: incoh_ctx where the evaluations have it (older ones
+        # only carry the distance from base)
+        has_ctx = any("incoh_ctx" in r.get("items", {}) for r in self.rows)
+        self.coh = "incoh_ctx" if has_ctx else "incoherence"
 
     # ------------------------------------------------------------ values and intervals
     def values(self, arm: str, measure: str) -> stats.Values | None:
@@ -125,10 +136,8 @@ class Report:
         if not rs or any(x is None or len(x) == 0 for x in xs):
             return None
         x = np.array(xs, dtype=float)
-        if measure == "trait_nats_answering":
-            pm = np.array([r["items"]["mfv_pmass"] for r in rs], dtype=float)
-            keep = pm >= self.pmass_floor
-            x = np.where(keep[..., None], x, np.nan)
+        if measure == "trait_nats_answering":  # one subset for every arm, chosen on base: differences stay paired
+            x = np.where(self.answering[None, :, None], x, np.nan)
         seeds = tuple(r.get("seed") for r in rs) if rs[0].get("seed") is not None else None
         return stats.Values(x, m.stat, self.axis if m.stat == "trait_nats" else None, seeds)
 
@@ -183,23 +192,42 @@ class Report:
         return qs
 
     def verdicts(self) -> list[dict]:
-        """One line per (arm, reference, measure): the difference, its interval and better | worse |
-        not distinguishable. A judge under min_auroc is listed but gives no verdict."""
-        out = []
+        """The primary family (declared in the config; Holm-adjusted), then one exploratory line per (arm, reference,
+        measure): the difference, its interval, p, and better | worse | not distinguishable. A judge under
+        min_auroc is listed but gives no verdict; a trained side under 3 seeds gives none either."""
+        prim = [(a, b, m) for a, b, m in self.primary if a in self.by_arm and b in self.by_arm]
+        roles = {(a, b): role for a, b, role in self.questions()}
+        ds = [self.diff(a, b, m) for a, b, m in prim]
+        adj = stats.holm([d.p() if d is not None and self.trusted(m) and not 0 < d.n_seeds < stats.MIN_SEEDS
+                          else float("nan") for d, (_, _, m) in zip(ds, prim)])
+        out = [self._line(a, b, roles.get((a, b), "primary"), m, d, "primary", p_holm)
+               for (a, b, m), d, p_holm in zip(prim, ds, adj) if d is not None]
+        declared = set(prim)
         for a, b, role in self.questions():
             for m in VERDICT_MEASURES:
                 d = self.diff(a, b, m)
-                if d is None:
-                    continue
-                meas = BY_NAME[m]
-                ok = self.trusted(m)
-                v = stats.verdict(d, meas.higher_is_better) if ok else f"not used (judge AUROC < {self.min_auroc})"
-                signed = meas.fmt.replace("{:", "{:+").replace("++", "+")
-                line = f"{a} vs {b} ({role}), {meas.label}: {d.fmt(signed)} -> {v}"
-                if m.startswith("trait_nats") and self.pmass_flag(a):
-                    line += "  [pmass fell >25%: format shift?]"
-                out.append(dict(a=a, b=b, role=role, measure=m, value=d.value, lo=d.lo, hi=d.hi, verdict=v, line=line))
+                if d is not None and (a, b, m) not in declared:
+                    out.append(self._line(a, b, role, m, d, "exploratory"))
         return out
+
+    def _line(self, a: str, b: str, role: str, m: str, d: stats.Interval, family: str, p_holm=None) -> dict:
+        meas = BY_NAME[m]
+        if self.trusted(m):
+            v = stats.verdict(d, meas.higher_is_better, p_adjusted=p_holm if family == "primary" else None)
+        else:
+            v = f"not used (judge AUROC < {self.min_auroc})"
+        signed = meas.fmt.replace("{:", "{:+").replace("++", "+")
+        p = d.p()
+        ps = f" p={p:.3g}" if math.isfinite(p) else ""
+        if family == "primary" and p_holm is not None and math.isfinite(p_holm):
+            ps += f" p_holm={p_holm:.3g}"
+        line = f"[{family}] {a} vs {b} ({role}), {meas.label}: {d.fmt(signed)}{ps} -> {v}"
+        if m.startswith("trait_nats") and self.pmass_flag(a):
+            line += "  [pmass fell >25%: format shift?]"
+        if d.dropped:
+            line += f"  [{d.dropped} of {self.n_boot} bootstrap replicates non-finite, left out]"
+        return dict(a=a, b=b, role=role, measure=m, family=family, value=d.value, lo=d.lo, hi=d.hi, se=d.se, df=d.df,
+                    p=p, p_holm=p_holm if family == "primary" else None, n_seeds=d.n_seeds, verdict=v, line=line)
 
     # ------------------------------------------------------------ markdown
     def _cell(self, iv: stats.Interval | None, m: Measure, signed: bool = False) -> str:
@@ -254,11 +282,17 @@ class Report:
             f"vignettes the model still answers (pmass >= the base's median, {self.pmass_floor:.3f}); pmass: "
             "answer-token mass, **(-25%)** marks an arm more than 25% under base (its MFV trait may be a format "
             "shift); trait_llr*: trait under the held-out persona context; proj_v0: projection on the base vector; "
-            "incoh: tail NLL + loop penalty (nats); coh: coherent fraction; kl_*: KL(arm || base) on its greedy "
-            "answers.\n",
+            "incoh_ctx: incoherence that does not read the trait (tail NLL under the base model, the lowest over the "
+            "plain prompt and the held-out positive and negative persona contexts, + loop penalty; nats); dist_base: "
+            "the same under the plain prompt only (a distance from base as much as incoherence); coh: coherent "
+            "fraction; kl_*: KL(arm || base) on its greedy answers.\n",
             "## Arms (mean over seeds, 95% interval)\n", self.summary_markdown(),
             "## Paired differences (arm - reference, 95% interval)\n", self.diffs_markdown(),
-            "## Verdicts\n", "\n".join(f"- {v['line']}" for v in self.verdicts()) + "\n",
+            "## Verdicts\n", MULTIPLICITY_NOTE + "\n",
+            "### Primary (declared before the run, Holm-adjusted)\n",
+            "\n".join(f"- {v['line']}" for v in self.verdicts() if v["family"] == "primary") or "none declared",
+            "\n### Exploratory (unadjusted)\n",
+            "\n".join(f"- {v['line']}" for v in self.verdicts() if v["family"] != "primary") + "\n",
         ]
         sweep = self.dose_sweep_markdown()
         if sweep:
@@ -285,7 +319,7 @@ class Report:
             if self.pmass_flag(a.name):
                 pm += " **(-25%)**"
             rest = [self._cell(self.diff(a.name, "base", "trait_llr_heldout"), BY_NAME["trait_llr_heldout"], True),
-                    self._cell(self.diff(a.name, "base", "incoherence"), BY_NAME["incoherence"], True),
+                    self._cell(self.diff(a.name, "base", self.coh), BY_NAME[self.coh], True),
                     self._cell(self.interval(a.name, "coherent"), BY_NAME["coherent"]),
                     f"{r.get('kl_rmse', float('nan')):.3f}", f"{r.get('kl_mean', float('nan')):.3f}"]
             p = " | ".join(f"{x:.3f}" for x in r.get("profile", [float("nan")] * 7))
@@ -305,7 +339,7 @@ class Report:
             return
         xs = [a.target_kl for a in arms]
         panels = [("trait_nats", "d MFV trait_nats"), ("trait_nats_answering", "d MFV trait (answering)"),
-                  ("trait_llr_heldout", "d held-out trait_llr"), ("incoherence", "d incoherence (nats)")]
+                  ("trait_llr_heldout", "d held-out trait_llr"), (self.coh, f"d {self.coh} (nats)")]
         data = {}
         for m, _ in panels:
             ivs = [self.diff(a.name, "base", m) for a in arms]
@@ -463,7 +497,7 @@ g.fillStyle=L.colour;g.fillText(a,330,30+12*i)}})}});
         per arm with its 95% intervals on both axes."""
         pts = []
         for a in self.arms:
-            dx, dy = self.diff(a.name, "base", "incoherence"), self.diff(a.name, "base", "trait_nats")
+            dx, dy = self.diff(a.name, "base", self.coh), self.diff(a.name, "base", "trait_nats")
             if dx is None or dy is None:
                 continue
             pts.append(dict(arm=a.name, kind=a.kind, control=a.control, x=dx.value, xlo=dx.lo, xhi=dx.hi, y=dy.value,
@@ -473,7 +507,7 @@ g.fillStyle=L.colour;g.fillText(a,330,30+12*i)}})}});
                        for p in pts)
         data = json.dumps(pts).replace("NaN", "null")
         write_atomic(d / "frontier.html", html_page("frontier", f"""<h2>Trait gained vs coherence lost (a point per
-arm, bars: 95% intervals)</h2><p>x: incoherence vs base (nats, lower is better); y: MFV trait_nats vs base.</p>
+arm, bars: 95% intervals)</h2><p>x: {self.coh} vs base (nats, lower is better); y: MFV trait_nats vs base.</p>
 <canvas id=c width=760 height=520></canvas><table border=1 cellpadding=4><tr><th>arm</th><th>kind</th>
 <th>d_incoherence</th><th>d_trait_nats</th></tr>{rows}</table><script>
 const P={data};const c=document.getElementById('c').getContext('2d');const xs=[0],ys=[0];
@@ -506,9 +540,9 @@ c.beginPath();c.arc(X(p.x),Y(p.y),4,0,7);c.fill();c.fillText(p.arm,X(p.x)+6,Y(p.
             ax.errorbar([p["x"]], [p["y"]], fmt="o", color=c, capsize=2, lw=0.8, ms=5,
                         mfc="white" if p["control"] else c, **err)
             ax.annotate(p["arm"], (p["x"], p["y"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        ax.set_xlabel("coherence lost: incoherence vs base (nats, held-out greedy answers)")
+        ax.set_xlabel(f"coherence lost: {self.coh} vs base (nats, held-out greedy answers)")
         ax.set_ylabel("trait gained: MFV trait_nats vs base")
-        ax.set_title("steer-heal compare (bars: 95% bootstrap intervals; hollow: controls)", fontsize=10)
+        ax.set_title("steer-heal compare (bars: 95% intervals over seeds and items; hollow: controls)", fontsize=10)
         fig.tight_layout()
         fig.savefig(d / "frontier.png", dpi=120)
         plt.close(fig)
