@@ -138,17 +138,19 @@ class Scorer:
         rep = [S.repetition(t) for t in texts]
         out["repetition"] = rep
         out["n_tokens"] = [len(c) for c in completion_ids]
-        want_nll = "incoherence" in which or "tail_nll" in which
+        want_ctx = "incoh_ctx" in which
+        want_nll = "incoherence" in which or "tail_nll" in which or want_ctx
         want_llr = "trait_llr" in which
+        want_persona = want_llr or want_ctx
         # the reference context(s) and the two persona contexts in one merged pass; in tail mode the plain
         # context scores only each reply's tail (all the tail NLL reads)
         ctx, fracs = [], []
         if want_nll:
             ctx.append(prompt_ids or self.prompt_ids(users))
             fracs.append(self.cfg.tail_frac if self.cfg.incoherence == "tail" else None)
-        if want_llr:
+        if want_persona:  # the llr reads whole replies; incoh_ctx alone, only their tails
             ctx += S.persona_prompts(self.tok, users, *self.personas, self.demos)
-            fracs += [None, None]
+            fracs += [None, None] if want_llr else [self.cfg.tail_frac] * 2
         if ctx:
             with self.ref_ctx():
                 lps = S.context_logprobs(self.model, self.tok, ctx, completion_ids, self.batch_size,
@@ -166,6 +168,14 @@ class Scorer:
             out["incoherence"] = self.incoherence_from(nll, [S.loopiness(t) for t in texts])
         if want_llr:
             out["trait_llr"] = S.llr_from(*lps)
+        if want_ctx:
+            # the reply's tail NLL under the context that suits it best (plain, or either side of the trait):
+            # a fluent reply on either side of the trait scores as coherent, so the measure does not read the trait
+            f = self.cfg.tail_frac if want_llr else 1.0  # whole replies were scored only for the llr
+            pos, neg = ([S.tail_mean(x, f) for x in lp] for lp in lps)
+            best = [min(v for v in t if math.isfinite(v)) if any(math.isfinite(v) for v in t) else float("nan")
+                    for t in zip(out["tail_nll"], pos, neg)]
+            out["incoh_ctx"] = self.incoherence_from(best, [S.loopiness(t) for t in texts])
         if "trait_projection" in which:
             out["trait_projection"] = self.trait_projection(users, completion_ids, prompt_ids)
         if "verbalisation" in which:

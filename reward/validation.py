@@ -25,7 +25,8 @@ def auroc(pos: list[float], neg: list[float]) -> float:
 
 
 # (component, target label, the rest it must beat); higher component = more of the target
-CHECKS = [("verbalisation", "narrate", None), ("incoherence", "incoherent", None), ("refusal", "refusal", None),
+CHECKS = [("verbalisation", "narrate", None), ("incoherence", "incoherent", None), ("incoh_ctx", "incoherent", None),
+          ("refusal", "refusal", None),
           ("trait_llr", "enact-pos", "enact-neg"), ("trait_projection", "enact-pos", "enact-neg")]
 
 
@@ -46,6 +47,19 @@ def report(comp: dict[str, list[float]], labels: list[str]) -> list[dict]:
         neg = [v for v, l in zip(comp[name], labels) if (l == other if other else l != target)]
         rows.append(dict(component=name, target=target, vs=other or "rest", auroc=auroc(pos, neg)))
     return rows
+
+
+def trait_gap(comp: dict[str, list[float]], items: list[dict], name: str = "incoh_ctx"):
+    """Does a coherence measure read the trait? Its value on each coherent enact-pos reply minus the enact-neg
+    reply to the same prompt: the mean over prompts with a 95% t-interval (one that holds 0 and stays narrow
+    says it does not)."""
+    from steer_heal.stats import t_interval  # scipy: only where the gap is asked for
+
+    by = {}
+    for v, x in zip(comp[name], items):
+        if x["label"] in ("enact-pos", "enact-neg"):
+            by.setdefault(x["prompt"], {})[x["label"]] = v
+    return t_interval([d["enact-pos"] - d["enact-neg"] for d in by.values() if len(d) == 2])
 
 
 def means_by_label(comp: dict[str, list[float]], labels: list[str]) -> dict[str, dict[str, float]]:

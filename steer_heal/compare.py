@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from reward.components import heldout_scorer
-from reward.validation import load_labelled, score_labelled
+from reward.validation import load_labelled, score_labelled, trait_gap
 from reward.validation import report as validation_report
 from steer_heal import stages
 from steer_heal.chat import encode_prompt, render_prompt
@@ -368,15 +368,20 @@ class Evaluator:
             labels = [x["label"] for x in items]
             with self.student.base():
                 comp = score_labelled(self.scorer, items, which=SCORED + ["trait_projection"])
-                held = score_labelled(self.heldout, items, which=["trait_llr"])
+                held = score_labelled(self.heldout, items, which=["trait_llr", "incoh_ctx"])
             rows = {r["component"]: r["auroc"] for r in validation_report(comp, labels)}
+            held_rows = {r["component"]: r["auroc"] for r in validation_report(held, labels)}
             out = dict(trait_llr_reward_ctx=rows.get("trait_llr", float("nan")),
                        projection=rows.get("trait_projection", float("nan")),
                        incoherence=rows.get("incoherence", float("nan")),
                        verbalisation=rows.get("verbalisation", float("nan")),
                        refusal=rows.get("refusal", float("nan")),
-                       trait_llr_heldout={r["component"]: r["auroc"] for r in validation_report(held, labels)}.get(
-                           "trait_llr", float("nan")))
+                       trait_llr_heldout=held_rows.get("trait_llr", float("nan")),
+                       incoh_ctx=held_rows.get("incoh_ctx", float("nan")))
+            gap = trait_gap(held, items, "incoh_ctx")  # reads the trait? (pos - neg on the same prompts)
+            out["incoh_ctx_trait_gap"] = [gap.value, gap.lo, gap.hi]
+            old = trait_gap(comp, items, "incoherence")
+            out["incoherence_trait_gap"] = [old.value, old.lo, old.hi]
         write_atomic(f, json.dumps(out))
         return out
 
@@ -407,9 +412,11 @@ class Evaluator:
                                steering, progress=False, read=e.mfv_read, system=system) if self.b.mfv_rows else None
         # scored under the base model with the plain prompt: the persona prompt is not part of the judge
         comp = self.scorer.components(self.users, ids, texts, which=SCORED + ["trait_projection"])
-        held = self.heldout.components(self.users, ids, texts, which=["trait_llr"])
+        # incoh_ctx: under the held-out pair too (the reply's best of plain / either side), so it does not read the trait
+        held = self.heldout.components(self.users, ids, texts, which=["trait_llr", "incoh_ctx"])
         items = dict(trait_llr_heldout=held["trait_llr"], trait_llr_reward_ctx=comp["trait_llr"],
-                     projection=comp["trait_projection"], incoherence=comp["incoherence"], tail_nll=comp["tail_nll"],
+                     projection=comp["trait_projection"], incoh_ctx=held["incoh_ctx"], incoherence=comp["incoherence"],
+                     tail_nll=comp["tail_nll"],
                      repetition=comp["repetition"], coherent=[float(c) for c in self.scorer.coherent(comp)],
                      verbalisation=comp["verbalisation"], refusal=comp["refusal"], kl_rmse=kl["rmse"],
                      kl_mean=kl["mean"])

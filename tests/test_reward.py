@@ -134,6 +134,17 @@ def test_components_separate_labels_on_smollm2(smol, preset):
     # with the preset's two persona demonstrations; without them SmolLM2-135M is at chance on
     # care-over-authority (0.51 measured), so the demonstrations are what this bar checks
     assert res["trait_llr"] >= 0.75
+    # the verdicts' coherence measure: separates incoherent replies (coherent trait-enacting ones among the rest) and
+    # does not read the trait: coherent enact-pos minus enact-neg on the same prompts holds 0 (measured 2026-12-04:
+    # care-over-authority +0.32 [-0.29, +0.94], love-of-humanity -0.38 [-1.00, +0.24], 20 prompts each)
+    from reward.components import heldout_scorer
+    from reward.validation import trait_gap
+
+    held = score_labelled(heldout_scorer(smol.model, smol.tokenizer, p), items, which=["incoh_ctx"])
+    au = {r["component"]: r["auroc"] for r in report(held, [x["label"] for x in items])}
+    assert au["incoh_ctx"] >= 0.9
+    gap = trait_gap(held, items, "incoh_ctx")
+    assert gap.lo <= 0 <= gap.hi and gap.n_seeds >= 20, gap
 
 
 def test_collapse_incoherence_equals_hand_computation(tiny):
@@ -160,6 +171,29 @@ def test_collapse_incoherence_equals_hand_computation(tiny):
     with pytest.raises(ValueError, match="fix: tail or collapse"):
         Scorer(tiny.model, tok, (POS, NEG), RewardConfig(incoherence="nope")).components(users, ids, texts,
                                                                                          which=["incoherence"])
+
+
+def test_incoh_ctx_is_the_best_context_tail_plus_the_loop_term(tiny):
+    """incoh_ctx: the lowest tail NLL over the plain prompt and the two persona contexts, plus the loop term, against
+    the three tails computed here one context at a time."""
+    from reward import scores as S
+
+    tok = tiny.tokenizer
+    users, texts = ["hi", "tell me about rivers", "and cats?"], [" well then we go home now", " yes yes yes yes yes",
+                                                                 " rivers run to the sea"]
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    sc = Scorer(tiny.model, tok, (POS, NEG), RewardConfig())
+    got = sc.components(users, ids, texts, which=["incoh_ctx", "trait_llr"])
+    alone = Scorer(tiny.model, tok, (POS, NEG), RewardConfig()).components(users, ids, texts, which=["incoh_ctx"])
+    ctxs = [sc.prompt_ids(users), *S.persona_prompts(tok, users, POS, NEG)]
+    tails = [[float(-lp[-max(1, round(len(lp) * 0.25)):].mean()) for lp in S._batched_logprobs(
+        tiny.model, tok, c, ids, 8, cache_prefix=False)] for c in ctxs]
+    for i in range(3):
+        loop = 10.0 * max(0.0, S.loopiness(texts[i]) - 0.1) / 0.9
+        want = min(t[i] for t in tails) + loop
+        assert got["incoh_ctx"][i] == pytest.approx(want, rel=1e-5)
+        assert alone["incoh_ctx"][i] == pytest.approx(want, rel=1e-5)  # scoring tails only gives the same
+        assert got["incoh_ctx"][i] <= got["incoherence"][i] + 1e-6  # never above the plain-prompt measure
 
 
 @pytest.mark.slow
