@@ -6,6 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from steer_heal.stats import t_interval
+
 DATA = Path(__file__).parent / "data" / "labelled.yaml"
 
 
@@ -53,8 +55,6 @@ def trait_gap(comp: dict[str, list[float]], items: list[dict], name: str = "inco
     """Does a coherence measure read the trait? Its value on each coherent enact-pos reply minus the enact-neg
     reply to the same prompt: the mean over prompts with a 95% t-interval (one that holds 0 and stays narrow
     says it does not)."""
-    from steer_heal.stats import t_interval  # scipy: only where the gap is asked for
-
     by = {}
     for v, x in zip(comp[name], items):
         if x["label"] in ("enact-pos", "enact-neg"):

@@ -151,9 +151,13 @@ def _score(args) -> int:
 
 
 def _compare(args) -> int:
-    from steer_heal.compare import load_compare, run_compare
+    from steer_heal.compare import load_compare, report_from, run_compare
 
     cfg = load_compare(args.config, args.overrides)
+    if args.report_only:
+        report_from(cfg, Path(args.report_only))
+        print(f"done: {args.report_only}/compare.md, {args.report_only}/verdicts.json (from its compare.jsonl)")
+        return 0
     run_compare(cfg, [a for a in args.arms.split(",") if a] or None, train_only=args.train_only)
     if args.train_only:
         print(f"trained: {cfg.dir} (evaluate and report: the same command without --train-only)")
@@ -211,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("compare", help="arms side by side at a matched generated-token budget (one table, a frontier)")
     c.add_argument("--config", required=True, help="recipes/compare/<name>.yaml")
     c.add_argument("--arms", default="", help="comma-separated subset of the config's arms")
+    c.add_argument("--report-only", metavar="DIR", default="",
+                   help="rebuild the report in DIR from DIR/compare.jsonl and DIR/judges.json alone (no model; e.g. "
+                        "a study committed under docs/studies/)")
     c.add_argument("--train-only", action="store_true",
                    help="train the selected arms and stop (evaluate and report later, e.g. after a code change)")
     c.add_argument("overrides", nargs="*", help="key=value overrides of the comparison config, e.g. budget_tokens=4000")

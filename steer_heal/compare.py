@@ -14,6 +14,7 @@ evaluation on measures no arm trained on.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import torch
 import yaml
 
 from reward.components import heldout_scorer
+from reward.validation import DATA as LABELLED
 from reward.validation import load_labelled, score_labelled, trait_gap
 from reward.validation import report as validation_report
 from steer_heal import stages
@@ -50,6 +52,7 @@ from steer_heal.evals.student import SCORED
 from steer_heal.heal.kl import aggregate, chunked_kl_and_logp
 from steer_heal.logprobs import auto_chunk, final_hidden, lm_logits, pack
 from steer_heal.models import causal_lm
+from steer_heal.presets import HERE as PRESETS
 from steer_heal.rundir import write_atomic
 from steer_heal.steering import Steering, SteeringVector
 from steer_heal.steering.hooks import steer
@@ -88,8 +91,8 @@ def _evaluator_steer() -> SteerConfig:
 
 
 def _evaluator_eval() -> EvalConfig:
-    # every held-out prompt (the preset's eval_prompts, which no arm trains on) and every classic vignette
-    return EvalConfig(eval_prompts=32, mfv_n=0, think_tokens=32, mfv_batch_size=32)
+    # every test prompt (held out from training and from every choice of setting) and every classic vignette
+    return EvalConfig(eval_prompts=32, split="test", mfv_n=0, think_tokens=32, mfv_batch_size=32)
 
 
 @dataclass
@@ -308,6 +311,54 @@ def final_adapter(d: Path, kind: str) -> Path:
     return d / (f"round_{k:02d}" if kind == "iterative" else f"bake_{k:02d}") / "cumulative"
 
 
+# ------------------------------------------------------------------ caches and provenance
+EVAL_VERSION = 2  # bump when a measure of the evaluation changes (2: incoh_ctx, the dev/test split)
+
+
+def _hash(d) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _file_hash(p: Path) -> str:
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()[:12] if Path(p).exists() else ""
+
+
+def preset_hash(name: str) -> str:
+    """The preset's YAML and the contexts file it includes."""
+    f = Path(name) if Path(name).exists() else PRESETS / f"{name}.yaml"
+    inc = (yaml.safe_load(f.read_text()) or {}).get("include_contexts") if f.exists() else None
+    return _file_hash(f) + (_file_hash(f.parent / inc) if inc else "")
+
+
+def arm_fingerprint(ev_fp: str, arm: "Arm", adapter: Path | None) -> str:
+    """An evaluation's key: the evaluator's, the arm's definition, and the bytes of the adapter it loads."""
+    d = dict(ev=ev_fp, kind=arm.kind, overrides=arm.overrides if arm.kind in ("steer", "prompt") else {})
+    if adapter is not None:
+        d["adapter"] = _file_hash(Path(adapter) / "adapter_model.safetensors") or str(adapter)
+    return _hash(d)
+
+
+# settings whose change makes the study another study (arms and seeds may be added)
+STUDY_KEYS = ("model", "preset", "budget_tokens", "dtype", "steer", "eval")
+
+
+def check_study_config(cfg: "CompareConfig") -> None:
+    """Refuse a config that changed what the study's finished results mean; write the merged config otherwise."""
+    f = cfg.dir / "compare_config.yaml"
+    new = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as the YAML reads them back
+    if f.exists():
+        old = yaml.safe_load(f.read_text()) or {}
+        changed = [k for k in STUDY_KEYS if k in old and old[k] != new[k]]
+        old_arms = {a["name"]: a for a in old.get("arms", [])}
+        changed += [f"arm {a['name']}" for a in new["arms"] if a["name"] in old_arms and old_arms[a["name"]] != a]
+        if changed:
+            raise CompareError(f"{cfg.dir} holds a study run with other settings ({', '.join(changed)}); fix: restore "
+                               f"them, or pass compare_dir=<a new folder> for the new study")
+        new["arms"] = list(old_arms.values()) + [a for a in new["arms"] if a["name"] not in old_arms]
+        new["seeds"] = sorted(set(old.get("seeds", [])) | set(new["seeds"]))
+    write_atomic(f, yaml.safe_dump(new, sort_keys=False))
+
+
 # ------------------------------------------------------------------ the one evaluation
 class Evaluator:
     """Holds the base model (as a Student, so trained arms load their cumulative adapter), the two
@@ -320,10 +371,16 @@ class Evaluator:
         if not (p.eval_persona_pos and p.eval_persona_neg):
             raise CompareError(f"preset '{p.name}' has no held-out eval_persona_pos/neg; fix: add them (written for "
                                "evaluation only) so arms are not judged by the reward's own context")
+        # what each cache depends on: the model, the preset's files, the settings, the labelled replies, the
+        # evaluation's own code; a cache made under another of these is not reused
+        base = dict(model=cfg.model, dtype=cfg.dtype, preset=preset_hash(cfg.preset), eval_version=EVAL_VERSION)
+        self.fp_vector = _hash(base | dict(steer=asdict(cfg.steer)))
+        self.fp_judges = _hash(base | dict(labelled=_file_hash(LABELLED)))
+        self.fp_eval = _hash(base | dict(steer=asdict(cfg.steer), eval=asdict(cfg.eval)))
         self.b = stages.build(rc, engine_seed=0)
         self.preset = p = self.b.preset
         self.student, self.tok, self.engine = self.b.student, self.b.tok, self.b.engine
-        self.users = p.eval_prompts[:cfg.eval.eval_prompts]
+        self.users = p.split(cfg.eval.split)[:cfg.eval.eval_prompts]
         self.scorer = stages.scorer(self.b)  # coherence components, the runs' own scorer
         self.heldout = heldout_scorer(self.student.model, self.tok, p, ref_ctx=self.student.base)
         self.v0, self.kappa0 = self._vector()
@@ -331,7 +388,7 @@ class Evaluator:
 
     def _vector(self) -> tuple[SteeringVector, float]:
         """The base model's vector and its iso-KL dose, computed once and cached in the compare dir."""
-        vp = self.cfg.dir / "vector_r0.safetensors"
+        vp = self.cfg.dir / f"vector_r0-{self.fp_vector}.safetensors"
         if vp.exists():
             v = SteeringVector.load(vp)
         else:
@@ -342,7 +399,7 @@ class Evaluator:
 
     def dose(self, target_kl: float, v: SteeringVector | None = None) -> float:
         """The iso-KL dose of the base vector at `target_kl` (p95 nats), cached in steer.json."""
-        sp = self.cfg.dir / "steer.json"
+        sp = self.cfg.dir / f"steer-{self.fp_vector}.json"
         cache = json.loads(sp.read_text()) if sp.exists() else {}
         by = cache.get("by_target", {})
         key = f"{float(target_kl):g}"
@@ -359,7 +416,7 @@ class Evaluator:
         """Each judge's AUROC on the project's labelled replies for this preset (cached in judges.json):
         the held-out trait_llr, the reward-context trait_llr, the projection, incoherence, verbalisation
         and refusal, each for its target label."""
-        f = self.cfg.dir / "judges.json"
+        f = self.cfg.dir / f"judges-{self.fp_judges}.json"
         if f.exists():
             return json.loads(f.read_text())
         items = load_labelled().get(self.preset.name, [])
@@ -412,7 +469,7 @@ class Evaluator:
                                steering, progress=False, read=e.mfv_read, system=system) if self.b.mfv_rows else None
         # scored under the base model with the plain prompt: the persona prompt is not part of the judge
         comp = self.scorer.components(self.users, ids, texts, which=SCORED + ["trait_projection"])
-        # incoh_ctx: under the held-out pair too (the reply's best of plain / either side), so it does not read the trait
+        # incoh_ctx: the reply's best of plain / either held-out side, so it does not read the trait
         held = self.heldout.components(self.users, ids, texts, which=["trait_llr", "incoh_ctx"])
         items = dict(trait_llr_heldout=held["trait_llr"], trait_llr_reward_ctx=comp["trait_llr"],
                      projection=comp["trait_projection"], incoh_ctx=held["incoh_ctx"], incoherence=comp["incoherence"],
@@ -477,7 +534,7 @@ def run_compare(cfg: CompareConfig, only: list[str] | None = None, train_only: b
         raise CompareError(f"--arms {only}: unknown arm(s) {sorted(set(only) - {a.name for a in cfg.arms})}; "
                            f"fix: pick from {[a.name for a in cfg.arms]}")
     cfg.dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(cfg.dir / "compare_config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
+    check_study_config(cfg)
     jobs = [(arm, seed) for arm in arms if arm.trained for seed in cfg.seeds]  # train first, each its own process
     progress = Progress(len(jobs), "trained")
     for arm, seed in jobs:
@@ -487,18 +544,26 @@ def run_compare(cfg: CompareConfig, only: list[str] | None = None, train_only: b
         return []
     ev = Evaluator(cfg)
     judges = ev.judges()
-    base = _cached_eval(cfg, ev, Arm("base", "base"), None)
+    base, _ = _cached_eval(cfg, ev, Arm("base", "base"), None)
     jobs = [(arm, seed) for arm in arms for seed in arm_seeds(cfg, arm)]
     progress = Progress(len(jobs), "evaluated")
     for arm, seed in jobs:
-        cached = load_eval(cfg, arm, seed) is not None
-        _cached_eval(cfg, ev, arm, seed)
+        _, cached = _cached_eval(cfg, ev, arm, seed)
         progress.step(arm.name + (f" seed {seed}" if seed is not None else ""), skipped=cached)
-    evals = {a.name: {s: e for s in arm_seeds(cfg, a) if (e := load_eval(cfg, a, s)) is not None} for a in cfg.arms}
-    evals = {k: v for k, v in evals.items() if v}
+    # every arm of the config with an evaluation made under today's evaluator and its own final weights
+    evals = {a.name: {s: e for s in arm_seeds(cfg, a) if (e := current_eval(cfg, ev, a, s)) is not None}
+             for a in cfg.arms}
     rows = [_row(cfg, a, s, e, base) for a in cfg.arms for s, e in evals.get(a.name, {}).items()]
-    write_report(cfg, rows, evals, base, judges)
+    write_report(cfg, rows, judges)
     return rows
+
+
+def current_eval(cfg: CompareConfig, ev: "Evaluator", arm: Arm, seed) -> dict | None:
+    try:
+        adapter = final_adapter(arm_dir(cfg, arm, seed), arm.kind) if arm.trained else None
+    except RuntimeError:  # not trained (yet)
+        return None
+    return load_eval(cfg, arm, seed, arm_fingerprint(ev.fp_eval, arm, adapter))
 
 
 class Progress:
@@ -533,24 +598,33 @@ def _eval_path(cfg: CompareConfig, arm: Arm, seed) -> Path:
     return cfg.dir / "eval" / f"{run_key(cfg, arm, seed)}.json"
 
 
-def load_eval(cfg: CompareConfig, arm: Arm, seed) -> dict | None:
+def load_eval(cfg: CompareConfig, arm: Arm, seed, fingerprint: str | None = None) -> dict | None:
+    """The arm's cached evaluation; with `fingerprint`, only one made under it (else None)."""
     f = _eval_path(cfg, arm, seed)
-    return json.loads(f.read_text()) if f.exists() else None
+    if not f.exists():
+        return None
+    res = json.loads(f.read_text())
+    return res if fingerprint is None or res.get("fingerprint") == fingerprint else None
 
 
 def _cached_eval(cfg, ev: Evaluator, arm: Arm, seed) -> dict:
-    res = load_eval(cfg, arm, seed)
-    if res is not None:
-        return res
     adapter = final_adapter(arm_dir(cfg, arm, seed), arm.kind) if arm.trained else None
-    t0 = time.perf_counter()
-    res = ev.evaluate(arm, adapter) | dict(eval_seconds=time.perf_counter() - t0)
+    fp = arm_fingerprint(ev.fp_eval, arm, adapter)
+    res = load_eval(cfg, arm, seed, fp)
+    if res is not None:
+        return res, True
     f = _eval_path(cfg, arm, seed)
+    if f.exists():  # made under other settings or weights: kept beside, never overwritten
+        stale = f.parent / "stale" / f"{f.stem}-{json.loads(f.read_text()).get('fingerprint', 'old')}.json"
+        stale.parent.mkdir(exist_ok=True)
+        os.replace(f, stale)
+    t0 = time.perf_counter()
+    res = ev.evaluate(arm, adapter) | dict(eval_seconds=time.perf_counter() - t0, fingerprint=fp)
     f.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(f, json.dumps(res))
     print(f"[compare] evaluated {arm.name}" + (f" (seed {seed})" if seed is not None else "") +
           f" in {res['eval_seconds']:.0f} s", flush=True)
-    return res
+    return res, False
 
 
 def _row(cfg, arm: Arm, seed, res: dict, base: dict) -> dict:
@@ -560,7 +634,8 @@ def _row(cfg, arm: Arm, seed, res: dict, base: dict) -> dict:
         f = arm_dir(cfg, arm, seed) / "arm_done.json"
         info = json.loads(f.read_text()) if f.exists() else {}
     row = dict(arm=arm.name, kind=arm.kind, control=arm.control, placebo_of=arm.placebo_of, seed=seed,
-               engine=str(_arm_setting(arm, "engine", "hf")) if arm.trained else "",  # rollouts: hf | vllm
+               # what the arm ran with, from its own record (arm_done.json), not from today's config
+               engine=info.get("engine", "?") if arm.trained else "", doses=info.get("doses"),
                gen_tokens=info.get("gen_tokens", 0), seconds=info.get("seconds", 0.0),
                **{k: v for k, v in res.items() if k not in ("texts", "prompts", "items")})
     for k in ("trait_nats", "trait_llr_heldout", "incoherence"):
@@ -586,12 +661,37 @@ def trajectory(d: Path, kind: str) -> list[dict]:
                  y=r.get(y_key, float("nan")), gen_tokens=r.get("gen_tokens", 0)) for r in rows]
 
 
-def write_report(cfg: CompareConfig, rows: list[dict], evals: dict, base: dict, judges: dict) -> None:
-    d = cfg.dir
+def _rounded(x, sig: int = 6):
+    """Per-item values at 6 significant digits: the committed study files stay small; NaN stays NaN."""
+    if isinstance(x, list):
+        return [_rounded(v, sig) for v in x]
+    return float(f"{x:.{sig}g}") if isinstance(x, float) and math.isfinite(x) else x
+
+
+def write_report(cfg: CompareConfig, rows: list[dict], judges: dict, d: Path | None = None) -> None:
+    """compare.jsonl (every arm x seed with its per-item values) and judges.json, the report's only inputs, then
+    the report from them: `steer-heal compare --report-only DIR` rebuilds it from those two files alone."""
+    d = d or cfg.dir
     with open(d / "compare.jsonl.tmp", "w") as f:
         for r in rows:
-            f.write(json.dumps({k: v for k, v in r.items() if k not in ("texts", "prompts", "items")}) + "\n")
+            row = {k: v for k, v in r.items() if k not in ("texts", "prompts")}
+            row["items"] = {k: _rounded(v) for k, v in r.get("items", {}).items()}
+            f.write(json.dumps(row) + "\n")
     os.replace(d / "compare.jsonl.tmp", d / "compare.jsonl")
+    write_atomic(d / "judges.json", json.dumps(judges, indent=1))
+    report_from(cfg, d)
+    if any(r.get("texts") for r in rows):
+        answers_page(d, rows)
+
+
+def report_from(cfg: CompareConfig, d: Path) -> Report:
+    """The report (compare.md, verdicts.json, dose sweep, drift, frontier) from d/compare.jsonl and d/judges.json."""
+    if not (d / "compare.jsonl").exists():
+        raise CompareError(f"{d} has no compare.jsonl; fix: pass the folder of a finished study (or its committed "
+                           "copy under docs/studies/)")
+    rows = [json.loads(x) for x in (d / "compare.jsonl").read_text().splitlines() if x.strip()]
+    judges = json.loads((d / "judges.json").read_text()) if (d / "judges.json").exists() else {}
+    evals = {r["arm"] for r in rows}
     arms = [a for a in cfg.arms if a.name in evals]
     rep = Report(cfg.name, cfg.model, cfg.preset, cfg.budget_tokens, arms, rows, load_preset_axis(cfg.preset), judges,
                  cfg.pairs, cfg.n_boot, cfg.min_auroc, cfg.primary)
@@ -609,4 +709,4 @@ def write_report(cfg: CompareConfig, rows: list[dict], evals: dict, base: dict, 
     print(rep.summary_markdown(), flush=True)
     print("\n".join(v["line"] for v in rep.verdicts()), flush=True)
     rep.frontier(d)
-    answers_page(d, rows)
+    return rep

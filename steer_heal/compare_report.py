@@ -195,14 +195,18 @@ class Report:
         """The primary family (declared in the config; Holm-adjusted), then one exploratory line per (arm, reference,
         measure): the difference, its interval, p, and better | worse | not distinguishable. A judge under
         min_auroc is listed but gives no verdict; a trained side under 3 seeds gives none either."""
-        prim = [(a, b, m) for a, b, m in self.primary if a in self.by_arm and b in self.by_arm]
+        # the family is every declared question: one not evaluated yet (or without a usable p) counts as p = 1, so
+        # the adjustment never shrinks because part of the study has not run
+        prim = [tuple(q) for q in self.primary]
         roles = {(a, b): role for a, b, role in self.questions()}
-        ds = [self.diff(a, b, m) for a, b, m in prim]
-        adj = stats.holm([d.p() if d is not None and self.trusted(m) and not 0 < d.n_seeds < stats.MIN_SEEDS
-                          else float("nan") for d, (_, _, m) in zip(ds, prim)])
+        ds = [self.diff(a, b, m) if a in self.by_arm and b in self.by_arm else None for a, b, m in prim]
+        ps = [d.p() if d is not None and self.trusted(m) and not 0 < d.n_seeds < stats.MIN_SEEDS else 1.0
+              for d, (_, _, m) in zip(ds, prim)]
+        adj = stats.holm([p if math.isfinite(p) else 1.0 for p in ps])
         out = [self._line(a, b, roles.get((a, b), "primary"), m, d, "primary", p_holm)
                for (a, b, m), d, p_holm in zip(prim, ds, adj) if d is not None]
         declared = set(prim)
+        self.family_size = len(prim)
         for a, b, role in self.questions():
             for m in VERDICT_MEASURES:
                 d = self.diff(a, b, m)

@@ -108,6 +108,8 @@ class HealConfig:
 @dataclass
 class EvalConfig:
     eval_prompts: int = setting(8, "the preset's fixed prompts answered greedily at each round / bake")
+    split: str = setting("dev", "which held-out prompts: dev (a run's own evaluations; for choosing settings) | test "
+                                "(the comparison's verdicts; never used to choose anything)")
     eval_max_new_tokens: int = setting(48, "tokens per fixed-prompt answer")
     mfv: bool = setting(True, "moral-foundations forced-choice evaluation (tinymfv protocol)")
     mfv_dir: str = setting("", "vignettes in the hub layout of wassname/tiny-mfv; default $STEER_HEAL_MFV_DIR, then "

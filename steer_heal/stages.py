@@ -151,7 +151,7 @@ def student_eval(b: Built, sc: Scorer, steering: Steering | None = None, base: b
                  desc: str | None = None, heldout: Scorer | None = None) -> dict:
     """Greedy answers to the preset's fixed prompts of the base, the steered or the baked student."""
     e = b.cfg.eval
-    users = b.preset.eval_prompts[:e.eval_prompts]
+    users = b.preset.split(e.split)[:e.eval_prompts]
     if base:
         # an engine with its own weight copy holds the base model only before the first bake
         eng = b.engine if b.student.n_bakes == 0 else HFEngine(b.student.model, b.tok, b.cfg.gen.batch_size)

@@ -7,6 +7,7 @@ import pytest
 from steer_heal.cli import main
 from steer_heal.config import ConfigError, load_config
 from steer_heal.models import ModelLoadError, resolve_model_path
+from steer_heal.presets import available, load_preset
 
 
 def test_unknown_model_offline():
@@ -133,3 +134,20 @@ def test_every_shipped_config_loads():
         p = load_preset(name)
         assert len(set(p.contexts)) >= 128 and len(set(p.prompts)) >= 32 and p.eval_prompts
         assert not set(p.eval_prompts) & set(p.prompts)  # fixed eval prompts are never trained on
+
+
+@pytest.mark.parametrize("name", available())
+def test_eval_prompts_are_no_near_copies_of_what_runs_see(name):
+    """Every dev and test prompt stays under the topic-word overlap threshold with every extraction context,
+    training prompt and persona demonstration; test has >= 32 prompts and shares none with dev."""
+    from steer_heal.presets import NEAR_DUPLICATE, near_duplicates, overlap
+
+    p = load_preset(name)
+    assert near_duplicates(p) == []
+    assert len(set(p.test_prompts)) >= 32 and not set(p.test_prompts) & set(p.dev_prompts)
+    assert max(overlap(t, d) for t in p.test_prompts for d in p.dev_prompts) < NEAR_DUPLICATE
+    # the measure itself: a known near copy from an earlier prompt set is caught, two topics are not
+    assert overlap("Describe the crowd leaving a football match.", "Describe the crowd at a football match.") >= 0.35
+    assert overlap("How do you feel about strangers?", "How do you feel about children?") == 0.0
+    with pytest.raises(ValueError, match="fix: dev or test"):
+        p.split("train")

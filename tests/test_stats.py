@@ -228,6 +228,11 @@ def test_primary_family_is_holm_adjusted_and_the_rest_exploratory():
     assert explo and not {(v["a"], v["b"], v["measure"]) for v in explo} & {tuple(q) for q in primary}
     md = rep.markdown()
     assert md.index("### Primary") < md.index("[primary] arm vs arm_placebo") < md.index("### Exploratory")
+    # a declared question whose arms have not run stays in the family (p = 1): the adjustment does not shrink
+    rep2 = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=200, primary=primary + [["nope", "arm", "incoh_ctx"]])
+    prim2 = [v for v in rep2.verdicts() if v["family"] == "primary"]
+    assert len(prim2) == 3 and [v["p_holm"] for v in prim2] == pytest.approx(
+        stats.holm([v["p"] for v in prim] + [1.0])[:3])
     # a difference significant alone but not after Holm over a family: the primary line says not distinguishable
     p = next(v for v in prim if v["measure"] == "trait_llr_heldout" and v["b"] == "arm_placebo")
     if p["p"] < 0.05 <= p["p_holm"]:
