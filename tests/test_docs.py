@@ -1,0 +1,84 @@
+"""The docs: every relative link and image resolves, the README stays short, study numbers are generated
+from committed files (and those files rebuild the same report), and the CLI answers without torch."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _targets(md: Path):
+    for m in LINK.finditer(md.read_text()):
+        t = m.group(1)
+        if not re.match(r"[a-z]+:", t) and not t.startswith("#"):
+            yield t.split("#")[0]
+
+
+@pytest.mark.parametrize("md", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_and_image_resolves(md):
+    missing = [t for t in _targets(md) if not (md.parent / t).exists()]
+    assert not missing, f"{md.relative_to(ROOT)}: {missing}"
+
+
+def test_link_checker_sees_links_and_images():
+    text = "see [a](docs/x.md#s) and ![f](img.png) and [w](https://example.org) and [h](#top)"
+    assert [m.group(1) for m in LINK.finditer(text)] == ["docs/x.md#s", "img.png", "https://example.org", "#top"]
+
+
+def test_readme_is_short_and_names_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 300
+    assert "make demo" in text and "make test" in text and "docs/design.md" in text
+
+
+def test_study_numbers_are_generated_not_typed():
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        import study_readme
+    finally:
+        sys.path.pop(0)
+    assert study_readme.main(["--check"]) == 0  # README and study pages equal what the committed files give
+    for study in study_readme.STUDIES:
+        if (ROOT / "docs/studies" / study / "verdicts.json").exists():
+            block = study_readme.readme_block(study)
+            assert all(line in block for line in study_readme.primary_lines(study))
+
+
+@pytest.mark.parametrize("study", sorted(p.parent.name for p in (ROOT / "docs/studies").glob("*/compare.jsonl")))
+def test_committed_study_report_rebuilds_from_its_files(study, tmp_path):
+    """`--report-only` on a copy of the study's compare.jsonl and judges.json writes the committed report."""
+    from steer_heal.compare import load_compare, report_from
+
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        import study_readme
+    finally:
+        sys.path.pop(0)
+    src = ROOT / "docs/studies" / study
+    for f in ("compare.jsonl", "judges.json"):
+        (tmp_path / f).write_text((src / f).read_text())
+    report_from(load_compare(str(ROOT / study_readme.STUDIES[study])), tmp_path)
+    assert (tmp_path / "compare.md").read_text() == (src / "compare.md").read_text()
+    assert json.loads((tmp_path / "verdicts.json").read_text(), parse_constant=str) == json.loads(
+        (src / "verdicts.json").read_text(), parse_constant=str)
+    fam = {v["family"] for v in json.loads((src / "verdicts.json").read_text())}
+    assert fam <= {"primary", "exploratory"} and "primary" in fam  # the study declared its primary questions
+
+
+def test_cli_help_and_version_answer_without_torch():
+    code = ("import sys; from steer_heal.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout
+    assert out.strip().endswith("NO-TORCH")
+    for cmd in ("run", "export", "eval", "score", "compare"):
+        assert re.search(rf"^\s+{cmd}\s+\S", out, re.M), cmd  # the description names every subcommand
+    ver = subprocess.run([sys.executable, "-m", "steer_heal.cli", "--version"], capture_output=True, text=True,
+                         cwd=ROOT).stdout
+    assert re.match(r"steer-heal \d+\.\d+\.\d+", ver)
