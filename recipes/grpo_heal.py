@@ -33,8 +33,11 @@ def _main() -> int:
                          "fix: set kl_beta instead")
     run = OnlineRun(from_flat(flat), args)
     run.setup(args.resume_from_checkpoint)
-    trainer = run.trainer()
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if run.finished:
+        print(f"{args.resume_from_checkpoint}: the run had reached budget_tokens at this bake; nothing left to train")
+    else:
+        trainer = run.trainer()
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if run.cfg.online.dump_rank_weights:
         run.dump_rank_weights()
     if run.main:

@@ -342,6 +342,14 @@ def arm_fingerprint(ev_fp: str, arm: "Arm", adapter: Path | None) -> str:
 STUDY_KEYS = ("model", "preset", "budget_tokens", "dtype", "steer", "eval")
 
 
+TESTING_KNOBS = ("stop_after_step", "dump_rank_weights", "debug_nan_step")  # not in a run's fingerprint either
+
+
+def _results_part(arm: dict) -> dict:
+    """An arm's definition less the testing knobs (a run stopped on purpose resumes under the same study)."""
+    return arm | dict(overrides={k: v for k, v in (arm.get("overrides") or {}).items() if k not in TESTING_KNOBS})
+
+
 def check_study_config(cfg: "CompareConfig") -> None:
     """Refuse a config that changed what the study's finished results mean; write the merged config otherwise."""
     f = cfg.dir / "compare_config.yaml"
@@ -350,7 +358,8 @@ def check_study_config(cfg: "CompareConfig") -> None:
         old = yaml.safe_load(f.read_text()) or {}
         changed = [k for k in STUDY_KEYS if k in old and old[k] != new[k]]
         old_arms = {a["name"]: a for a in old.get("arms", [])}
-        changed += [f"arm {a['name']}" for a in new["arms"] if a["name"] in old_arms and old_arms[a["name"]] != a]
+        changed += [f"arm {a['name']}" for a in new["arms"]
+                    if a["name"] in old_arms and _results_part(old_arms[a["name"]]) != _results_part(a)]
         if changed:
             raise CompareError(f"{cfg.dir} holds a study run with other settings ({', '.join(changed)}); fix: restore "
                                f"them, or pass compare_dir=<a new folder> for the new study")

@@ -3,6 +3,7 @@ budget, are evaluated by one function, resume, and are judged by a context the r
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -93,6 +94,43 @@ def test_comparison_controls_sweep_intervals_budget_and_resume(tiny_dir, mfv_dir
     assert main(["compare", "--config", str(path), "budget_tokens=999", "--arms", "base"]) == 2
     assert (d / "frontier.png").exists() and "<canvas" in (d / "frontier.html").read_text()
     assert "prompt" in (d / "answers.html").read_text()
+
+
+@pytest.mark.slow
+def test_an_arm_killed_mid_run_resumes_to_the_uninterrupted_result(tiny_dir, mfv_dir, tmp_path):
+    """An online arm stopped right after its first checkpoint (no evaluation cached anywhere), then resumed by the
+    same command, ends with the same bakes and the same final evaluation as an arm that ran straight through."""
+    from steer_heal.cli import main
+
+    def cfg(d, budget=100, **ov):  # 64 generated tokens per bake: budget 100 ends at the second bake
+        return _config(tmp_path / d, tiny_dir, budget=budget, seeds=[1], pairs=[], arms=[
+            dict(name="base", kind="base"),
+            dict(name="online", kind="online", config=str(ROOT / "recipes/configs/grpo_smoke.yaml"),
+                 overrides=dict(bake_every=2) | ov)])
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert main(["compare", "--config", str(cfg("a"))]) == 0
+    assert main(["compare", "--config", str(cfg("b", stop_after_step=2))]) == 2  # the arm exits mid-run
+    b = tmp_path / "b" / "cmp"
+    assert not (b / "eval").exists() and not (b / "online-s1" / "arm_done.json").exists()
+    assert (b / "online-s1" / "checkpoint-2").exists()
+    assert main(["compare", "--config", str(cfg("b"))]) == 0  # the same study: resumes from checkpoint-2
+    a = tmp_path / "a" / "cmp"
+    bakes = [[json.loads(x) for x in (d / "online-s1" / "bakes.jsonl").read_text().splitlines()] for d in (a, b)]
+    assert [r["bake"] for r in bakes[1]] == [r["bake"] for r in bakes[0]] and len(bakes[0]) >= 2
+    ea, eb = (json.loads((d / "eval" / "online-s1.json").read_text()) for d in (a, b))
+    assert eb["texts"] == ea["texts"]
+    for k, v in ea["items"].items():
+        np.testing.assert_allclose(np.array(eb["items"][k], float), np.array(v, float), rtol=1e-4, atol=1e-6,
+                                   equal_nan=True, err_msg=k)
+    # killed right after the checkpoint of the bake that reached the budget: the resume trains nothing more
+    (tmp_path / "c").mkdir()
+    assert main(["compare", "--config", str(cfg("c", budget=60, stop_after_step=2))]) == 2
+    assert main(["compare", "--config", str(cfg("c", budget=60))]) == 0
+    c = tmp_path / "c" / "cmp" / "online-s1"
+    assert [json.loads(x)["bake"] for x in (c / "bakes.jsonl").read_text().splitlines()] == [0]
+    assert "nothing left to train" in (c / "train.log").read_text()
 
 
 @pytest.mark.slow

@@ -122,6 +122,7 @@ class OnlineRun:
         self.v0 = None
         self.base: dict = {}
         self.pending_row: dict | None = None  # a bake's row, completed with its step's logs in on_log
+        self.finished = False  # set by setup: a resumed run whose budget was already reached
 
     @property
     def student(self):
@@ -160,6 +161,10 @@ class OnlineRun:
             if self.main:
                 self.rd.truncate_rows(lambda r: r["step"] <= step)  # rows past the checkpoint are redone
             self.event("resume", checkpoint=str(resume_from), step=step, bakes=meta["n_bakes"])
+            budget = self.cfg.budget_tokens
+            # killed after the checkpoint of the bake that reached the budget: the run was done, nothing to train
+            self.finished = bool(budget and self.state.gen_tokens >= budget and meta["n_bakes"]
+                                 and step % self.cfg.online.bake_every == 0)
         else:
             if self.main and self.rd.rows():
                 raise RunDirError(f"run directory '{self.rd.path}' already holds bakes; fix: pass "
