@@ -36,7 +36,8 @@ def readme_block(study: str) -> str:
     lines = primary_lines(study)
     body = "\n".join(f"    {x}" for x in lines) if lines else "    (no primary question declared)"
     return (f"Primary verdicts of `{study}` (declared before the run, Holm-adjusted; generated from "
-            f"[docs/studies/{study}/verdicts.json](docs/studies/{study}/verdicts.json) by `recipes/study_readme.py`):\n\n"
+            f"[docs/studies/{study}/verdicts.json](docs/studies/{study}/verdicts.json) by "
+            "`recipes/study_readme.py`):\n\n"
             f"{body}\n\n{n_expl} exploratory lines (unadjusted) and every arm's table: "
             f"[docs/studies/{study}/README.md](docs/studies/{study}/README.md).\n")
 
