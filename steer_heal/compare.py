@@ -312,7 +312,8 @@ def final_adapter(d: Path, kind: str) -> Path:
 
 
 # ------------------------------------------------------------------ caches and provenance
-EVAL_VERSION = 2  # bump when a measure of the evaluation changes (2: incoh_ctx, the dev/test split)
+EVAL_VERSION = 3  # bump when a measure of the evaluation changes (2: incoh_ctx, dev/test split; 3: capability)
+CAPABILITY = Path(__file__).parent / "evals" / "capability.yaml"
 
 
 def _hash(d) -> str:
@@ -382,7 +383,8 @@ class Evaluator:
                                "evaluation only) so arms are not judged by the reward's own context")
         # what each cache depends on: the model, the preset's files, the settings, the labelled replies, the
         # evaluation's own code; a cache made under another of these is not reused
-        base = dict(model=cfg.model, dtype=cfg.dtype, preset=preset_hash(cfg.preset), eval_version=EVAL_VERSION)
+        base = dict(model=cfg.model, dtype=cfg.dtype, preset=preset_hash(cfg.preset), eval_version=EVAL_VERSION,
+                    capability=_file_hash(CAPABILITY))
         self.fp_vector = _hash(base | dict(steer=asdict(cfg.steer)))
         self.fp_judges = _hash(base | dict(labelled=_file_hash(LABELLED)))
         self.fp_eval = _hash(base | dict(steer=asdict(cfg.steer), eval=asdict(cfg.eval)))
@@ -393,6 +395,9 @@ class Evaluator:
         self.scorer = stages.scorer(self.b)  # coherence components, the runs' own scorer
         self.heldout = heldout_scorer(self.student.model, self.tok, p, ref_ctx=self.student.base)
         self.v0, self.kappa0 = self._vector()
+        cap = yaml.safe_load(CAPABILITY.read_text())["items"]
+        self.cap_q = [x["q"] for x in cap]
+        self.cap_a = [self.tok(x["a"], add_special_tokens=False).input_ids + [self.tok.eos_token_id] for x in cap]
         self.scorer.vector = self.v0
 
     def _vector(self) -> tuple[SteeringVector, float]:
@@ -474,6 +479,10 @@ class Evaluator:
             kl = kl_to_base(self.student, self.tok, [r.prompt_ids for r in ro], ids,
                             [encode_prompt(self.tok, render_prompt(self.tok, u)) for u in self.users], steering)
             e = self.cfg.eval
+            # capability next to trait: neutral reference answers, teacher-forced (NLL, and KL to base there)
+            cap = kl_to_base(self.student, self.tok, [encode_prompt(self.tok, render_prompt(self.tok, q, system=system))
+                                                      for q in self.cap_q], self.cap_a,
+                             [encode_prompt(self.tok, render_prompt(self.tok, q)) for q in self.cap_q], steering)
             mfv = evaluate_mfv(self.student.model, self.tok, self.b.mfv_rows, e.think_tokens, e.mfv_batch_size,
                                steering, progress=False, read=e.mfv_read, system=system) if self.b.mfv_rows else None
         # scored under the base model with the plain prompt: the persona prompt is not part of the judge
@@ -485,7 +494,7 @@ class Evaluator:
                      tail_nll=comp["tail_nll"],
                      repetition=comp["repetition"], coherent=[float(c) for c in self.scorer.coherent(comp)],
                      verbalisation=comp["verbalisation"], refusal=comp["refusal"], kl_rmse=kl["rmse"],
-                     kl_mean=kl["mean"])
+                     kl_mean=kl["mean"], cap_nll=cap["nll"], cap_kl=cap["mean"])
         items = {k: [_finite(x) for x in v] for k, v in items.items()}
         out = {k: nanmean(v) for k, v in items.items()} | extra
         if mfv is not None:
@@ -506,11 +515,11 @@ def _finite(x: float) -> float:
 @torch.no_grad()
 def kl_to_base(student, tok, prompt_ids, completion_ids, base_prompt_ids, steering) -> dict:
     """Per-sequence rmse and mean over completion positions of the exact KL(student || base), where
-    the student reads its own prompt (persona prompt, steering) and the base the plain one; NaN for
-    an empty answer."""
+    the student reads its own prompt (persona prompt, steering) and the base the plain one, and the
+    student's mean NLL of the completion tokens; NaN for an empty answer."""
     model = student.model
     n_all = len(completion_ids)
-    out = dict(rmse=[float("nan")] * n_all, mean=[float("nan")] * n_all)
+    out = dict(rmse=[float("nan")] * n_all, mean=[float("nan")] * n_all, nll=[float("nan")] * n_all)
     keep = [i for i, c in enumerate(completion_ids) if c]
     if not keep:
         return out
@@ -525,11 +534,13 @@ def kl_to_base(student, tok, prompt_ids, completion_ids, base_prompt_ids, steeri
     with student.base():
         h_b = final_hidden(model, b.input_ids, b.attention_mask)[bb, sb]
     vocab = causal_lm(model).get_output_embeddings().weight.shape[0]
-    kl, _ = chunked_kl_and_logp(h_s, h_b, tgt, lambda x: lm_logits(model, x), auto_chunk(vocab))
+    kl, lp = chunked_kl_and_logp(h_s, h_b, tgt, lambda x: lm_logits(model, x), auto_chunk(vocab))
     n = len(keep)
     for agg in ("rmse", "mean"):
         for i, x in zip(keep, aggregate(kl, ba, n, agg).tolist()):
             out[agg][i] = float(x)
+    for i, x in zip(keep, aggregate(-lp.float(), ba, n, "mean").tolist()):  # the student's NLL of the tokens
+        out["nll"][i] = float(x)
     return out
 
 

@@ -48,11 +48,14 @@ MEASURES = [
     Measure("refusal", "refus", "refusal", higher_is_better=False, fmt="{:.2f}"),
     Measure("kl_rmse", "kl_rmse", "kl_rmse", higher_is_better=None, fmt="{:.3f}"),
     Measure("kl_mean", "kl_mean", "kl_mean", higher_is_better=None, fmt="{:.3f}"),
+    Measure("cap_nll", "cap_nll", "cap_nll", higher_is_better=False, fmt="{:.3f}"),
+    Measure("cap_kl", "cap_kl", "cap_kl", higher_is_better=None, fmt="{:.4f}"),
 ]
 BY_NAME = {m.name: m for m in MEASURES}
 TABLE = ["trait_nats", "trait_nats_answering", "pmass", "trait_llr_heldout", "projection", "incoh_ctx", "incoherence",
-         "coherent", "repetition", "verbalisation", "kl_rmse"]
-DIFFS = ["trait_nats", "trait_nats_answering", "pmass", "trait_llr_heldout", "incoh_ctx", "incoherence", "coherent"]
+         "coherent", "repetition", "verbalisation", "kl_rmse", "cap_nll", "cap_kl"]
+DIFFS = ["trait_nats", "trait_nats_answering", "pmass", "trait_llr_heldout", "incoh_ctx", "incoherence", "coherent",
+         "cap_nll"]
 # trait (instrument, judge) and coherence: incoh_ctx, which does not read the trait (incoherence, scored under the
 # base model with the plain prompt, is kept as a distance from base)
 VERDICT_MEASURES = ["trait_nats", "trait_llr_heldout", "incoh_ctx"]
@@ -289,7 +292,9 @@ class Report:
             "incoh_ctx: incoherence that does not read the trait (tail NLL under the base model, the lowest over the "
             "plain prompt and the held-out positive and negative persona contexts, + loop penalty; nats); dist_base: "
             "the same under the plain prompt only (a distance from base as much as incoherence); coh: coherent "
-            "fraction; kl_*: KL(arm || base) on its greedy answers.\n",
+            "fraction; kl_*: KL(arm || base) on its greedy answers; cap_nll: mean NLL (nats/token) of 24 neutral "
+            "reference answers (steer_heal/evals/capability.yaml, no arm trains on them), cap_kl: KL(arm || base) "
+            "on those tokens (capability next to trait).\n",
             "## Arms (mean over seeds, 95% interval)\n", self.summary_markdown(),
             "## Paired differences (arm - reference, 95% interval)\n", self.diffs_markdown(),
             "## Verdicts\n", MULTIPLICITY_NOTE + "\n",

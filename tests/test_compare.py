@@ -49,6 +49,9 @@ def test_comparison_controls_sweep_intervals_budget_and_resume(tiny_dir, mfv_dir
     assert rows[("base", None)]["d_trait_nats"] == 0.0 and rows[("base", None)]["kl_rmse"] < 1e-3
     assert rows[("iter", 1)]["engine"] == "hf" and rows[("base", None)]["engine"] == ""  # the arm's rollout engine
     assert rows[("prompt", None)]["kl_rmse"] > 1e-3  # the persona prompt moves the distribution
+    # capability next to trait: base against itself is at KL 0 on the neutral answers; the prompt moves it
+    assert rows[("base", None)]["cap_kl"] < 1e-5 < rows[("prompt", None)]["cap_kl"]
+    assert rows[("base", None)]["cap_nll"] > 0 and "cap_nll" in (d / "compare.md").read_text()
     # the sweep: a larger iso-KL target gives a larger dose and a larger KL to base
     lo, hi = rows[("steer_lo", None)], rows[("steer_hi", None)]
     assert lo["target_kl"] == 0.05 and hi["target_kl"] == 1.0 and lo["kappa"] < hi["kappa"]
@@ -234,3 +237,41 @@ def test_shipped_studies_load_and_every_arm_parses():
                 args[1] = str(ROOT / args[1])
                 oc, ga = TrlParser((OnlineConfig, GRPOConfig)).parse_args_and_config(args=args)
                 assert oc.budget_tokens == cfg.budget_tokens and ga.save_steps == oc.bake_every
+
+
+def test_kl_to_base_and_capability_nll_equal_a_float64_loop(tiny):
+    """The evaluation's per-sequence KL(student || base) (mean and rmse over positions) and the student's NLL of the
+    tokens (the capability measure), against a plain forward per sequence in float64; the student reads a persona
+    system prompt, the base the plain prompt."""
+    import math
+
+    import torch
+
+    from steer_heal.chat import encode_prompt, render_prompt
+    from steer_heal.compare import kl_to_base
+    from steer_heal.student import Student
+
+    tok = tiny.tokenizer
+    st = Student(tiny.model, tok, r=4, alpha=8, band=(0.0, 1.0))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in st.layers.values():
+            m.lora_B["default"].weight.copy_(torch.randn(m.lora_B["default"].weight.shape, generator=g) * 0.3)
+    qs = ["why is the sky blue?", "what is a prime number?"]
+    ans = [tok(" light scatters in the air", add_special_tokens=False).input_ids + [tok.eos_token_id],
+           tok(" a number with two divisors", add_special_tokens=False).input_ids, []]
+    sp = [encode_prompt(tok, render_prompt(tok, q, system="You are terse.")) for q in qs] + [[1, 2]]
+    bp = [encode_prompt(tok, render_prompt(tok, q)) for q in qs] + [[1, 2]]
+    out = kl_to_base(st, tok, sp, ans, bp, None)
+    assert all(math.isnan(out[k][2]) for k in ("rmse", "mean", "nll"))  # an empty answer: NaN, skipped by means
+    for i in range(2):
+        with torch.no_grad():
+            ls = st.model(torch.tensor([sp[i] + ans[i]])).logits[0, len(sp[i]) - 1:-1].double().log_softmax(-1)
+            with st.base():
+                lb = st.model(torch.tensor([bp[i] + ans[i]])).logits[0, len(bp[i]) - 1:-1].double().log_softmax(-1)
+        kl = (ls.exp() * (ls - lb)).sum(-1)
+        nll = -ls[torch.arange(len(ans[i])), torch.tensor(ans[i])]
+        assert out["mean"][i] == pytest.approx(float(kl.mean()), rel=1e-4, abs=1e-6)
+        assert out["rmse"][i] == pytest.approx(float((kl.pow(2).mean() + 1e-8).sqrt()), rel=1e-4, abs=1e-6)
+        assert out["nll"][i] == pytest.approx(float(nll.mean()), rel=1e-4)
+        assert out["mean"][i] > 1e-4  # the adapter and the system prompt move the distribution
