@@ -132,6 +132,9 @@ class OnlineSection:
                                           "policy loss) | full (exact full-vocabulary KL(student || teacher) per "
                                           "position)", (ONLINE,))
     bake_every: int = setting(4, "optimizer steps between bakes", (ONLINE,))
+    rollout_alphas: list[float] = setting([], "multi-strength rollouts: rollout j of each group is generated at "
+                                              "rollout_alphas[j % len] x kappa (like the iterative loop's alphas); "
+                                              "empty: every rollout at kappa", (ONLINE,))
     seed_prompts: int = setting(0, "prompts of the preset in the dataset; 0: all", (ONLINE,))
     dump_rank_weights: bool = setting(False, "testing: each rank writes its LoRA, history and logits at the end",
                                       (ONLINE,))

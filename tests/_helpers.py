@@ -39,3 +39,33 @@ def rmse_kl_penalty(model, ref_ctx, prompt_ids, prompt_mask, completion_ids, com
     kl, _ = chunked_kl_and_logp(h, h_ref, tgt, lambda x: lm_logits(model, x), chunk or auto_chunk(vocab), reverse)
     D = aggregate(kl, b, ids.shape[0], agg)
     return beta * barrier(D, tau).mean(), D, kl
+
+
+def multi_strength_check(eng, st, v, tok, kappa=3.0, alphas=(0.5, 2.0)):
+    """rollout_alphas: rollout j of each group of 2 gets alphas[j] x kappa; each rollout equals that prompt generated
+    alone at that dose; the doses are returned and logged."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from steer_heal.chat import render_prompt
+    from steer_heal.engine import Sampling
+    from steer_heal.grpo.rollout import SteerState, make_rollout_func
+    from steer_heal.steering import Steering
+
+    logged = []
+    fn = make_rollout_func(eng, st, SteerState(v, kappa), max_new_tokens=8, temperature=0.0, alphas=list(alphas),
+                           log=lambda ev, **kw: logged.append((ev, kw)))
+    trainer = SimpleNamespace(state=SimpleNamespace(global_step=3), num_generations=2,
+                              accelerator=SimpleNamespace(process_index=0, device="cpu"))
+    users = ["hi", "hi", "tell me a story", "tell me a story"]
+    out = fn([[{"role": "user", "content": u}] for u in users], trainer)
+    want = [alphas[0] * kappa, alphas[1] * kappa] * 2
+    assert out["dose"] == pytest.approx(want) and fn.doses == pytest.approx(want)
+    assert logged == [("rollout_doses", dict(step=3, doses=pytest.approx(want)))]
+    with st.live_off():
+        for u, d, c in zip(users, want, out["completion_ids"]):
+            alone = eng.generate([render_prompt(tok, u)], Steering(v, d), Sampling(max_new_tokens=8, temperature=0.0))
+            assert c == alone[0].completion_ids, (u, d)
+    assert out["logprobs"][0] != pytest.approx(out["logprobs"][1], abs=1e-3)  # the two strengths really differ
+    return out

@@ -6,9 +6,10 @@ import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from _helpers import (
-    rmse_kl_penalty,  # noqa: E402
-    trl_batch,  # noqa: E402
+from _helpers import (  # noqa: E402
+    multi_strength_check,
+    rmse_kl_penalty,
+    trl_batch,
 )
 
 from steer_heal.chat import encode_prompt, render_prompt  # noqa: E402
@@ -165,3 +166,28 @@ def test_two_grpo_steps_on_tiny_model(tiny, tmp_path):
     assert moved > 0
     logged = {k for row in tr.state.log_history for k in row}
     assert {"kl_rmse", "kl_mean", "barrier_active_frac", "rewards/trait_llr/mean", "rewards/incoherence/mean"} <= logged
+
+
+def test_multi_strength_rollouts_get_the_dose_asked_for_hf(tiny):
+    from steer_heal.engine import HFEngine
+    from steer_heal.steering import extract_vector
+
+    st = _student(tiny)
+    st.bake()
+    tok = tiny.tokenizer
+    v = extract_vector(st.model, tok, "You are kind.", "You are cruel.", ["hi", "tell me a story", "why?"], [0, 1])
+    multi_strength_check(HFEngine(st.model, tok), st, v, tok, kappa=3.0, alphas=(0.5, 3.0))
+
+
+def test_rollout_alphas_refused_where_they_mean_nothing():
+    from types import SimpleNamespace
+
+    from steer_heal.config import RunConfig
+    from steer_heal.grpo.online import check_online_config
+    from steer_heal.grpo.trainer import OnlineConfigError
+
+    for objective, control, alphas in (("opd", "", [1.0, 2.0]), ("nll", "placebo", [1.0]), ("nll", "", [0.0, 1.0])):
+        cfg = RunConfig(control=control)
+        cfg.online.objective, cfg.online.rollout_alphas = objective, alphas
+        with pytest.raises(OnlineConfigError, match="fix: remove rollout_alphas"):
+            check_online_config(cfg, SimpleNamespace(use_vllm=False))

@@ -270,3 +270,19 @@ def test_grpo_recipe_with_vllm_engine(tiny_dir, mfv_dir, tmp_path):
     assert [e["bakes"] for e in pushes] == [1, 2] and all(e["engine"] == "vllm" for e in pushes)
     # after each push the engine's greedy output equals the HF baked student's (checked in the run)
     assert all(e["greedy_match"] == e["n"] for e in pushes), pushes
+
+
+def test_multi_strength_rollouts_get_the_dose_asked_for_vllm(tiny_dir):
+    """rollout_alphas on the vLLM engine: each rollout equals its prompt generated alone at its own dose."""
+    from _helpers import multi_strength_check
+
+    from steer_heal.models import load_model
+
+    lm = load_model(str(tiny_dir["llama"]), dtype="float32", device="cpu")
+    st = Student(lm.model, lm.tokenizer, r=4, alpha=8, band=(0.0, 1.0))  # live LoRA at B = 0: the engine's weights
+    v = SteeringVector([1], torch.randn(1, lm.model.config.hidden_size, generator=torch.Generator().manual_seed(2)))
+    eng = _engine(tiny_dir["llama"], lm.tokenizer, [1])
+    try:
+        multi_strength_check(eng, st, v, lm.tokenizer, kappa=1.0, alphas=(0.5, 3.0))
+    finally:
+        eng.close()

@@ -56,6 +56,11 @@ def check_online_config(cfg: RunConfig, grpo_args) -> None:
     if getattr(grpo_args, "use_vllm", False):
         raise OnlineConfigError("use_vllm=true would make TRL build its own unsteered vLLM; fix: set use_vllm: false "
                                 "and engine: vllm (the steered engine serves the rollouts)")
+    ra = cfg.online.rollout_alphas
+    if ra and (min(ra) <= 0 or cfg.online.objective == "opd" or cfg.control):
+        raise OnlineConfigError(f"rollout_alphas {ra} needs positive multipliers of a steered run (not opd, whose "
+                                "rollouts are the learner's own, and not a control, which is unsteered); fix: "
+                                "remove rollout_alphas or use positive values on a steered arm")
     try:
         check_control(cfg.control, cfg.online.objective)
     except ConfigError as e:
@@ -295,7 +300,8 @@ class OnlineRun:
         steering, system = stages.behaviour(self.b, self.state.steering)
         rollout = make_rollout_func(self.engine, self.student, self.state, a.max_completion_length,
                                     a.temperature, a.top_p, timers, steered=steering is not None and not on_policy,
-                                    system=system, live=on_policy)
+                                    system=system, live=on_policy, alphas=c.online.rollout_alphas,
+                                    log=self.event if self.main else None)
         h, o = c.heal, c.online
         kl = KLPenalty(h.kl_beta, h.kl_tau, h.kl_agg, h.kl_reference, h.kl_direction, h.kl_chunk_tokens)
         obj = Objective(o.objective, o.w_pg, o.w_nll, o.fused, o.opd_estimator)
