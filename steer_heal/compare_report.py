@@ -82,6 +82,19 @@ DRIFT_KEYS = {
 }
 
 
+def on_curve(x: float, X: list[float], Y: list[float]) -> float:
+    """y on the polyline (X[k], Y[k]) taken in order (the dose order), at the first segment whose x-range holds x;
+    NaN where no segment does (outside the curve: no extrapolation)."""
+    if not math.isfinite(x):
+        return float("nan")
+    for k in range(len(X) - 1):
+        a, b = X[k], X[k + 1]
+        if min(a, b) <= x <= max(a, b):
+            t = (x - a) / (b - a) if b != a else 0.0
+            return Y[k] + t * (Y[k + 1] - Y[k])
+    return float("nan")
+
+
 def load_preset_axis(preset: str) -> dict:
     return load_preset(preset).foundations
 
@@ -306,6 +319,9 @@ class Report:
         sweep = self.dose_sweep_markdown()
         if sweep:
             parts += [sweep]
+        heal = self.heal_markdown()
+        if heal:
+            parts += [heal]
         return "\n".join(parts)
 
     # ------------------------------------------------------------ dose sweep
@@ -389,6 +405,80 @@ g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
         fig.tight_layout()
         fig.savefig(d / "dose_sweep.png", dpi=120)
         plt.close(fig)
+
+    # ------------------------------------------------------------ heal gain and retention
+    def _curve(self) -> list[ArmInfo]:
+        """Raw steering's dose curve: base (dose 0), then each sweep arm by target."""
+        base = self.arm("base")
+        return ([base] if base else []) + self.sweep_arms()
+
+    def _seed_means(self, arm: str, measure: str, items=None) -> np.ndarray:
+        x = self.values(arm, measure).x
+        return stats._nanmean(x if items is None else x[:, items], -1)
+
+    def heal_gain(self, arm: str, trait: str = "trait_llr_heldout") -> stats.Interval | None:
+        """The arm's trait minus raw steering's trait at the arm's own coherence (interpolated on the dose curve of
+        base + sweep arms; NaN outside it). Interval: seed part from the per-seed gains, item part from a bootstrap
+        over items that resamples the sweep's evaluations with the arm's (the same items for all), Student's t."""
+        curve = self._curve()
+        if len(curve) < 2 or arm not in self.by_arm or any(self.values(a.name, m) is None for a in curve + [
+                self.arm(arm)] for m in (trait, self.coh)):
+            return None
+
+        def gains(items=None) -> np.ndarray:
+            X = [float(self._seed_means(a.name, self.coh, items)[0]) for a in curve]
+            Y = [float(self._seed_means(a.name, trait, items)[0]) for a in curve]
+            xs, ys = self._seed_means(arm, self.coh, items), self._seed_means(arm, trait, items)
+            return np.array([y - on_curve(x, X, Y) for x, y in zip(xs, ys)])
+
+        g = gains()
+        value = float(np.nanmean(g)) if np.isfinite(g).any() else float("nan")
+        n = self.values(arm, trait).n_items
+        rng = np.random.default_rng(0)
+        reps = np.array([np.nanmean(gains(rng.integers(0, n, n))) for _ in range(self.n_boot)])
+        ok = np.isfinite(reps)
+        S = len(g)
+        terms = [(float(np.var(g, ddof=1)) / S if S > 1 else 0.0, S - 1),
+                 (float(np.var(reps[ok], ddof=1)) if ok.sum() > 1 else float("nan"), n - 1)]
+        return stats._interval(value, terms, int((~ok).sum()), S if self.values(arm, trait).trained else 0)
+
+    def retention(self, arm: str, measure: str = "trait_llr_heldout") -> float:
+        """(arm - base) / (raw steering at the arm's realised generation dose - base): the share of raw steering's
+        effect at the dose the arm generated with that the unsteered student keeps (point estimate; NaN where
+        the dose lies outside the sweep or the arm recorded no dose)."""
+        doses = [d for r in self.by_arm.get(arm, []) for row in (r.get("doses") or []) for d in row]
+        curve = self._curve()
+        if not doses or len(curve) < 2:
+            return float("nan")
+        K = [0.0] + [float(self.by_arm[a.name][0].get("kappa") or float("nan")) for a in curve[1:]]
+        Y = [self.interval(a.name, measure).value for a in curve]
+        at = on_curve(float(np.mean(doses)), K, Y)
+        arm_v, base_v = self.interval(arm, measure).value, Y[0]
+        return (arm_v - base_v) / (at - base_v) if math.isfinite(at) and at != base_v else float("nan")
+
+    def heal_markdown(self) -> str:
+        arms = [a for a in self.arms if a.kind in ("iterative", "online")]
+        if len(self._curve()) < 2 or not arms:
+            return ""
+        lines = ["## Heal gain and retention (exploratory)\n",
+                 f"heal gain: the arm's trait_llr* minus raw steering's at the arm's own {self.coh}, on the dose curve "
+                 f"of base + {', '.join(a.name for a in self.sweep_arms())} (linear between points; '-' outside the "
+                 "curve). An arm heals where this sits above 0 with an interval that excludes 0. retention: "
+                 "(arm - base) / (raw steering at the arm's realised mean generation dose - base).\n",
+                 f"| arm | {self.coh} | trait_llr* | heal gain (trait_llr*) | realised dose (mean kappa) | retention "
+                 "trait_llr* |", "|---|---|---|---|---|---|"]
+        for a in arms:
+            hg = self.heal_gain(a.name)
+            doses = [d for r in self.by_arm[a.name] for row in (r.get("doses") or []) for d in row]
+            ret = self.retention(a.name)
+            lines.append(f"| {a.name} | {self._cell(self.interval(a.name, self.coh), BY_NAME[self.coh])} | "
+                         f"{self._cell(self.interval(a.name, 'trait_llr_heldout'), BY_NAME['trait_llr_heldout'])} | "
+                         f"{'-' if hg is None else hg.fmt()} | {np.mean(doses):.3g} | "
+                         f"{'-' if not math.isfinite(ret) else f'{ret:.2f}'} |" if doses else
+                         f"| {a.name} | {self._cell(self.interval(a.name, self.coh), BY_NAME[self.coh])} | "
+                         f"{self._cell(self.interval(a.name, 'trait_llr_heldout'), BY_NAME['trait_llr_heldout'])} | "
+                         f"{'-' if hg is None else hg.fmt()} | - | - |")
+        return "\n".join(lines) + "\n"
 
     # ------------------------------------------------------------ drift over rounds / bakes
     def drift_arms(self) -> list[ArmInfo]:

@@ -285,3 +285,38 @@ def test_drift_table_is_the_mean_over_seeds_per_round(tmp_path):
     assert (tmp_path / "drift.png").exists()
     page = (tmp_path / "drift.html").read_text()
     assert json.dumps(look["rmse_placebo"]) in page  # the canvas draws with the PNG's colours and dashes
+
+
+def test_on_curve_interpolates_in_dose_order_and_never_extrapolates():
+    from steer_heal.compare_report import on_curve
+
+    X, Y = [1.0, 2.0, 1.5], [0.0, 1.0, 2.0]  # the third dose turns back in x: the first segment holding x wins
+    assert on_curve(1.5, X, Y) == pytest.approx(0.5)
+    assert on_curve(1.75, X, Y) == pytest.approx(0.75)  # on the first segment, not the third's 2 - 0.5 * 2
+    assert math.isnan(on_curve(0.5, X, Y)) and math.isnan(on_curve(2.5, X, Y))
+
+
+def test_heal_gain_and_retention_by_hand():
+    """Base at (incoh 1, trait 0), raw steering (kappa 2) at (2, 1): an arm at incoh 1.5 with trait 0.8 sits 0.3
+    above the curve; generated at mean dose 1 (raw steering's trait there: 0.5) it keeps 0.8 / 0.5 = 1.6 of it."""
+    n = 32
+
+    def items(inc, llr, noise=0.0, s=0):
+        r = np.random.default_rng(s)
+        return dict(incoh_ctx=list(inc + r.normal(0, noise, n)), trait_llr_heldout=list(llr + r.normal(0, noise, n)))
+
+    rows = [dict(arm="base", kind="base", seed=None, items=items(1.0, 0.0)),
+            dict(arm="steer", kind="steer", seed=None, target_kl=2.0, kappa=2.0, items=items(2.0, 1.0))]
+    rows += [dict(arm="arm", kind="online", seed=s, doses=[[0.5], [1.5]], items=items(1.5, 0.8)) for s in (1, 2, 3)]
+    arms = [SimpleArm("base", "base"), SimpleArm("steer", "steer"), SimpleArm("arm", "online")]
+    rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=200)
+    g = rep.heal_gain("arm")
+    assert g.value == pytest.approx(0.3) and g.lo == pytest.approx(0.3) and g.hi == pytest.approx(0.3)
+    assert rep.retention("arm") == pytest.approx(1.6)
+    row = "| arm | 1.500 [1.500, 1.500] | +0.800 [+0.800, +0.800] | +0.300 [+0.300, +0.300] | 1 | 1.60 |"
+    assert row in rep.heal_markdown()
+    # with noise, per seed and per item: the interval widens and still holds the truth
+    rows = rows[:2] + [dict(arm="arm", kind="online", seed=s, doses=[[1.0]], items=items(1.5, 0.8, 0.05, s))
+                       for s in (1, 2, 3)]
+    g = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=300).heal_gain("arm")
+    assert g.lo < 0.3 < g.hi and g.hi - g.lo > 0.01 and g.n_seeds == 3
