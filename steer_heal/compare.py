@@ -351,16 +351,23 @@ def _results_part(arm: dict) -> dict:
     return arm | dict(overrides={k: v for k, v in (arm.get("overrides") or {}).items() if k not in TESTING_KNOBS})
 
 
+def _differs(old, new) -> bool:
+    """A setting the stored config does not have (it was added to the code later) does not count as a change."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return any(k in new and _differs(v, new[k]) for k, v in old.items())
+    return old != new
+
+
 def check_study_config(cfg: "CompareConfig") -> None:
     """Refuse a config that changed what the study's finished results mean; write the merged config otherwise."""
     f = cfg.dir / "compare_config.yaml"
     new = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as the YAML reads them back
     if f.exists():
         old = yaml.safe_load(f.read_text()) or {}
-        changed = [k for k in STUDY_KEYS if k in old and old[k] != new[k]]
+        changed = [k for k in STUDY_KEYS if k in old and _differs(old[k], new[k])]
         old_arms = {a["name"]: a for a in old.get("arms", [])}
         changed += [f"arm {a['name']}" for a in new["arms"]
-                    if a["name"] in old_arms and _results_part(old_arms[a["name"]]) != _results_part(a)]
+                    if a["name"] in old_arms and _differs(_results_part(old_arms[a["name"]]), _results_part(a))]
         if changed:
             raise CompareError(f"{cfg.dir} holds a study run with other settings ({', '.join(changed)}); fix: restore "
                                f"them, or pass compare_dir=<a new folder> for the new study")

@@ -275,3 +275,23 @@ def test_kl_to_base_and_capability_nll_equal_a_float64_loop(tiny):
         assert out["rmse"][i] == pytest.approx(float((kl.pow(2).mean() + 1e-8).sqrt()), rel=1e-4, abs=1e-6)
         assert out["nll"][i] == pytest.approx(float(nll.mean()), rel=1e-4)
         assert out["mean"][i] > 1e-4  # the adapter and the system prompt move the distribution
+
+
+def test_study_config_check_refuses_changes_not_new_settings(tmp_path, tiny_dir):
+    """A stored study config written before a setting existed does not disagree with it; a changed value does,
+    and arms may be added."""
+    from steer_heal.compare import CompareError, _differs, check_study_config, load_compare
+
+    assert not _differs({"eval": {"think_tokens": 32}}, {"eval": {"think_tokens": 32, "split": "test"}})
+    assert _differs({"eval": {"think_tokens": 32}}, {"eval": {"think_tokens": 64}})
+    path = _config(tmp_path, tiny_dir)
+    cfg = load_compare(str(path))
+    cfg.dir.mkdir(parents=True)
+    check_study_config(cfg)
+    stored = yaml.safe_load((cfg.dir / "compare_config.yaml").read_text())
+    del stored["eval"]["split"]  # as written by an older version
+    (cfg.dir / "compare_config.yaml").write_text(yaml.safe_dump(stored))
+    check_study_config(load_compare(str(path), ["seeds=[1, 2, 3]"]))  # a new setting and a new seed: accepted
+    assert yaml.safe_load((cfg.dir / "compare_config.yaml").read_text())["seeds"] == [1, 2, 3]
+    with pytest.raises(CompareError, match=r"other settings \(eval\); fix: restore"):
+        check_study_config(load_compare(str(path), ["eval.think_tokens=9"]))
