@@ -585,12 +585,18 @@ def run_compare(cfg: CompareConfig, only: list[str] | None = None, train_only: b
     return rows
 
 
+def _eval_key(cfg: CompareConfig, ev: "Evaluator", arm: Arm, seed) -> tuple[Path | None, str]:
+    """(the adapter the arm's evaluation loads, the fingerprint its cached evaluation must carry)."""
+    adapter = final_adapter(arm_dir(cfg, arm, seed), arm.kind) if arm.trained else None
+    return adapter, arm_fingerprint(ev.fp_eval, arm, adapter)
+
+
 def current_eval(cfg: CompareConfig, ev: "Evaluator", arm: Arm, seed) -> dict | None:
     try:
-        adapter = final_adapter(arm_dir(cfg, arm, seed), arm.kind) if arm.trained else None
+        _, fp = _eval_key(cfg, ev, arm, seed)
     except RuntimeError:  # not trained (yet)
         return None
-    return load_eval(cfg, arm, seed, arm_fingerprint(ev.fp_eval, arm, adapter))
+    return load_eval(cfg, arm, seed, fp)
 
 
 class Progress:
@@ -635,8 +641,7 @@ def load_eval(cfg: CompareConfig, arm: Arm, seed, fingerprint: str | None = None
 
 
 def _cached_eval(cfg, ev: Evaluator, arm: Arm, seed) -> dict:
-    adapter = final_adapter(arm_dir(cfg, arm, seed), arm.kind) if arm.trained else None
-    fp = arm_fingerprint(ev.fp_eval, arm, adapter)
+    adapter, fp = _eval_key(cfg, ev, arm, seed)
     res = load_eval(cfg, arm, seed, fp)
     if res is not None:
         return res, True
