@@ -222,7 +222,6 @@ class Report:
         out = [self._line(a, b, roles.get((a, b), "primary"), m, d, "primary", p_holm)
                for (a, b, m), d, p_holm in zip(prim, ds, adj) if d is not None]
         declared = set(prim)
-        self.family_size = len(prim)
         for a, b, role in self.questions():
             for m in VERDICT_MEASURES:
                 d = self.diff(a, b, m)
@@ -293,6 +292,7 @@ class Report:
     def markdown(self) -> str:
         judges = ", ".join(f"{BY_NAME[k].label} {v:.2f}" for k, v in self.judges.items() if k in BY_NAME) or "none"
         untrusted = [BY_NAME[k].label for k in self.judges if k in BY_NAME and not self.trusted(k)]
+        verdicts = self.verdicts()
         parts = [
             f"# {self.name}: {self.model}, {self.preset}, budget {self.budget} generated tokens per training arm\n",
             INTERVAL_NOTE + "\n",
@@ -312,9 +312,9 @@ class Report:
             "## Paired differences (arm - reference, 95% interval)\n", self.diffs_markdown(),
             "## Verdicts\n", MULTIPLICITY_NOTE + "\n",
             "### Primary (declared before the run, Holm-adjusted)\n",
-            "\n".join(f"- {v['line']}" for v in self.verdicts() if v["family"] == "primary") or "none declared",
+            "\n".join(f"- {v['line']}" for v in verdicts if v["family"] == "primary") or "none declared",
             "\n### Exploratory (unadjusted)\n",
-            "\n".join(f"- {v['line']}" for v in self.verdicts() if v["family"] != "primary") + "\n",
+            "\n".join(f"- {v['line']}" for v in verdicts if v["family"] != "primary") + "\n",
         ]
         sweep = self.dose_sweep_markdown()
         if sweep:
