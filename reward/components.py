@@ -165,7 +165,8 @@ class Scorer:
             else:
                 raise ValueError(f"unknown incoherence measure '{self.cfg.incoherence}'; fix: tail or collapse")
             out["tail_nll"] = tail  # the filter reads this one in either mode
-            out["incoherence"] = self.incoherence_from(nll, [S.loopiness(t) for t in texts])
+            loop = [S.loopiness(t) for t in texts]  # the loop term of both incoherence measures
+            out["incoherence"] = self.incoherence_from(nll, loop)
         if want_llr:
             out["trait_llr"] = S.llr_from(*lps)
         if want_ctx:
@@ -175,7 +176,7 @@ class Scorer:
             pos, neg = ([S.tail_mean(x, f) for x in lp] for lp in lps)
             best = [min(v for v in t if math.isfinite(v)) if any(math.isfinite(v) for v in t) else float("nan")
                     for t in zip(out["tail_nll"], pos, neg)]
-            out["incoh_ctx"] = self.incoherence_from(best, [S.loopiness(t) for t in texts])
+            out["incoh_ctx"] = self.incoherence_from(best, loop)
         if "trait_projection" in which:
             out["trait_projection"] = self.trait_projection(users, completion_ids, prompt_ids)
         if "verbalisation" in which:

@@ -640,7 +640,8 @@ def load_eval(cfg: CompareConfig, arm: Arm, seed, fingerprint: str | None = None
     return res if fingerprint is None or res.get("fingerprint") == fingerprint else None
 
 
-def _cached_eval(cfg, ev: Evaluator, arm: Arm, seed) -> dict:
+def _cached_eval(cfg, ev: Evaluator, arm: Arm, seed) -> tuple[dict, bool]:
+    """(the arm's evaluation, whether it came from the cache)."""
     adapter, fp = _eval_key(cfg, ev, arm, seed)
     res = load_eval(cfg, arm, seed, fp)
     if res is not None:

@@ -442,11 +442,15 @@ g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
                  (float(np.var(reps[ok], ddof=1)) if ok.sum() > 1 else float("nan"), n - 1)]
         return stats._interval(value, terms, int((~ok).sum()), S if self.values(arm, trait).trained else 0)
 
+    def _doses(self, arm: str) -> list[float]:
+        """Every generation dose the arm's seeds realised (per round / bake and alpha), from arm_done.json."""
+        return [d for r in self.by_arm.get(arm, []) for row in (r.get("doses") or []) for d in row]
+
     def retention(self, arm: str, measure: str = "trait_llr_heldout") -> float:
         """(arm - base) / (raw steering at the arm's realised generation dose - base): the share of raw steering's
         effect at the dose the arm generated with that the unsteered student keeps (point estimate; NaN where
         the dose lies outside the sweep or the arm recorded no dose)."""
-        doses = [d for r in self.by_arm.get(arm, []) for row in (r.get("doses") or []) for d in row]
+        doses = self._doses(arm)
         curve = self._curve()
         if not doses or len(curve) < 2:
             return float("nan")
@@ -468,16 +472,11 @@ g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
                  f"| arm | {self.coh} | trait_llr* | heal gain (trait_llr*) | realised dose (mean kappa) | retention "
                  "trait_llr* |", "|---|---|---|---|---|---|"]
         for a in arms:
-            hg = self.heal_gain(a.name)
-            doses = [d for r in self.by_arm[a.name] for row in (r.get("doses") or []) for d in row]
-            ret = self.retention(a.name)
+            hg, doses, ret = self.heal_gain(a.name), self._doses(a.name), self.retention(a.name)
             lines.append(f"| {a.name} | {self._cell(self.interval(a.name, self.coh), BY_NAME[self.coh])} | "
                          f"{self._cell(self.interval(a.name, 'trait_llr_heldout'), BY_NAME['trait_llr_heldout'])} | "
-                         f"{'-' if hg is None else hg.fmt()} | {np.mean(doses):.3g} | "
-                         f"{'-' if not math.isfinite(ret) else f'{ret:.2f}'} |" if doses else
-                         f"| {a.name} | {self._cell(self.interval(a.name, self.coh), BY_NAME[self.coh])} | "
-                         f"{self._cell(self.interval(a.name, 'trait_llr_heldout'), BY_NAME['trait_llr_heldout'])} | "
-                         f"{'-' if hg is None else hg.fmt()} | - | - |")
+                         f"{'-' if hg is None else hg.fmt()} | {f'{np.mean(doses):.3g}' if doses else '-'} | "
+                         f"{f'{ret:.2f}' if math.isfinite(ret) else '-'} |")
         return "\n".join(lines) + "\n"
 
     # ------------------------------------------------------------ drift over rounds / bakes
