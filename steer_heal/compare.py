@@ -33,7 +33,7 @@ from reward.validation import load_labelled, score_labelled, trait_gap
 from reward.validation import report as validation_report
 from steer_heal import stages
 from steer_heal.chat import encode_prompt, render_prompt
-from steer_heal.compare_report import VERDICT_MEASURES, Report, answers_page, load_preset_axis
+from steer_heal.compare_report import PRIMARY_MEASURES, Report, answers_page, load_preset_axis
 from steer_heal.config import (
     CONTROLS,
     ConfigError,
@@ -106,8 +106,8 @@ class CompareConfig:
                                              "intervals over seeds x eval items")
     pairs: list[list[str]] = setting([], "extra verdicts, [a, b] per line: e.g. online vs iterative, rmse vs mean")
     primary: list[list[str]] = setting([], "the study's primary questions, declared before it runs: [a, b, measure] "
-                                           "per line; their verdicts are Holm-adjusted as one family, every other "
-                                           "line of the report is exploratory")
+                                           "or [a, b, measure, family] per line; their verdicts are Holm-adjusted "
+                                           "within each family (unnamed: one), every other line is exploratory")
     n_boot: int = setting(2000, "bootstrap replicates of every interval")
     min_auroc: float = setting(0.75, "a judge under this AUROC on the labelled replies is marked and not used in "
                                      "verdicts")
@@ -180,7 +180,8 @@ def load_compare(path: str, overrides: list[str] = ()) -> CompareConfig:
         if arm.placebo:
             if not arm.trained or arm.control:
                 raise CompareError(f"arm '{arm.name}': placebo: true needs a steered training arm; fix: remove it")
-            ov = dict(arm.overrides) | {"control": "placebo"}
+            # an unsteered rollout is the same at every multiplier (and a control refuses rollout_alphas)
+            ov = {k: v for k, v in arm.overrides.items() if k != "rollout_alphas"} | {"control": "placebo"}
             cfg.arms.append(Arm(f"{arm.name}_placebo", arm.kind, arm.config, ov, arm.launcher, placebo_of=arm.name))
     names = [a.name for a in cfg.arms]
     if len(set(names)) != len(names):
@@ -189,9 +190,10 @@ def load_compare(path: str, overrides: list[str] = ()) -> CompareConfig:
         if len(pair) != 2 or not set(pair) <= set(names):
             raise CompareError(f"pairs entry {pair} must name two arms of the config; fix: pick from {names}")
     for q in cfg.primary:
-        if len(q) != 3 or not set(q[:2]) <= set(names) or q[2] not in VERDICT_MEASURES:
-            raise CompareError(f"primary entry {q} must be [arm, arm, measure] with arms of the config and a measure "
-                               f"in {VERDICT_MEASURES}; fix: e.g. [iter_rmse, iter_rmse_placebo, trait_llr_heldout]")
+        if len(q) not in (3, 4) or not set(q[:2]) <= set(names) or q[2] not in PRIMARY_MEASURES:
+            raise CompareError(f"primary entry {q} must be [arm, arm, measure] or [arm, arm, measure, family] with "
+                               f"arms of the config and a measure in {PRIMARY_MEASURES}; fix: e.g. [iter_rmse, "
+                               "iter_rmse_placebo, trait_llr_heldout]")
     return cfg
 
 
@@ -245,8 +247,8 @@ def train_command(cfg: CompareConfig, arm: Arm, seed: int) -> list[str]:
     if arm.launcher:
         head = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", arm.launcher]
     cmd = head + [str(ROOT / "recipes/grpo_heal.py"), "--config", arm.config]
-    for k, v in ov.items():
-        cmd += [f"--{k}", _s(v)]
+    for k, v in ov.items():  # a list is one value per word (argparse nargs="+")
+        cmd += [f"--{k}", *map(str, v)] if isinstance(v, list) and v else [f"--{k}", _s(v)]
     ck = _latest_checkpoint(d)
     if ck is not None:
         cmd += ["--resume_from_checkpoint", str(ck)]

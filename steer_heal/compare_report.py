@@ -59,13 +59,16 @@ DIFFS = ["trait_nats", "trait_nats_answering", "pmass", "trait_llr_heldout", "in
 # trait (instrument, judge) and coherence: incoh_ctx, which does not read the trait (incoherence, scored under the
 # base model with the plain prompt, is kept as a distance from base)
 VERDICT_MEASURES = ["trait_nats", "trait_llr_heldout", "incoh_ctx"]
+# a declared question may ask any measure with a direction (e.g. a reward ablation's verbalisation or refusal)
+PRIMARY_MEASURES = [m.name for m in MEASURES if m.higher_is_better is not None]
 PMASS_DROP = 0.25  # an arm whose answer-token mass falls by more than this fraction vs base is flagged
 INTERVAL_NOTE = ("Intervals: 95%, carrying the seed-to-seed spread: Student's t with Satterthwaite degrees of freedom "
                  "on a seeds x items variance decomposition (steer_heal/stats.py; items paired across arms, seeds "
                  "paired when both arms ran the same seeds). Untrained arms have one (greedy) evaluation, so their "
                  "interval is over items only. No verdict about a trained arm with fewer than 3 seeds.")
 MULTIPLICITY_NOTE = ("Multiplicity: the primary questions were declared in the study config before the run and are one "
-                     "family, adjusted by Holm's step-down rule (p_holm; a verdict needs p_holm < 0.05). Every other "
+                     "family (or, where a question names one, one family per name: [primary:<name>]), adjusted by "
+                     "Holm's step-down rule (p_holm; a verdict needs p_holm < 0.05). Every other "
                      "line is exploratory: unadjusted, a lead for a later study, not a claim.")
 
 
@@ -213,14 +216,19 @@ class Report:
         min_auroc is listed but gives no verdict; a trained side under 3 seeds gives none either."""
         # the family is every declared question: one not evaluated yet (or without a usable p) counts as p = 1, so
         # the adjustment never shrinks because part of the study has not run
-        prim = [tuple(q) for q in self.primary]
+        prim = [tuple(q[:3]) for q in self.primary]
+        groups = [q[3] if len(q) > 3 else "" for q in self.primary]  # a named family: its own Holm adjustment
         roles = {(a, b): role for a, b, role in self.questions()}
         ds = [self.diff(a, b, m) if a in self.by_arm and b in self.by_arm else None for a, b, m in prim]
         ps = [d.p() if d is not None and self.trusted(m) and not 0 < d.n_seeds < stats.MIN_SEEDS else 1.0
               for d, (_, _, m) in zip(ds, prim)]
-        adj = stats.holm([p if math.isfinite(p) else 1.0 for p in ps])
-        out = [self._line(a, b, roles.get((a, b), "primary"), m, d, "primary", p_holm)
-               for (a, b, m), d, p_holm in zip(prim, ds, adj) if d is not None]
+        adj = [1.0] * len(prim)
+        for g in dict.fromkeys(groups):
+            idx = [i for i, x in enumerate(groups) if x == g]
+            for i, q in zip(idx, stats.holm([ps[i] if math.isfinite(ps[i]) else 1.0 for i in idx])):
+                adj[i] = q
+        out = [self._line(a, b, roles.get((a, b), "primary"), m, d, "primary", p_holm, group=g)
+               for (a, b, m), d, p_holm, g in zip(prim, ds, adj, groups) if d is not None]
         declared = set(prim)
         for a, b, role in self.questions():
             for m in VERDICT_MEASURES:
@@ -229,7 +237,8 @@ class Report:
                     out.append(self._line(a, b, role, m, d, "exploratory"))
         return out
 
-    def _line(self, a: str, b: str, role: str, m: str, d: stats.Interval, family: str, p_holm=None) -> dict:
+    def _line(self, a: str, b: str, role: str, m: str, d: stats.Interval, family: str, p_holm=None,
+              group: str = "") -> dict:
         meas = BY_NAME[m]
         if self.trusted(m):
             v = stats.verdict(d, meas.higher_is_better, p_adjusted=p_holm if family == "primary" else None)
@@ -240,13 +249,15 @@ class Report:
         ps = f" p={p:.3g}" if math.isfinite(p) else ""
         if family == "primary" and p_holm is not None and math.isfinite(p_holm):
             ps += f" p_holm={p_holm:.3g}"
-        line = f"[{family}] {a} vs {b} ({role}), {meas.label}: {d.fmt(signed)}{ps} -> {v}"
+        tag = f"{family}:{group}" if group else family
+        line = f"[{tag}] {a} vs {b} ({role}), {meas.label}: {d.fmt(signed)}{ps} -> {v}"
         if m.startswith("trait_nats") and self.pmass_flag(a):
             line += "  [pmass fell >25%: format shift?]"
         if d.dropped:
             line += f"  [{d.dropped} of {self.n_boot} bootstrap replicates non-finite, left out]"
-        return dict(a=a, b=b, role=role, measure=m, family=family, value=d.value, lo=d.lo, hi=d.hi, se=d.se, df=d.df,
-                    p=p, p_holm=p_holm if family == "primary" else None, n_seeds=d.n_seeds, verdict=v, line=line)
+        return dict(a=a, b=b, role=role, measure=m, family=family, group=group, value=d.value, lo=d.lo, hi=d.hi,
+                    se=d.se, df=d.df, p=p, p_holm=p_holm if family == "primary" else None, n_seeds=d.n_seeds,
+                    verdict=v, line=line)
 
     # ------------------------------------------------------------ markdown
     def _cell(self, iv: stats.Interval | None, m: Measure, signed: bool = False) -> str:

@@ -237,6 +237,15 @@ def test_shipped_studies_load_and_every_arm_parses():
                 args[1] = str(ROOT / args[1])
                 oc, ga = TrlParser((OnlineConfig, GRPOConfig)).parse_args_and_config(args=args)
                 assert oc.budget_tokens == cfg.budget_tokens and ga.save_steps == oc.bake_every
+                # a list override reaches the parser whole (one word per value), and a placebo drops the
+                # multi-strength rollouts its steered arm asks for (a control refuses them)
+                assert oc.rollout_alphas == [float(x) for x in arm.overrides.get("rollout_alphas", [])]
+                assert not (arm.control and oc.rollout_alphas)
+        multi = [a for a in cfg.arms if a.overrides.get("rollout_alphas")]
+        if f.stem == "smollm2_cpu":  # issue 32: a multi-strength arm with its placebo, and reward ablations
+            assert multi and any(a.placebo_of == multi[0].name for a in cfg.arms)
+            assert {a.overrides.get("reward_ablation") for a in cfg.arms} >= {"trait_llr", "incoherence",
+                                                                              "verbalisation", "refusal"}
 
 
 def test_kl_to_base_and_capability_nll_equal_a_float64_loop(tiny):

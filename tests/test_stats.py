@@ -160,6 +160,7 @@ def _rows(shift_trait=0.0, shift_incoh=0.0, n_prompts=32, n_vign=40, seed=0):
         return dict(trait_llr_heldout=list(llr + dl + r.normal(0, noise, n_prompts)),
                     incoherence=list(inc + di + r.normal(0, noise, n_prompts)),
                     incoh_ctx=list(inc - 0.5 + di + r.normal(0, noise, n_prompts)),
+                    verbalisation=list(0.2 + dl + r.normal(0, 0.1 + noise, n_prompts)),
                     coherent=[1.0] * n_prompts, mfv_p=p.tolist(), mfv_pmass=list(pm * pmass_scale),
                     mfv_nll_prefill=[3.0] * n_vign)
 
@@ -237,6 +238,27 @@ def test_primary_family_is_holm_adjusted_and_the_rest_exploratory():
     p = next(v for v in prim if v["measure"] == "trait_llr_heldout" and v["b"] == "arm_placebo")
     if p["p"] < 0.05 <= p["p_holm"]:
         assert p["verdict"] == "not distinguishable"
+
+
+def test_named_families_are_holm_adjusted_each_on_its_own():
+    arms, rows = _rows(shift_trait=0.05)
+    main = [["arm", "arm_placebo", "trait_llr_heldout"], ["arm", "prompt", "trait_llr_heldout"]]
+    abl = [["arm", "arm_placebo", "incoh_ctx", "abl"], ["arm", "prompt", "verbalisation", "abl"],
+           ["arm", "base", "trait_nats", "abl"]]
+    rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=200, primary=main + abl)
+    prim = [v for v in rep.verdicts() if v["family"] == "primary"]
+    assert [(v["a"], v["b"], v["measure"], v["group"]) for v in prim] == [tuple(q[:3]) + (q[3] if len(q) > 3 else "",)
+                                                                          for q in main + abl]
+    un, named = prim[:2], prim[2:]
+    # each family adjusted alone, as if the other were not declared: Holm over 2 and Holm over 3
+    assert [v["p_holm"] for v in un] == pytest.approx(stats.holm([v["p"] for v in un]))
+    assert [v["p_holm"] for v in named] == pytest.approx(stats.holm([v["p"] for v in named]))
+    assert all(v["line"].startswith("[primary:abl]") for v in named) and un[0]["line"].startswith("[primary]")
+    # a measure outside the verdict set (verbalisation) gets its direction: lower is better
+    verb = named[1]
+    assert verb["measure"] == "verbalisation" and verb["verdict"] in ("better", "worse", "not distinguishable")
+    if verb["verdict"] == "better":
+        assert verb["hi"] < 0
 
 
 def test_report_references_each_trained_arm_to_its_controls():
