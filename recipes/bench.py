@@ -311,19 +311,32 @@ def bench_demo_engines(model: str, steps: int = 4) -> list[dict]:
 
 def bench_opd(model: str, steps: int = 4) -> list[dict]:
     """Seconds per on-policy distillation step (objective opd) with the HF engine (generates with the
-    live LoRA on) and with vLLM (baked + live weights pushed before every rollout)."""
-    rows = []
-    engines = ["hf"] + (["vllm"] if vllm_available() else [])
-    for engine in engines:
-        mean, args = _demo_steps(model, steps, "--objective", "opd", "--engine", engine)
+    live LoRA on), with vLLM pushing baked + live weights (the decoder layers the LoRA touches) before
+    every rollout, and with vLLM serving the live LoRA as an adapter (vllm_lora_sync)."""
+    rows, push, roll = [], {}, {}
+    runs = [("hf", ())] + ([("vllm", ()), ("vllm, LoRA sync", ("--vllm_lora_sync", "true"))]
+                           if vllm_available() else [])
+    for label, extra in runs:
+        engine = label.split(",")[0]
+        mean, args = _demo_steps(model, steps, "--objective", "opd", "--engine", engine, *extra)
         n = f"batch {args.per_device_train_batch_size} x {args.max_completion_length} tokens, mean of {steps - 1} steps"
-        rows += [dict(what=f"OPD step [{engine}]: total", value=mean("step_time"), unit="s", detail=n),
-                 dict(what=f"OPD step [{engine}]: rollout from the learner (push included)", value=mean("time/rollout"),
+        push[label], roll[label] = mean("time/push"), mean("time/rollout")
+        what = "live LoRA as a vLLM adapter (saved; vLLM loads it inside the rollout)" if extra else \
+            "baked + live weights"
+        rows += [dict(what=f"OPD step [{label}]: total", value=mean("step_time"), unit="s", detail=n),
+                 dict(what=f"OPD step [{label}]: rollout from the learner (push included)", value=mean("time/rollout"),
                       unit="s", detail=""),
-                 dict(what=f"OPD step [{engine}]: push of baked + live weights", value=mean("time/push"), unit="s",
+                 dict(what=f"OPD step [{label}]: push of {what}", value=push[label], unit="s",
                       detail="vLLM only: the engine holds its own weights"),
-                 dict(what=f"OPD step [{engine}]: teacher forward", value=mean("time/teacher"), unit="s", detail="")]
+                 dict(what=f"OPD step [{label}]: teacher forward", value=mean("time/teacher"), unit="s", detail="")]
         gc.collect()
+    if "vllm, LoRA sync" in push:  # the adapter's load and its LoRA kernels are paid inside the rollout
+        rows += [dict(what="OPD push per step, LoRA sync / whole-layer push", unit="x",
+                      value=push["vllm, LoRA sync"] / max(push["vllm"], 1e-9),
+                      detail="same run; the layer push grows with the model, the adapter with r"),
+                 dict(what="OPD rollout incl. push, LoRA sync / whole-layer push", unit="x",
+                      value=roll["vllm, LoRA sync"] / max(roll["vllm"], 1e-9),
+                      detail="same run; what the step pays (adapter load + LoRA kernels in generation)")]
     return rows
 
 

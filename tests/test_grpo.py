@@ -179,6 +179,20 @@ def test_multi_strength_rollouts_get_the_dose_asked_for_hf(tiny):
     multi_strength_check(HFEngine(st.model, tok), st, v, tok, kappa=3.0, alphas=(0.5, 3.0))
 
 
+def test_lora_sync_refused_where_nothing_serves_the_live_lora():
+    from types import SimpleNamespace
+
+    from steer_heal.config import RunConfig
+    from steer_heal.grpo.online import check_online_config
+    from steer_heal.grpo.trainer import OnlineConfigError
+
+    for engine, objective in (("hf", "opd"), ("vllm", "nll"), ("vllm", "grpo")):
+        cfg = RunConfig(engine=engine)
+        cfg.online.objective, cfg.vllm.lora_sync = objective, True
+        with pytest.raises(OnlineConfigError, match="fix: remove vllm_lora_sync"):
+            check_online_config(cfg, SimpleNamespace(use_vllm=False))
+
+
 def test_rollout_alphas_refused_where_they_mean_nothing():
     from types import SimpleNamespace
 

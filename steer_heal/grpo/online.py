@@ -56,6 +56,10 @@ def check_online_config(cfg: RunConfig, grpo_args) -> None:
     if getattr(grpo_args, "use_vllm", False):
         raise OnlineConfigError("use_vllm=true would make TRL build its own unsteered vLLM; fix: set use_vllm: false "
                                 "and engine: vllm (the steered engine serves the rollouts)")
+    if cfg.vllm.lora_sync and (cfg.engine != "vllm" or cfg.online.objective != "opd"):
+        raise OnlineConfigError(f"vllm_lora_sync serves the learner's live LoRA to the vLLM engine, which only "
+                                f"objective opd samples from (here: engine {cfg.engine}, objective "
+                                f"{cfg.online.objective}); fix: remove vllm_lora_sync, or use engine vllm with opd")
     ra = cfg.online.rollout_alphas
     if ra and (min(ra) <= 0 or cfg.online.objective == "opd" or cfg.control):
         raise OnlineConfigError(f"rollout_alphas {ra} needs positive multipliers of a steered run (not opd, whose "
