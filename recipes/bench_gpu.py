@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen3Config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,14 +36,24 @@ from steer_heal.models import load_model  # noqa: E402
 from steer_heal.student import Student  # noqa: E402
 from steer_heal.tiny import _train_tokenizer  # noqa: E402
 
-# config.json of Qwen/Qwen3-4B (the body; the tokenizer is the tiny one)
+# the bodies of the published config.json files (the tokenizer is the tiny one): (config class, fields)
 SHAPES = {
-    "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
-                     rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=32, vocab_size=512, max_position_embeddings=2048,
-                 tie_word_embeddings=True),
+    "qwen3-4b": (Qwen3Config, dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                                   max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                                   tie_word_embeddings=True)),
+    "qwen3-8b": (Qwen3Config, dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                                   max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                                   tie_word_embeddings=False)),
+    # google/gemma-3-4b-it's text_config: a 262k vocabulary, the exact KL's hardest case
+    "gemma3-4b": (Gemma3TextConfig, dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                                         num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                                         vocab_size=262208, sliding_window=1024, max_position_embeddings=131072,
+                                         rms_norm_eps=1e-6, tie_word_embeddings=True)),
+    "tiny": (Qwen3Config, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=32, vocab_size=512, max_position_embeddings=2048,
+                               tie_word_embeddings=True)),
 }
 
 
@@ -53,7 +63,8 @@ def build(shape: str, out: Path, device: str) -> Path:
         return out
     tok = _train_tokenizer()
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    cfg = Qwen3Config(eos_token_id=eos, pad_token_id=eos, bos_token_id=None, **SHAPES[shape])
+    cls, fields = SHAPES[shape]
+    cfg = cls(eos_token_id=eos, pad_token_id=eos, bos_token_id=None, **fields)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
