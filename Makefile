@@ -61,12 +61,26 @@ lint: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -q -m "not slow"
 
-bench: $(STAMP)
-	$(BIN)/python recipes/bench.py
+# tinymfv itself, for the bench's side-by-side MFV timing: its source at the pinned commit (the fixture's),
+# its two dependencies the venv lacks; the offline mirror when this machine has one, else GitHub
+TINYMFV_REF ?= 01e9026641c58fb57fb565916b5ecbafbdfce4d5
+TINYMFV_MIRROR := /work/.mirror/wassname+tinymfv/repo
+TINYMFV_GIT ?= $(if $(wildcard $(TINYMFV_MIRROR)),$(TINYMFV_MIRROR),https://github.com/wassname/tinymfv)
+TINYMFV := .venv-tinymfv
+
+$(TINYMFV)/.ok: | $(STAMP)
+	rm -rf $(TINYMFV) && mkdir -p $(TINYMFV)/src
+	git clone -q --no-checkout $(TINYMFV_GIT) $(TINYMFV)/git
+	git -C $(TINYMFV)/git archive $(TINYMFV_REF) src | tar -x -C $(TINYMFV)
+	$(BIN)/pip install -q --no-deps --target $(TINYMFV)/site loguru tabulate
+	touch $@
+
+bench: $(STAMP) $(TINYMFV)/.ok
+	TINYMFV_PATH=$(abspath $(TINYMFV))/src:$(abspath $(TINYMFV))/site $(BIN)/python recipes/bench.py
 	$(BIN)/steer-heal score --validate --out bench_out/reward_report.md
 
 reward-report: $(STAMP)
 	$(BIN)/steer-heal score --validate --out bench_out/reward_report.md
 
 clean:
-	rm -rf $(VENV) runs bench_out
+	rm -rf $(VENV) $(TINYMFV) runs bench_out

@@ -21,6 +21,7 @@ import ctypes
 import gc
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -54,7 +55,7 @@ from steer_heal.evals.mfv_data import load_vignettes  # noqa: E402
 from steer_heal.grpo.online import OnlineConfig, OnlineRun  # noqa: E402
 from steer_heal.heal import heal_round, heal_terms  # noqa: E402
 from steer_heal.logprobs import pack  # noqa: E402
-from steer_heal.machine import load_timing, machine_key  # noqa: E402
+from steer_heal.machine import load_timing  # noqa: E402
 from steer_heal.models import DEFAULT_MODEL, load_model  # noqa: E402
 from steer_heal.presets import load_preset  # noqa: E402
 from steer_heal.steering import Steering, extract_vector, layer_band  # noqa: E402
@@ -73,6 +74,12 @@ def _hf_rates(lm, prompts, steering, samp, batch: int, label: str, n_sequential:
         dt = time.perf_counter() - t
         n = sum(len(r.completion_ids) for r in ro)
         rows.append(dict(what=label.format(name), value=n / dt, unit="tok/s", detail=f"{n} tokens, {dt:.1f}s"))
+        if bs > 1:  # a batch decodes until its longest row ends: the rows that ended earlier ride along
+            order = sorted(range(len(ro)), key=lambda i: -len(ro[i].prompt_ids))  # the engine's batches
+            steps = sum(len(b) * max(len(ro[i].completion_ids) for i in b)
+                        for b in (order[j:j + bs] for j in range(0, len(order), bs)))
+            rows.append(dict(what=f"  {name}: tokens kept / row-steps decoded", value=n / steps, unit="x",
+                             detail="1.0: every row ran to the same length"))
     return rows
 
 
@@ -83,7 +90,7 @@ def bench_generation(lm, preset, n_prompts: int, new_tokens: int, batch: int, v)
     rows.append(
         dict(
             what="steered generation speed-up (batched / sequential)",
-            value=rows[0]["value"] / rows[1]["value"],
+            value=rows[0]["value"] / next(r["value"] for r in rows if "sequential" in r["what"]),
             unit="x",
             detail="target >= 8x",
         )
@@ -92,47 +99,54 @@ def bench_generation(lm, preset, n_prompts: int, new_tokens: int, batch: int, v)
 
 
 def bench_vllm(lm, preset, n_prompts: int, new_tokens: int, v, repeats: int = 3) -> list[dict]:
+    """vLLM tokens/s: the stock model (no steering buffers) against the steerable engine, steering off
+    and on. One engine at a time, built in the order stock, steerable, steerable, stock (ABBA), each warmed
+    on the whole prompt set before it is timed: a first-engine cost or a drift of the machine falls on
+    both sides alike, so the ratio measures steering, not build order."""
+    from vllm import LLM
+
     tok = lm.tokenizer
     prompts = [render_prompt(tok, u) for u in (preset.prompts * 4)[:n_prompts]]
     samp = Sampling(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.0)
-    cfg = VLLMConfig(max_model_len=1024)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-    def timed(gen) -> tuple[float, str]:
-        gen(prompts[:4])  # warm-up
-        best = []
+    def timed(gen) -> float:
+        gen(prompts)  # warm-up on the timed work itself
+        rates = []
         for _ in range(repeats):
             t = time.perf_counter()
             n = gen(prompts)
-            best.append((n / (time.perf_counter() - t), n))
-        tps, n = sorted(best)[len(best) // 2]  # median of the repeats
-        return tps, f"{n} tokens, median of {repeats}"
+            rates.append(n / (time.perf_counter() - t))
+        return sorted(rates)[len(rates) // 2]  # median of the repeats
 
-    rows = []
-    # stock vLLM: the same checkpoint without steering buffers (the baseline the steering costs against)
-    from vllm import LLM
+    def stock() -> dict:
+        # sized like the project's engine (explicit KV cache on CPU), so it starts beside the loaded model
+        llm = _build_llm(LLM, dict(model=lm.path, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
+                                   **engine_memory(VLLMConfig(), not torch.cuda.is_available())))
+        sp = sampling_params(samp, tok, [tok.eos_token_id], False)
+        ids = [{"prompt_token_ids": tok(p, add_special_tokens=False).input_ids} for p in prompts]
+        r = timed(lambda ps: sum(len(o.outputs[0].token_ids) for o in llm.generate(ids[:len(ps)], sp, use_tqdm=False)))
+        return {"vLLM stock model (no steering buffers)": r}  # the engine goes with this frame
 
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    # sized like the project's engine (explicit KV cache on CPU), so it starts beside the loaded model
-    llm = _build_llm(LLM, dict(model=lm.path, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
-                               **engine_memory(VLLMConfig(), not torch.cuda.is_available())))
-    sp = sampling_params(samp, tok, [tok.eos_token_id], False)
+    def steerable() -> dict:
+        eng = VLLMEngine(lm.path, tok, list(v.layers), VLLMConfig(max_model_len=1024), dtype=torch.float32)
+        try:
+            return {name: timed(lambda ps, st=st: sum(len(r.completion_ids)
+                                                      for r in eng.generate(ps, st, samp, logprobs=False)))
+                    for name, st in (("vLLM steerable engine, steering off", None),
+                                     ("vLLM steered (c = 1)", Steering(v, 1.0)))}
+        finally:
+            eng.close()
 
-    def stock(ps):
-        outs = llm.generate(
-            [{"prompt_token_ids": tok(p, add_special_tokens=False).input_ids} for p in ps], sp, use_tqdm=False
-        )
-        return sum(len(o.outputs[0].token_ids) for o in outs)
-
-    tps, d = timed(stock)
-    rows.append(dict(what="vLLM stock model (no steering buffers)", value=tps, unit="tok/s", detail=d))
-    llm = None  # free the stock engine before building the steerable one
-
-    gc.collect()
-    eng = VLLMEngine(lm.path, tok, list(v.layers), cfg, dtype=torch.float32)
-    for name, st in (("vLLM steerable engine, steering off", None), ("vLLM steered (c = 1)", Steering(v, 1.0))):
-        tps, d = timed(lambda ps, st=st: sum(len(r.completion_ids) for r in eng.generate(ps, st, samp, logprobs=False)))
-        rows.append(dict(what=name, value=tps, unit="tok/s", detail=d))
-    eng.close()
+    got: dict[str, list[float]] = {}
+    for build in (stock, steerable, steerable, stock):
+        for k, r in build().items():
+            got.setdefault(k, []).append(r)
+        gc.collect()
+    n_tok = len(prompts) * new_tokens
+    rows = [dict(what=k, value=sum(rs) / len(rs), unit="tok/s",
+                 detail=f"{n_tok} tokens; mean of 2 engines (ABBA), {' / '.join(f'{x:.1f}' for x in rs)}")
+            for k, rs in got.items()]
     rows.append(dict(what="vLLM steered / stock", value=rows[2]["value"] / rows[0]["value"], unit="x",
                      detail="target >= 0.9x"))
     # batch 1 is slow: 16 prompts are enough for a rate
@@ -148,17 +162,46 @@ def bench_heal(lm, preset, n_examples: int, batch: int) -> list[dict]:
     st = Student(lm.model, tok, r=16, alpha=32)
     rows = []
     try:
-        for bs in (batch, 1):
-            cfg = HealConfig(epochs=1, batch_size=bs, val_frac=0.0, log_every=10 ** 9)
+        # warmed first (the first round in a process pays one-time costs), then batch, 1, 1, batch (ABBA)
+        heal_round(st, ex[:batch], HealConfig(epochs=1, batch_size=batch, val_frac=0.0, log_every=0), progress=False)
+        got: dict[int, list] = {}
+        for bs in (batch, 1, 1, batch):
             st.reset_live()
-            res = heal_round(st, ex, cfg, progress=False)
-            rows.append(dict(what=f"heal (NLL + chunked rmse KL): batch {bs}", value=res.tokens_per_s, unit="tok/s",
-                             detail=f"{res.tokens} completion tokens, {res.seconds:.1f}s, {res.steps} steps"))
+            res = heal_round(st, ex, HealConfig(epochs=1, batch_size=bs, val_frac=0.0, log_every=0), progress=False)
+            got.setdefault(bs, []).append(res)
+        for bs, rs in got.items():
+            tok_s = sum(r.tokens for r in rs) / sum(r.seconds for r in rs)
+            rows.append(dict(what=f"heal (NLL + chunked rmse KL): batch {bs}", value=tok_s, unit="tok/s",
+                             detail=f"{rs[0].tokens} completion tokens x 2 rounds, {rs[0].steps} steps a round, "
+                                    f"{' / '.join(f'{r.seconds:.1f}' for r in rs)} s"))
     finally:
         st.model.unload()  # the LoRA layers out again: the later sections (MFV, scoring) measure the base model
     rows.append(dict(what="heal speed-up (batch / batch 1)", value=rows[0]["value"] / rows[1]["value"], unit="x",
-                     detail="target >= 3x"))
+                     detail="target >= 3x on GPU (docs/performance.md); on this CPU see the two rows below"))
+    # why batching cannot pay on a CPU: a matmul at one example's rows already runs at the cores' rate, so
+    # batching removes no compute-bound work, and padding to the longest row adds some
+    per_ex = sum(len(p) + len(c) for p, c in ex) / len(ex)
+    cfg = lm.model.config
+    rate = {bs: _matmul_gflops(int(per_ex * bs), cfg.hidden_size, cfg.intermediate_size) for bs in (1, batch)}
+    rows.append(dict(what=f"matmul rate at batch {batch}'s rows / batch 1's", value=rate[batch] / rate[1], unit="x",
+                     detail=f"{rate[batch]:.0f} / {rate[1]:.0f} GFLOP/s, [{int(per_ex * batch)} or {int(per_ex)} x "
+                            f"{cfg.hidden_size}] @ [{cfg.hidden_size} x {cfg.intermediate_size}]"))
+    rng = random.Random(0)
+    padded = sum(len(b) * max(len(p) + len(c) for p, c in b) for b in
+                 (lambda xs: [xs[i:i + batch] for i in range(0, len(xs), batch)])(rng.sample(ex, len(ex))))
+    rows.append(dict(what=f"heal batch {batch}: padded tokens / real tokens", value=padded / (per_ex * len(ex)),
+                     unit="x", detail="the work batching adds on a compute-bound machine"))
     return rows
+
+
+def _matmul_gflops(m: int, k: int, n: int, seconds: float = 1.0) -> float:
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b  # warm-up
+    reps, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        a @ b
+        reps += 1
+    return 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9
 
 
 def _mem_child(model: str, mode: str, n_seq: int, seq_len: int) -> dict:
@@ -214,27 +257,59 @@ def bench_memory(model: str, label: str, n_seq: int, seq_len: int) -> list[dict]
     return rows
 
 
-def bench_mfv(lm, think: int, batch: int) -> list[dict]:
+def _tinymfv_seconds(model_path: str, n: int, think: int) -> dict | None:
+    """tinymfv's own `evaluate` (pinned commit, batch 1) on the same stratified subset, in a child process
+    whose PYTHONPATH holds its source ($TINYMFV_PATH, set by `make bench`); None where it is not there."""
+    path = os.environ.get("TINYMFV_PATH")
+    if not path:
+        return None
+    env = dict(os.environ, PYTHONPATH=path)
+    out = subprocess.run([sys.executable, str(ROOT / "tests/fixtures/make_tinymfv_fixture.py"), "--model", model_path,
+                          "--vignettes", os.environ.get("STEER_HEAL_MFV_DIR", ""), "--n", str(n), "--think",
+                          str(think), "--time"], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"tinymfv's evaluate failed: {out.stderr.strip().splitlines()[-1:]}")
+    text = out.stdout
+    return json.loads(text[text.index("{"):text.rindex("}") + 1])
+
+
+def bench_mfv(lm, think: int, batch: int, n_sub: int = 44, full_set: bool = True) -> list[dict]:
+    """steer-heal's MFV on the full classic set (information), and the speed-up over tinymfv's own
+    evaluator measured in this run, both on one stratified subset (both frames): the ratio of two
+    timings taken minutes apart on one machine, not against a stored time from another day."""
     rows = load_vignettes(None, "classic", "other_violate")
-    t = time.perf_counter()
-    res = evaluate_mfv(lm.model, lm.tokenizer, rows, think_tokens=think, batch_size=batch, progress=False)
-    dt = time.perf_counter() - t
-    n_tok = 2 * len(rows) * think
-    out = [dict(what=f"MFV classic ({len(rows)} x 2 frames, T={think}): wall time", value=dt, unit="s",
-                detail=f"batch {batch}; pmass {res.pmass_allowed:.3f}, nll_prefill {res.nll_prefill:.3f}"),
-           dict(what="MFV think tokens/s", value=n_tok / dt, unit="tok/s", detail=f"{n_tok} generated tokens")]
-    ref = load_timing("tinymfv_classic")  # timed on this machine, or no ratio: another CPU's time means nothing
-    if ref and ref.get("n") == len(rows) and ref.get("think_tokens") == think:
-        out.append(dict(what="MFV speed-up vs tinymfv's own evaluate (batch 1)", value=ref["seconds"] / dt, unit="x",
-                        detail=f"tinymfv {ref['seconds']:.0f} s on this machine ({ref['origin']}, {ref['date']}); "
-                               "goal >= 4x"))
-    elif len(rows) == 132:
+    out = []
+    if full_set:
+        t = time.perf_counter()
+        res = evaluate_mfv(lm.model, lm.tokenizer, rows, think_tokens=think, batch_size=batch, progress=False)
+        dt = time.perf_counter() - t
+        n_tok = 2 * len(rows) * think
+        out = [dict(what=f"MFV classic ({len(rows)} x 2 frames, T={think}): wall time", value=dt, unit="s",
+                    detail=f"batch {batch}; pmass {res.pmass_allowed:.3f}, nll_prefill {res.nll_prefill:.3f}"),
+               dict(what="MFV think tokens/s", value=n_tok / dt, unit="tok/s", detail=f"{n_tok} generated tokens")]
+    full = load_timing("tinymfv_classic")  # the full set's tinymfv time, if one was taken here: information only
+    if full and full.get("n") == len(rows) and full.get("think_tokens") == think:
+        out.append(dict(what="  tinymfv's own evaluate on the full set (stored; information)", value=full["seconds"],
+                        unit="s", detail=f"{full['date']}, another day: not a ratio's denominator"))
+    ref = _tinymfv_seconds(lm.path, n_sub, think)
+    if ref is None:
         out.append(dict(what="MFV speed-up vs tinymfv's own evaluate (batch 1)", value=float("nan"), unit="x",
-                        detail=f"no tinymfv time for this machine ({machine_key()}); fix: run "
-                               "tests/fixtures/make_tinymfv_fixture.py --n 0 --time (see its docstring)"))
+                        detail="tinymfv not set up; fix: run `make bench` (it fetches tinymfv at the pinned commit)"))
+        return out
+    sub = load_vignettes(None, "classic", "other_violate", n_sub, 0)
+    t = time.perf_counter()
+    mine = evaluate_mfv(lm.model, lm.tokenizer, sub, think_tokens=think, batch_size=batch, progress=False)
+    dt_sub = time.perf_counter() - t
+    out += [dict(what=f"MFV subset ({n_sub} x 2 frames): tinymfv's own evaluate, batch 1", value=ref["seconds"],
+                 unit="s", detail=f"pinned commit; pmass {ref['pmass_allowed']:.3f}"),
+            dict(what=f"MFV subset ({n_sub} x 2 frames): steer-heal, batch {batch}", value=dt_sub, unit="s",
+                 detail=f"pmass {mine.pmass_allowed:.3f}"),
+            dict(what="MFV speed-up vs tinymfv's own evaluate (same subset, same run)", value=ref["seconds"] / dt_sub,
+                 unit="x", detail="goal >= 4x")]
     return out
 
 
+ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = "recipes/configs/grpo_demo_cpu.yaml"
 
 
@@ -409,8 +484,10 @@ def main() -> None:
     ap.add_argument("--heal-batch", type=int, default=HealConfig().batch_size)
     ap.add_argument("--mfv-think", type=int, default=32)
     ap.add_argument("--mfv-batch", type=int, default=32)
+    ap.add_argument("--mfv-subset", type=int, default=44, help="vignettes both evaluators are timed on")
     ap.add_argument("--skip", nargs="*", default=[],
-                    help="sections to skip: gen vllm heal memory mfv scoring grpo engine opd arm")
+                    help="sections to skip: gen vllm heal memory mfv (mfv_full: only its full-set timing) scoring "
+                         "grpo engine opd arm")
     a = ap.parse_args()
     torch.manual_seed(0)
     lm = load_model(a.model, dtype="float32")
@@ -429,7 +506,7 @@ def main() -> None:
         rows += bench_heal(lm, preset, a.heal_examples, a.heal_batch)
         print_table(rows, head)
     if "mfv" not in a.skip:
-        rows += bench_mfv(lm, a.mfv_think, a.mfv_batch)
+        rows += bench_mfv(lm, a.mfv_think, a.mfv_batch, a.mfv_subset, full_set="mfv_full" not in a.skip)
         print_table(rows, head)
     if "scoring" not in a.skip:
         rows += bench_scoring(lm, preset)

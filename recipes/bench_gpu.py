@@ -89,13 +89,13 @@ def bench_heal(path: Path, device: str, n: int, prompt_len: int, completion_len:
     ex = [([rng.randrange(5, 500) for _ in range(prompt_len)], [rng.randrange(5, 500) for _ in range(completion_len)])
           for _ in range(n)]
     rows, rate = [], {}
-    heal_round(st, ex[:8], HealConfig(epochs=1, batch_size=8, val_frac=0.0, log_every=10 ** 9), progress=False)  # warm
+    heal_round(st, ex[:8], HealConfig(epochs=1, batch_size=8, val_frac=0.0, log_every=0), progress=False)  # warm
     for bs in (8, 1):
         st.reset_live()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        res = heal_round(st, ex, HealConfig(epochs=1, batch_size=bs, val_frac=0.0, log_every=10 ** 9), progress=False)
+        res = heal_round(st, ex, HealConfig(epochs=1, batch_size=bs, val_frac=0.0, log_every=0), progress=False)
         rate[bs] = res.tokens_per_s
         rows.append(dict(what=f"heal at {path.name} shapes: batch {bs}", value=res.tokens_per_s, unit="tok/s",
                          detail=f"{n} x ({prompt_len} + {completion_len}) tokens, {res.steps} steps, "

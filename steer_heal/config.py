@@ -102,7 +102,8 @@ class HealConfig:
     grad_accum: int = setting(1, "heal gradient accumulation", (ITERATIVE,))
     max_grad_norm: float = setting(1.0, "heal gradient clipping", (ITERATIVE,))
     val_frac: float = setting(0.125, "kept completions held out for the heal's validation NLL", (ITERATIVE,))
-    log_every: int = setting(5, "heal steps between log lines", (ITERATIVE,))
+    log_every: int = setting(5, "heal steps between log lines (each costs two extra backward passes for the "
+                                "per-term gradient norms); 0: none", (ITERATIVE,))
 
 
 @dataclass

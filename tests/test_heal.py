@@ -56,6 +56,11 @@ def test_heal_round_lowers_nll_and_logs(tiny):
     row = res.log[0]
     assert {"nll", "D", "grad_nll", "grad_barrier", "barrier_frac"} <= set(row)
     assert res.D_mean > 1e-4  # the adapter moved the student off the reference
+    assert len(res.log) == res.steps  # log_every 1: a row per step
+    st.reset_live()
+    quiet = heal_round(st, examples(tiny.tokenizer, 16), HealConfig(epochs=1, batch_size=4, log_every=0,
+                                                                    val_frac=0.25), progress=False)
+    assert quiet.steps == 3 and quiet.log == []  # log_every 0: none (no gradient-norm passes)
 
 
 def test_barrier_pulls_toward_reference(tiny, tiny_dir):

@@ -127,7 +127,7 @@ def heal_round(student, examples: list[tuple[list[int], list[int]]], cfg, round_
                 if not torch.isfinite(loss):
                     raise HealDivergedError(f"heal loss is {float(loss.detach())} at round {round_idx} epoch {epoch}; "
                                             "fix: lower heal.lr or heal.kl_beta (the last good round is kept)")
-                log_now = res.steps % cfg.log_every == 0 and (i + 1) % cfg.grad_accum == 0
+                log_now = cfg.log_every > 0 and res.steps % cfg.log_every == 0 and (i + 1) % cfg.grad_accum == 0
                 if log_now:  # per-term gradient norms on logging steps only (two extra backward passes)
                     g_nll, g_bar = _grad_norm(nll, params), _grad_norm(lam * pen, params)
                 loss.backward()
