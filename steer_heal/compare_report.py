@@ -82,6 +82,7 @@ DRIFT_KEYS = {
     "coherent": ("coh_healed", "coherence"), "tail_nll": ("tail_nll_healed", "tail_nll"),
     "repetition": ("repetition_healed", "repetition"), "incoherence": ("incoherence_healed", "incoherence"),
     "trait_heldout": ("trait_heldout_healed", "trait_heldout"), "kappa": ("kappa", "kappa"),
+    "gen_tokens": ("gen_tokens", "gen_tokens"),
 }
 
 
@@ -544,12 +545,17 @@ g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
         lo_ok = {m: 0.0 for m in ("incoherence", "coherent", "repetition", "barrier_active_frac", "D_mean", "D_rmse",
                                   "tail_nll")}
         hi_ok = {"coherent": 1.0, "repetition": 1.0, "barrier_active_frac": 1.0}
-        data = {a.name: {m: [(k, iv.value, max(iv.lo, lo_ok.get(m, -math.inf)), min(iv.hi, hi_ok.get(m, math.inf)))
-                             for k, iv in self.drift_series(a.name, m)] for m in panels}
+        # x: generated tokens at the round / bake (mean over seeds), so drivers of different step sizes (an
+        # iterative round, an online bake) share one axis: the matched comparison's budget
+        tokens = {a.name: {k: iv.value for k, iv in self.drift_series(a.name, "gen_tokens")} for a in arms}
+        data = {a.name: {m: [(tokens[a.name].get(k, float(k)), iv.value, max(iv.lo, lo_ok.get(m, -math.inf)),
+                              min(iv.hi, hi_ok.get(m, math.inf))) for k, iv in self.drift_series(a.name, m)]
+                         for m in panels}
                 for a in arms}
         look = self.drift_look(arms)
         js = json.dumps(dict(panels=panels, data=data, look=look)).replace("NaN", "null")
-        write_atomic(d / "drift.html", html_page("drift", f"""<h2>Drift over rounds / bakes (lines: mean over seeds;
+        write_atomic(d / "drift.html", html_page("drift", f"""<h2>Drift over generated tokens, a point per round / bake
+(lines: mean over seeds;
 bands: 95% t-interval; a placebo dotted in its arm's colour, online dashed)</h2><div id=p></div><script>const D={js};
 D.panels.forEach(m=>{{const c=document.createElement('canvas');c.width=420;c.height=260;
 document.getElementById('p').appendChild(c);const g=c.getContext('2d');const A=Object.keys(D.data);
@@ -590,11 +596,11 @@ g.fillStyle=L.colour;g.fillText(a,330,30+12*i)}})}});
                 ax.set_ylim(max(min(means) - pad, lo_ok.get(m, -math.inf) - 0.02 * pad),
                             min(max(means) + pad, hi_ok.get(m, math.inf) + 0.02 * pad))
             ax.set_title(m + (" (log)" if ax.get_yscale() == "log" else ""), fontsize=10)
-            ax.set_xlabel("round / bake")
+            ax.set_xlabel("generated tokens (round / bake)")
         handles = {lab: h for ax in axs.flat for h, lab in zip(*ax.get_legend_handles_labels())}
         if handles:
             fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 8), fontsize=8)
-        fig.suptitle(f"{self.model.split('/')[-1]}, {self.preset}: drift per round "
+        fig.suptitle(f"{self.model.split('/')[-1]}, {self.preset}: drift per round / bake against generated tokens "
                      "(bands: 95% t-interval over seeds, cut at the frame)", fontsize=10)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
         fig.savefig(d / "drift.png", dpi=110)

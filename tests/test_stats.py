@@ -288,7 +288,8 @@ def test_drift_table_is_the_mean_over_seeds_per_round(tmp_path):
         rows.append(dict(arm="rmse_placebo", kind="iterative", seed=s, items={}, rounds=[
             dict(round=k, coh_healed=0.9) for k in range(2)]))
         rows.append(dict(arm="rmse", kind="iterative", seed=s, items={}, rounds=[
-            dict(round=k, coh_healed=1.0 - 0.1 * k * s, barrier_active_frac=0.5, D_rmse=0.2 * s) for k in range(3)]))
+            dict(round=k, coh_healed=1.0 - 0.1 * k * s, barrier_active_frac=0.5, D_rmse=0.2 * s,
+                 gen_tokens=1000 * (k + 1) + 10 * s) for k in range(3)]))
         rows.append(dict(arm="none", kind="online", seed=s, items={}, rounds=[
             dict(bake=k, coherence=0.9, repetition=0.1 * k) for k in range(2)]))
     rep = Report("t", "m/x", "p", 0, arms, rows, AXIS, n_boot=10)
@@ -307,6 +308,10 @@ def test_drift_table_is_the_mean_over_seeds_per_round(tmp_path):
     assert (tmp_path / "drift.png").exists()
     page = (tmp_path / "drift.html").read_text()
     assert json.dumps(look["rmse_placebo"]) in page  # the canvas draws with the PNG's colours and dashes
+    # x is the generated tokens at each round (mean over seeds), the round index where a run logged none
+    data = json.loads(page[page.index("const D=") + 8:page.index(";\nD.panels")])["data"]
+    assert [p[0] for p in data["rmse"]["coherent"]] == pytest.approx([1015.0, 2015.0, 3015.0])
+    assert [p[0] for p in data["none"]["repetition"]] == [0, 1]
 
 
 def test_on_curve_interpolates_in_dose_order_and_never_extrapolates():
