@@ -30,12 +30,26 @@ def primary_lines(study: str) -> list[str]:
     return [x["line"] for x in v if x.get("family") == "primary"]
 
 
+def answer_lines(study: str) -> list[str]:
+    """One line per question (Q1-Q3 of the seed, P the prompting baseline), every steered arm with its interval."""
+    f = ROOT / "docs/studies" / study / "answers.json"
+    by_q: dict[str, list[dict]] = {}
+    for x in json.loads(f.read_text()) if f.exists() else []:
+        by_q.setdefault(x["line"].split(":")[0], []).append(x)
+    order = sorted(by_q, key=lambda q: (q.startswith("P"), q))  # Q1-Q3, then the prompting baseline
+    return [f"{q}: " + "; ".join(x["line"].split(": ", 1)[1] for x in by_q[q]) for q in order]
+
+
 def readme_block(study: str) -> str:
     v = json.loads((ROOT / "docs/studies" / study / "verdicts.json").read_text())
     n_expl = sum(x.get("family") != "primary" for x in v)
     lines = primary_lines(study)
     body = "\n".join(f"    {x}" for x in lines) if lines else "    (no primary question declared)"
-    return (f"Primary verdicts of `{study}` (declared before the run, Holm-adjusted; generated from "
+    ans = answer_lines(study)
+    lead = ("The seed's questions, per steered arm (mean [95% interval] over seeds; generated from "
+            f"[answers.json](docs/studies/{study}/answers.json)):\n\n" + "\n".join(f"- {x}" for x in ans) + "\n\n"
+            if ans else "")
+    return (f"{lead}Primary verdicts of `{study}` (declared before the run, Holm-adjusted; generated from "
             f"[docs/studies/{study}/verdicts.json](docs/studies/{study}/verdicts.json) by "
             "`recipes/study_readme.py`):\n\n"
             f"{body}\n\n{n_expl} exploratory lines (unadjusted) and every arm's table: "

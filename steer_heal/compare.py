@@ -733,6 +733,7 @@ def report_from(cfg: CompareConfig, d: Path) -> Report:
     text = rep.markdown()
     write_atomic(d / "compare.md", text)
     write_atomic(d / "verdicts.json", json.dumps(rep.verdicts(), indent=1))
+    write_atomic(d / "answers.json", json.dumps(rep.answers(), indent=1))
     sweep = rep.dose_sweep_markdown()
     if sweep:
         write_atomic(d / "dose_sweep.md", sweep)

@@ -334,6 +334,9 @@ class Report:
         heal = self.heal_markdown()
         if heal:
             parts += [heal]
+        ans = self.answers_markdown()
+        if ans:
+            parts += [ans]
         return "\n".join(parts)
 
     # ------------------------------------------------------------ dose sweep
@@ -490,6 +493,49 @@ g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
                          f"{'-' if hg is None else hg.fmt()} | {f'{np.mean(doses):.3g}' if doses else '-'} | "
                          f"{f'{ret:.2f}' if math.isfinite(ret) else '-'} |")
         return "\n".join(lines) + "\n"
+
+    # ------------------------------------------------------------ the seed's questions
+    def steered_trained(self) -> list[ArmInfo]:
+        return [a for a in self.arms if a.kind in ("iterative", "online") and not a.control]
+
+    def trait_climb(self, arm: str, measure: str = "trait_heldout") -> stats.Interval | None:
+        """Last round / bake minus the first, per seed (the arm's own per-round evaluation), t-interval over seeds:
+        does the loop keep moving the trait?"""
+        key = DRIFT_KEYS[measure]
+        d = []
+        for r in self.by_arm.get(arm, []):
+            xs = [x.get(key[0], x.get(key[1])) for x in r.get("rounds", [])]
+            xs = [float(v) for v in xs if v is not None and math.isfinite(float(v))]
+            if len(xs) >= 2:
+                d.append(xs[-1] - xs[0])
+        return stats.t_interval(d) if d else None
+
+    def answers(self) -> list[dict]:
+        """One line per steered trained arm for each of the seed's questions and the prompting baseline, each with
+        its interval: Q1 heal gain over raw steering at equal coherence; Q2 incoh_ctx against the placebo; Q3 the
+        held-out trait's climb from the first round / bake to the last; P trait_llr* against the persona prompt."""
+        out = []
+        for a in self.steered_trained():
+            pl = next((x.name for x in self.arms if x.placebo_of == a.name), None)
+            qs = [("Q1 heals (heal gain, trait_llr* over raw steering at equal coherence)", self.heal_gain(a.name)),
+                  ("Q2 stays coherent (incoh_ctx vs its placebo; lower is better)",
+                   self.diff(a.name, pl, self.coh) if pl else None),
+                  ("Q3 keeps moving (held-out trait, last round / bake - first)", self.trait_climb(a.name)),
+                  ("P beats prompting (trait_llr* vs the persona prompt)",
+                   self.diff(a.name, "prompt", "trait_llr_heldout") if "prompt" in self.by_arm else None)]
+            for q, iv in qs:
+                if iv is not None and math.isfinite(iv.value):
+                    out.append(dict(question=q.split()[0], arm=a.name, value=iv.value, lo=iv.lo, hi=iv.hi,
+                                    n_seeds=iv.n_seeds, line=f"{q}: {a.name} {iv.fmt()}"))
+        return out
+
+    def answers_markdown(self) -> str:
+        ans = self.answers()
+        if not ans:
+            return ""
+        return ("## The seed's questions (exploratory unless declared above; 95% intervals)\n\n"
+                + "\n".join(f"- {x['line']}" for x in sorted(ans, key=lambda x: (x["question"] == "P", x["question"])))
+                + "\n")
 
     # ------------------------------------------------------------ drift over rounds / bakes
     def drift_arms(self) -> list[ArmInfo]:

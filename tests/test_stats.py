@@ -289,7 +289,7 @@ def test_drift_table_is_the_mean_over_seeds_per_round(tmp_path):
             dict(round=k, coh_healed=0.9) for k in range(2)]))
         rows.append(dict(arm="rmse", kind="iterative", seed=s, items={}, rounds=[
             dict(round=k, coh_healed=1.0 - 0.1 * k * s, barrier_active_frac=0.5, D_rmse=0.2 * s,
-                 gen_tokens=1000 * (k + 1) + 10 * s) for k in range(3)]))
+                 gen_tokens=1000 * (k + 1) + 10 * s, trait_heldout_healed=0.1 + 0.05 * k * s) for k in range(3)]))
         rows.append(dict(arm="none", kind="online", seed=s, items={}, rounds=[
             dict(bake=k, coherence=0.9, repetition=0.1 * k) for k in range(2)]))
     rep = Report("t", "m/x", "p", 0, arms, rows, AXIS, n_boot=10)
@@ -312,6 +312,13 @@ def test_drift_table_is_the_mean_over_seeds_per_round(tmp_path):
     data = json.loads(page[page.index("const D=") + 8:page.index(";\nD.panels")])["data"]
     assert [p[0] for p in data["rmse"]["coherent"]] == pytest.approx([1015.0, 2015.0, 3015.0])
     assert [p[0] for p in data["none"]["repetition"]] == [0, 1]
+    # Q3: the last round's held-out trait minus the first, per seed (0.1 and 0.2), t-interval over the seeds
+    climb = rep.trait_climb("rmse")
+    assert climb.value == pytest.approx(0.15) and climb.hi - 0.15 == pytest.approx(
+        12.706205 * statistics.stdev([0.1, 0.2]) / math.sqrt(2), rel=1e-6)
+    assert rep.trait_climb("none") is None  # its bakes logged no trait
+    q3 = [x for x in rep.answers() if x["question"] == "Q3"]
+    assert [x["arm"] for x in q3] == ["rmse"] and "Q3 keeps moving" in rep.markdown()
 
 
 def test_on_curve_interpolates_in_dose_order_and_never_extrapolates():
