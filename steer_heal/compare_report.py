@@ -334,9 +334,9 @@ class Report:
         heal = self.heal_markdown()
         if heal:
             parts += [heal]
-        ans = self.answers_markdown()
-        if ans:
-            parts += [ans]
+        for extra in (self.mfv_transfer_markdown(), self.answers_markdown()):
+            if extra:
+                parts += [extra]
         return "\n".join(parts)
 
     # ------------------------------------------------------------ dose sweep
@@ -492,6 +492,56 @@ g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
                          f"{self._cell(self.interval(a.name, 'trait_llr_heldout'), BY_NAME['trait_llr_heldout'])} | "
                          f"{'-' if hg is None else hg.fmt()} | {f'{np.mean(doses):.3g}' if doses else '-'} | "
                          f"{f'{ret:.2f}' if math.isfinite(ret) else '-'} |")
+        return "\n".join(lines) + "\n"
+
+    # ------------------------------------------------------------ MFV transfer
+    def _clr_shift(self, row: dict, base: np.ndarray) -> np.ndarray | None:
+        """Per vignette, the centred log-ratio of the row's 7-way answer distribution minus the base's."""
+        P = np.asarray(row.get("items", {}).get("mfv_p") or [], dtype=float)
+        if P.shape != base.shape:
+            return None
+        clr = lambda Q: np.log(Q + 1e-12) - np.log(Q + 1e-12).mean(1, keepdims=True)  # noqa: E731
+        return clr(P / P.sum(1, keepdims=True)) - clr(base / base.sum(1, keepdims=True))
+
+    def mfv_transfer(self, arm: str) -> dict | None:
+        """How much of raw steering's MFV answer pattern (the sweep arm nearest the arm's realised dose) a trained
+        arm carries, per seed: `all`, the projection of its per-vignette shift (vs base, centred log-ratios, all 7
+        foundations) on steering's; `axis`, its mean shift on the preset's foundations (signed), next to
+        steering's. A student can copy the shape of the steered answers and still not move the trait's axis.
+        A placebo is read against its steered arm's reference."""
+        a = self.arm(arm)
+        # a placebo is read against its steered arm's reference; an unsteered control without one has none
+        doses, sweep = [d for d in self._doses(a.placebo_of or arm) if d > 0], self.sweep_arms()
+        if not doses or not sweep or "base" not in self.by_arm:
+            return None
+        base = np.asarray(self.by_arm["base"][0].get("items", {}).get("mfv_p") or [], dtype=float)
+        if base.ndim != 2 or base.shape[1] != 7:
+            return None
+        ks = [float(self.by_arm[a.name][0].get("kappa") or np.nan) for a in sweep]
+        ref = sweep[int(np.nanargmin([abs(k - float(np.mean(doses))) for k in ks]))]
+        ds = self._clr_shift(self.by_arm[ref.name][0], base)
+        w = np.zeros(7)
+        for f, sgn in self.axis.items():
+            w[FOUNDATIONS.index(f)] = sgn / max(len(self.axis), 1)
+        per = [d for r in self.by_arm[arm] if (d := self._clr_shift(r, base)) is not None]
+        if ds is None or not per:
+            return None
+        return dict(ref=ref.name, all=stats.t_interval([float((d * ds).sum() / (ds * ds).sum()) for d in per]),
+                    axis=stats.t_interval([float((d @ w).mean()) for d in per]), ref_axis=float((ds @ w).mean()))
+
+    def mfv_transfer_markdown(self) -> str:
+        rows = [(a, t) for a in self.arms if a.kind in ("iterative", "online") and (t := self.mfv_transfer(a.name))]
+        if not rows:
+            return ""
+        lines = ["## MFV transfer (exploratory)\n",
+                 "Per vignette, each arm's shift of its 7-way answer distribution from base (centred log-ratios), "
+                 "against raw steering's at the sweep point nearest the arm's realised dose. all: projection on "
+                 "steering's shift over all foundations (1 = the whole pattern, 0 = none); axis: mean shift on the "
+                 f"preset's foundations ({', '.join(f'{f} {s:+d}' for f, s in self.axis.items())}), steering's "
+                 "beside it. 95% t-intervals over seeds.\n",
+                 "| arm | steering ref | all | axis | steering's axis |", "|---|---|---|---|---|"]
+        for a, t in rows:
+            lines.append(f"| {a.name} | {t['ref']} | {t['all'].fmt()} | {t['axis'].fmt()} | {t['ref_axis']:+.3f} |")
         return "\n".join(lines) + "\n"
 
     # ------------------------------------------------------------ the seed's questions

@@ -354,3 +354,35 @@ def test_heal_gain_and_retention_by_hand():
                        for s in (1, 2, 3)]
     g = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=300).heal_gain("arm")
     assert g.lo < 0.3 < g.hi and g.hi - g.lo > 0.01 and g.n_seeds == 3
+
+
+def test_mfv_transfer_reads_a_known_share_of_the_steered_pattern():
+    """An arm whose answer distributions are base x exp(0.5 delta) carries exactly half of steering's pattern
+    (base x exp(delta)): projection 0.5 over all foundations, and half of steering's mean shift on the axis;
+    its placebo, at base, carries none and is read against the same steering point."""
+    rng = np.random.default_rng(0)
+    base = rng.dirichlet(np.ones(7) * 5, size=40)
+    delta = rng.normal(0, 0.5, (40, 7))
+
+    def dist(k):
+        q = base * np.exp(k * delta)
+        return (q / q.sum(1, keepdims=True)).tolist()
+
+    steer = SimpleArm("steer_kl1", "steer")
+    steer.target_kl = 1.0
+    arms = [SimpleArm("base", "base"), steer, SimpleArm("arm", "online"), SimpleArm("arm_placebo", "online",
+                                                                                   "placebo", "arm")]
+    rows = [dict(arm="base", kind="base", seed=None, items=dict(mfv_p=base.tolist())),
+            dict(arm="steer_kl1", kind="steer", seed=None, kappa=1.0, items=dict(mfv_p=dist(1.0)))]
+    for s in (1, 2, 3):
+        rows.append(dict(arm="arm", kind="online", seed=s, doses=[[1.1]], items=dict(mfv_p=dist(0.5))))
+        rows.append(dict(arm="arm_placebo", kind="online", seed=s, doses=[[0.0]], items=dict(mfv_p=base.tolist())))
+    rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=10)
+    clr = delta - delta.mean(1, keepdims=True)  # steering's centred log-ratio shift, by hand
+    axis = float((clr[:, 0] - clr[:, 3]).mean() / 2)  # Care +1, Authority -1
+    t = rep.mfv_transfer("arm")
+    assert t["ref"] == "steer_kl1" and t["all"].value == pytest.approx(0.5, abs=1e-6)
+    assert t["ref_axis"] == pytest.approx(axis, abs=1e-6) and t["axis"].value == pytest.approx(axis / 2, abs=1e-6)
+    p = rep.mfv_transfer("arm_placebo")
+    assert p["ref"] == "steer_kl1" and p["all"].value == pytest.approx(0.0, abs=1e-6)
+    assert "## MFV transfer" in rep.mfv_transfer_markdown()
