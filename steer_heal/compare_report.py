@@ -228,7 +228,7 @@ class Report:
             idx = [i for i, x in enumerate(groups) if x == g]
             for i, q in zip(idx, stats.holm([ps[i] if math.isfinite(ps[i]) else 1.0 for i in idx])):
                 adj[i] = q
-        out = [self._line(a, b, roles.get((a, b), "primary"), m, d, "primary", p_holm, group=g)
+        out = [self._line(a, b, roles.get((a, b), g or "primary"), m, d, "primary", p_holm, group=g)
                for (a, b, m), d, p_holm, g in zip(prim, ds, adj, groups) if d is not None]
         declared = set(prim)
         for a, b, role in self.questions():
