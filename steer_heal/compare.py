@@ -292,10 +292,13 @@ def train_arm(cfg: CompareConfig, arm: Arm, seed: int) -> dict:
 def realised(d: Path, kind: str) -> dict:
     """What the arm actually ran with, read from its own run directory (not from today's config): the rollout
     engine and the generation doses per round / bake (iterative: alpha x kappa for each alpha; online: the
-    controller's kappa), so the report shows the doses that were realised."""
+    controller's kappa, x each of rollout_alphas where set), so the report shows the doses that were realised."""
     f = d / "config.yaml"
     rc = (yaml.safe_load(f.read_text()) or {}) if f.exists() else {}
-    alphas = [float(a) for a in rc.get("steer", {}).get("alphas", [1.0])] if kind == "iterative" else [1.0]
+    if kind == "iterative":
+        alphas = [float(a) for a in rc.get("steer", {}).get("alphas", [1.0])]
+    else:  # multi-strength rollouts: rollout j of a group at rollout_alphas[j % len] x kappa
+        alphas = [float(a) for a in (rc.get("online") or {}).get("rollout_alphas") or [1.0]]
     doses = [[round(a * float(r.get("kappa") or 0.0), 4) for a in alphas] for r in arm_rows(d, kind)]
     return dict(engine=rc.get("engine", "hf"), doses=doses)
 

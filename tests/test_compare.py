@@ -304,3 +304,16 @@ def test_study_config_check_refuses_changes_not_new_settings(tmp_path, tiny_dir)
     assert yaml.safe_load((cfg.dir / "compare_config.yaml").read_text())["seeds"] == [1, 2, 3]
     with pytest.raises(CompareError, match=r"other settings \(eval\); fix: restore"):
         check_study_config(load_compare(str(path), ["eval.think_tokens=9"]))
+
+
+def test_realised_doses_carry_each_multi_strength_rollout(tmp_path):
+    """An online arm with rollout_alphas generated at each alpha x the bake's kappa; without them, at kappa."""
+    import yaml
+
+    from steer_heal.compare import realised
+
+    (tmp_path / "bakes.jsonl").write_text('{"bake": 0, "kappa": 1.5}\n{"bake": 1, "kappa": 1.2}\n')
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"engine": "vllm", "online": {"rollout_alphas": [1.0, 2.0]}}))
+    assert realised(tmp_path, "online") == dict(engine="vllm", doses=[[1.5, 3.0], [1.2, 2.4]])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"engine": "vllm", "online": {"rollout_alphas": []}}))
+    assert realised(tmp_path, "online")["doses"] == [[1.5], [1.2]]
