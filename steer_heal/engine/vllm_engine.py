@@ -6,7 +6,7 @@ math the HF hook adds) into them in place, so the compiled / CUDA-graph model fo
 rebuild. Weight push: `push(student)` loads the baked decoder layers into the running model.
 `push_live(student)` (on-policy distillation: the engine serves the learner) pushes the live LoRA
 too: merged into whole decoder layers, or with `lora_sync` as a vLLM LoRA adapter (r x d tensors,
-reloaded in place), the baked layers still pushed at each bake.
+served under a new adapter id per push), the baked layers still pushed at each bake.
 Every change resets vLLM's prefix cache (cached prompt KV was computed under the old model).
 
 Colocation: `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps the engine core in this process (no spawned
@@ -54,7 +54,7 @@ class VLLMConfig:
     dtype: str = setting("auto", "auto: the trainer's dtype (bf16 on GPU, fp32 on CPU)")
     enable_prefix_caching: bool = setting(True, "reuse the KV of repeated prompts (GRPO repeats each "
                                                 "num_generations times)")
-    lora_sync: bool = setting(False, "objective opd: serve the live LoRA as a vLLM LoRA adapter, reloaded in place "
+    lora_sync: bool = setting(False, "objective opd: serve the live LoRA as a vLLM LoRA adapter, a new one "
                                      "before each rollout (r x d tensors), instead of pushing the decoder layers it "
                                      "touches merged; bakes are still pushed into the weights", (ONLINE,))
 
