@@ -20,6 +20,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from steer_heal import attention
 from steer_heal.tiny import build_tiny_model
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -147,6 +148,8 @@ def load_model(model_id: str = DEFAULT_MODEL, dtype: str = "auto", device: str =
     except ValueError:  # some architectures lack sdpa; eager always works
         kw["attn_implementation"] = "eager"
         model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    if model.config._attn_implementation == "sdpa":  # same numbers, no copied KV heads on CPU (attention.py)
+        model.set_attn_implementation(attention.NAME)
     model.to(device)
     model.eval()
     if model.config.pad_token_id is None:
