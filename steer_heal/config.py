@@ -147,6 +147,9 @@ class OnlineSection:
 @dataclass
 class RunConfig:
     preset: str = setting("care-over-authority", "persona pair, prompts and contexts (steer_heal/presets/)")
+    train_prompts: str = setting("", "a prompt set (steer_heal/presets/prompts/<name>.yaml or a YAML path with a "
+                                 "`prompts:` list) that replaces the preset's training prompts; the vector's contexts "
+                                 "and the held-out prompts stay the preset's")
     persona_pos: str = setting("", "override the preset's positive persona")
     persona_neg: str = setting("", "override the preset's negative persona")
     rounds: int = setting(3, "rounds of the iterative loop", (ITERATIVE,))

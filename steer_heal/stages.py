@@ -24,7 +24,7 @@ from steer_heal.evals.mfv import MFVResult, evaluate_mfv, trait_nats
 from steer_heal.evals.mfv_data import load_vignettes
 from steer_heal.evals.student import student_scores
 from steer_heal.models import load_model, num_layers
-from steer_heal.presets import Preset, load_preset
+from steer_heal.presets import Preset, load_preset, load_prompt_set
 from steer_heal.rundir import RunDir
 from steer_heal.steering import Steering, SteeringVector, check_personas, extract_vector, layer_band
 from steer_heal.student import Student
@@ -56,6 +56,8 @@ def run_preset(cfg: RunConfig) -> Preset:
     if cfg.persona_pos or cfg.persona_neg:
         preset.persona_pos, preset.persona_neg = cfg.persona_pos, cfg.persona_neg
         preset.persona_demos = []
+    if cfg.train_prompts:
+        preset.prompts = load_prompt_set(cfg.train_prompts, preset)
     check_personas(preset.persona_pos, preset.persona_neg)
     return preset
 

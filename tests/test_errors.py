@@ -151,3 +151,26 @@ def test_eval_prompts_are_no_near_copies_of_what_runs_see(name):
     assert overlap("How do you feel about strangers?", "How do you feel about children?") == 0.0
     with pytest.raises(ValueError, match="fix: dev or test"):
         p.split("train")
+
+
+def test_train_prompts_replace_only_the_training_prompts(tmp_path, mfv_dir):
+    """train_prompts swaps the preset's training prompts; the vector's contexts and the held-out prompts stay;
+    the shipped forced-choice set is no near copy of a held-out prompt or of any MFV vignette."""
+    from steer_heal.config import RunConfig
+    from steer_heal.evals.mfv_data import load_vignettes
+    from steer_heal.presets import NEAR_DUPLICATE, load_prompt_set, overlap
+    from steer_heal.stages import run_preset
+
+    plain = run_preset(RunConfig(preset="love-of-humanity"))
+    swapped = run_preset(RunConfig(preset="love-of-humanity", train_prompts="forced-choice"))
+    assert swapped.prompts != plain.prompts and len(swapped.prompts) >= 32
+    assert (swapped.contexts, swapped.dev_prompts, swapped.test_prompts) == \
+        (plain.contexts, plain.dev_prompts, plain.test_prompts)
+    vignettes = [r["text"] for r in load_vignettes(mfv_dir, "classic", "other_violate")]
+    assert max(overlap(a, v) for a in swapped.prompts for v in vignettes) < NEAR_DUPLICATE
+    near = tmp_path / "near.yaml"
+    near.write_text('prompts: ["Describe the people on the night bus heading home after work."]\n')
+    with pytest.raises(ValueError, match="nearly copies the held-out prompt .*fix: reword or drop it"):
+        load_prompt_set(str(near), plain)
+    with pytest.raises(ValueError, match="unknown prompt set 'nope'; fix: use one of"):
+        load_prompt_set("nope", plain)

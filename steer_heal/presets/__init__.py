@@ -79,6 +79,26 @@ def near_duplicates(p: Preset, threshold: float = NEAR_DUPLICATE) -> list[tuple[
     return out
 
 
+def load_prompt_set(name_or_path: str, preset: Preset) -> list[str]:
+    """A training prompt set in place of the preset's (presets/prompts/<name>.yaml or a path). Refused when one
+    of its prompts nearly copies a held-out prompt: the evaluation would read what the run trained on."""
+    p = Path(name_or_path)
+    if not p.exists():
+        p = HERE / "prompts" / f"{name_or_path}.yaml"
+    if not p.exists():
+        names = sorted(q.stem for q in (HERE / "prompts").glob("*.yaml"))
+        raise ValueError(f"unknown prompt set '{name_or_path}'; fix: use one of {names} or a YAML path")
+    prompts = list((yaml.safe_load(p.read_text()) or {}).get("prompts") or [])
+    if not prompts:
+        raise ValueError(f"prompt set {p} has no prompts; fix: give it a `prompts:` list")
+    for e in preset.dev_prompts + preset.test_prompts:
+        hit = max(prompts, key=lambda t: overlap(e, t))
+        if overlap(e, hit) >= NEAR_DUPLICATE:
+            raise ValueError(f"prompt set {p}: '{hit}' nearly copies the held-out prompt '{e}' "
+                             f"(overlap {overlap(e, hit):.2f}); fix: reword or drop it")
+    return prompts
+
+
 def available() -> list[str]:
     return sorted(p.stem for p in HERE.glob("*.yaml") if p.stem != "general_contexts")
 
