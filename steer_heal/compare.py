@@ -33,7 +33,7 @@ from reward.validation import load_labelled, score_labelled, trait_gap
 from reward.validation import report as validation_report
 from steer_heal import stages
 from steer_heal.chat import encode_prompt, render_prompt
-from steer_heal.compare_report import PRIMARY_MEASURES, Report, answers_page, load_preset_axis
+from steer_heal.compare_report import EXPECTS, PRIMARY_MEASURES, Report, answers_page, load_preset_axis
 from steer_heal.config import (
     CONTROLS,
     ConfigError,
@@ -106,7 +106,9 @@ class CompareConfig:
                                              "intervals over seeds x eval items")
     pairs: list[list[str]] = setting([], "extra verdicts, [a, b] per line: e.g. online vs iterative, rmse vs mean")
     primary: list[list[str]] = setting([], "the study's primary questions, declared before it runs: [a, b, measure] "
-                                           "or [a, b, measure, family] per line; their verdicts are Holm-adjusted "
+                                           "or [a, b, measure, family] or [a, b, measure, family, expected] per "
+                                           "line (expected: better | worse | not worse, written before the run; "
+                                           "the report says whether the verdict supports it); Holm-adjusted "
                                            "within each family (unnamed: one), every other line is exploratory")
     n_boot: int = setting(2000, "bootstrap replicates of every interval")
     min_auroc: float = setting(0.75, "a judge under this AUROC on the labelled replies is marked and not used in "
@@ -190,9 +192,11 @@ def load_compare(path: str, overrides: list[str] = ()) -> CompareConfig:
         if len(pair) != 2 or not set(pair) <= set(names):
             raise CompareError(f"pairs entry {pair} must name two arms of the config; fix: pick from {names}")
     for q in cfg.primary:
-        if len(q) not in (3, 4) or not set(q[:2]) <= set(names) or q[2] not in PRIMARY_MEASURES:
-            raise CompareError(f"primary entry {q} must be [arm, arm, measure] or [arm, arm, measure, family] with "
-                               f"arms of the config and a measure in {PRIMARY_MEASURES}; fix: e.g. [iter_rmse, "
+        if (len(q) not in (3, 4, 5) or not set(q[:2]) <= set(names) or q[2] not in PRIMARY_MEASURES
+                or (len(q) == 5 and q[4] not in EXPECTS)):
+            raise CompareError(f"primary entry {q} must be [arm, arm, measure], [arm, arm, measure, family] or [arm, "
+                               f"arm, measure, family, expected] with arms of the config, a measure in "
+                               f"{PRIMARY_MEASURES} and expected one of {EXPECTS}; fix: e.g. [iter_rmse, "
                                "iter_rmse_placebo, trait_llr_heldout]")
     return cfg
 

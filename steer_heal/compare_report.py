@@ -61,6 +61,17 @@ DIFFS = ["trait_nats", "trait_nats_answering", "pmass", "trait_llr_heldout", "in
 VERDICT_MEASURES = ["trait_nats", "trait_llr_heldout", "incoh_ctx"]
 # a declared question may ask any measure with a direction (e.g. a reward ablation's verbalisation or refusal)
 PRIMARY_MEASURES = [m.name for m in MEASURES if m.higher_is_better is not None]
+EXPECTS = ("better", "worse", "not worse")  # a declared question's expected verdict (5th element of a primary entry)
+
+
+def against_expectation(expect: str, verdict: str) -> str:
+    """supported | not supported | contradicted: a declared expectation read against the verdict."""
+    if verdict not in ("better", "worse", "not distinguishable"):
+        return "no verdict"
+    if expect == "not worse":  # no margin was declared: only a 'worse' verdict contradicts it
+        return "contradicted" if verdict == "worse" else "supported"
+    opposite = {"better": "worse", "worse": "better"}[expect]
+    return "supported" if verdict == expect else "contradicted" if verdict == opposite else "not supported"
 PMASS_DROP = 0.25  # an arm whose answer-token mass falls by more than this fraction vs base is flagged
 INTERVAL_NOTE = ("Intervals: 95%, carrying the seed-to-seed spread: Student's t with Satterthwaite degrees of freedom "
                  "on a seeds x items variance decomposition (steer_heal/stats.py; items paired across arms, seeds "
@@ -228,8 +239,9 @@ class Report:
             idx = [i for i, x in enumerate(groups) if x == g]
             for i, q in zip(idx, stats.holm([ps[i] if math.isfinite(ps[i]) else 1.0 for i in idx])):
                 adj[i] = q
-        out = [self._line(a, b, roles.get((a, b), g or "primary"), m, d, "primary", p_holm, group=g)
-               for (a, b, m), d, p_holm, g in zip(prim, ds, adj, groups) if d is not None]
+        expects = [q[4] if len(q) > 4 else "" for q in self.primary]
+        out = [self._line(a, b, roles.get((a, b), g or "primary"), m, d, "primary", p_holm, group=g, expect=x)
+               for (a, b, m), d, p_holm, g, x in zip(prim, ds, adj, groups, expects) if d is not None]
         declared = set(prim)
         for a, b, role in self.questions():
             for m in VERDICT_MEASURES:
@@ -239,7 +251,7 @@ class Report:
         return out
 
     def _line(self, a: str, b: str, role: str, m: str, d: stats.Interval, family: str, p_holm=None,
-              group: str = "") -> dict:
+              group: str = "", expect: str = "") -> dict:
         meas = BY_NAME[m]
         if self.trusted(m):
             v = stats.verdict(d, meas.higher_is_better, p_adjusted=p_holm if family == "primary" else None)
@@ -256,9 +268,13 @@ class Report:
             line += "  [pmass fell >25%: format shift?]"
         if d.dropped:
             line += f"  [{d.dropped} of {self.n_boot} bootstrap replicates non-finite, left out]"
-        return dict(a=a, b=b, role=role, measure=m, family=family, group=group, value=d.value, lo=d.lo, hi=d.hi,
-                    se=d.se, df=d.df, p=p, p_holm=p_holm if family == "primary" else None, n_seeds=d.n_seeds,
-                    verdict=v, line=line)
+        out = dict(a=a, b=b, role=role, measure=m, family=family, group=group, value=d.value, lo=d.lo, hi=d.hi,
+                   se=d.se, df=d.df, p=p, p_holm=p_holm if family == "primary" else None, n_seeds=d.n_seeds,
+                   verdict=v, line=line)
+        if expect:
+            out.update(expect=expect, expect_result=against_expectation(expect, v))
+            out["line"] += f"  (expected {expect}: {out['expect_result']})"
+        return out
 
     # ------------------------------------------------------------ markdown
     def _cell(self, iv: stats.Interval | None, m: Measure, signed: bool = False) -> str:

@@ -185,6 +185,10 @@ def test_bad_compare_config_one_line(tmp_path):
                                                 overrides=dict(objective="opd"))])))
     with pytest.raises(CompareError, match="fix: compare the arm with base"):
         load_compare(str(p))
+    p.write_text(yaml.safe_dump(dict(arms=[dict(name="a", kind="base"), dict(name="b", kind="prompt")],
+                                     primary=[["a", "b", "trait_llr_heldout", "f", "higher"]])))
+    with pytest.raises(CompareError, match=r"expected one of \('better', 'worse', 'not worse'\)"):
+        load_compare(str(p))
 
 
 def test_a_run_of_one_seed_lands_where_the_full_study_looks(tmp_path, tiny_dir):

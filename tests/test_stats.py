@@ -261,6 +261,24 @@ def test_named_families_are_holm_adjusted_each_on_its_own():
         assert verb["hi"] < 0
 
 
+def test_declared_expectations_are_read_against_the_verdicts():
+    from steer_heal.compare_report import against_expectation
+
+    table = {("better", "better"): "supported", ("better", "not distinguishable"): "not supported",
+             ("better", "worse"): "contradicted", ("worse", "worse"): "supported", ("worse", "better"): "contradicted",
+             ("not worse", "not distinguishable"): "supported", ("not worse", "better"): "supported",
+             ("not worse", "worse"): "contradicted", ("better", "no verdict (n = 2 < 3 seeds)"): "no verdict"}
+    assert {k: against_expectation(*k) for k in table} == table
+    arms, rows = _rows(shift_trait=1.0)  # the arm far above its placebo on the trait
+    primary = [["arm", "arm_placebo", "trait_llr_heldout", "x", "better"],
+               ["arm", "arm_placebo", "trait_llr_heldout", "y", "worse"], ["arm", "prompt", "incoh_ctx", "x"]]
+    rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=200, primary=primary)
+    prim = [v for v in rep.verdicts() if v["family"] == "primary"]
+    assert prim[0]["verdict"] == "better" and prim[0]["expect_result"] == "supported"
+    assert prim[0]["line"].endswith("(expected better: supported)")
+    assert prim[1]["expect_result"] == "contradicted" and "expect" not in prim[2]
+
+
 def test_report_references_each_trained_arm_to_its_controls():
     arms, rows = _rows()
     rep = Report("t", "m", "p", 0, arms, rows, AXIS, pairs=[["arm", "prompt"]], n_boot=100)
