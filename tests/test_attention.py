@@ -1,5 +1,5 @@
-"""sdpa_gqa (steer_heal/attention.py) against transformers' own sdpa (KV heads copied) in float64: logits on a left-padded
-batch, greedy decoding through the KV cache, and gradients; and it skips the KV-head copy."""
+"""sdpa_gqa (steer_heal/attention.py) against transformers' own sdpa (KV heads copied) in float64: logits on a
+left-padded batch, greedy decoding through the KV cache, and gradients; and it skips the KV-head copy."""
 import copy
 import json
 
@@ -73,7 +73,8 @@ def test_masked_grouped_calls_do_not_copy_kv_heads(tiny, monkeypatch):
 @pytest.mark.parametrize("device", ["meta"])
 def test_other_devices_use_transformers_own_sdpa(tiny, monkeypatch, device):
     seen = []
-    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: seen.append(a[1].device.type) or (None, None))
+    monkeypatch.setattr(attention, "sdpa_attention_forward",
+                        lambda *a, **k: seen.append(a[1].device.type) or (None, None))
     mod = type("M", (), {"num_key_value_groups": 2, "is_causal": True})()
     q = torch.empty(1, 2, 3, 8, device=device)
     kv = torch.empty(1, 1, 3, 8, device=device)
