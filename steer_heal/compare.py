@@ -520,7 +520,9 @@ class Evaluator:
                          mfv_nll_prefill=[_finite(x["nll_prefill"]) for x in mfv.rows])
             out.update(trait_nats=trait_nats(mfv, self.preset.foundations), pmass=mfv.pmass_allowed,
                        nll_prefill=mfv.nll_prefill, unscorable=mfv.frac_unscorable, profile=mfv.profile)
-        return out | dict(items=items, texts=texts, prompts=self.users)
+        # the think traces stay in the evaluation cache (not in compare.jsonl): the MFV gap's text-side diagnosis
+        think = [[x["think_fwd"], x["think_rev"]] for x in mfv.rows] if mfv is not None else []
+        return out | dict(items=items, texts=texts, prompts=self.users, mfv_think=think)
 
 
 def _finite(x: float) -> float:
@@ -679,7 +681,7 @@ def _row(cfg, arm: Arm, seed, res: dict, base: dict) -> dict:
                # what the arm ran with, from its own record (arm_done.json), not from today's config
                engine=info.get("engine", "?") if arm.trained else "", doses=info.get("doses"),
                gen_tokens=info.get("gen_tokens", 0), seconds=info.get("seconds", 0.0),
-               **{k: v for k, v in res.items() if k not in ("texts", "prompts", "items")})
+               **{k: v for k, v in res.items() if k not in ("texts", "prompts", "items", "mfv_think")})
     for k in ("trait_nats", "trait_llr_heldout", "incoherence"):
         if k in res and k in base:
             row[f"d_{k}"] = res[k] - base[k]

@@ -52,6 +52,10 @@ def test_comparison_controls_sweep_intervals_budget_and_resume(tiny_dir, mfv_dir
     # capability next to trait: base against itself is at KL 0 on the neutral answers; the prompt moves it
     assert rows[("base", None)]["cap_kl"] < 1e-5 < rows[("prompt", None)]["cap_kl"]
     assert rows[("base", None)]["cap_nll"] > 0 and "cap_nll" in (d / "compare.md").read_text()
+    # the MFV think traces stay in the evaluation cache (both frames per vignette), not in compare.jsonl
+    cache = json.loads((d / "eval" / "base.json").read_text())
+    assert len(cache["mfv_think"]) == len(cache["items"]["mfv_p"]) and all(len(t) == 2 for t in cache["mfv_think"])
+    assert "mfv_think" not in rows[("base", None)]
     # the sweep: a larger iso-KL target gives a larger dose and a larger KL to base
     lo, hi = rows[("steer_lo", None)], rows[("steer_hi", None)]
     assert lo["target_kl"] == 0.05 and hi["target_kl"] == 1.0 and lo["kappa"] < hi["kappa"]
