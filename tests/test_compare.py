@@ -232,6 +232,13 @@ def test_shipped_studies_load_and_every_arm_parses():
                 assert {a.overrides.get(agg) for a in arms} >= {"rmse", "mean", "p95", "max"}, kind
                 assert any(a.overrides.get(beta) == 0.0 for a in arms), kind
             assert {a.kind for a in cfg.arms if a.placebo_of} == {"iterative", "online"}  # drift from training alone
+        elif f.stem == "smollm2_leash":  # issue 31's leash sweep, stage 1: chooses on the dev split, >= 8 rounds
+            assert kinds == {"base", "iterative"} and cfg.eval.split == "dev"
+            it = [a for a in cfg.arms if a.kind == "iterative"]
+            assert all(a.overrides["rounds"] >= 8 for a in it)
+            assert len({a.overrides["heal.kl_tau"] for a in it}) >= 3  # tau at >= 3 values
+            assert {a.overrides["heal.kl_reference"] for a in it} == {"prev", "base"}
+            assert any(a.overrides.get("heal.kl_beta_decay_power", 0) < 0 for a in it)  # the seed's decaying beta
         else:
             assert kinds == {"base", "prompt", "steer", "iterative", "online"}, f
             assert len(cfg.seeds) >= 3 and cfg.eval.eval_prompts >= 24 and cfg.eval.mfv_n == 0, f
