@@ -151,9 +151,14 @@ def _score(args) -> int:
 
 
 def _compare(args) -> int:
-    from steer_heal.compare import load_compare, report_from, run_compare
+    from steer_heal.compare import CompareError, load_compare, merge_study, report_from, run_compare
 
     cfg = load_compare(args.config, args.overrides)
+    if args.merge_from and not args.report_only:
+        raise CompareError("--merge-from needs --report-only DIR (the study folder it merges into)")
+    if args.merge_from:
+        for line in merge_study(Path(args.merge_from), Path(args.report_only)):
+            print(f"[compare] {line} (from {args.merge_from})")
     if args.report_only:
         report_from(cfg, Path(args.report_only))
         print(f"done: {args.report_only}/compare.md, {args.report_only}/verdicts.json (from its compare.jsonl)")
@@ -218,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--report-only", metavar="DIR", default="",
                    help="rebuild the report in DIR from DIR/compare.jsonl and DIR/judges.json alone (no model; e.g. "
                         "a study committed under docs/studies/)")
+    c.add_argument("--merge-from", metavar="RUN_DIR", default="",
+                   help="with --report-only DIR: first merge RUN_DIR's rows (another run of the same study, e.g. arms "
+                        "added in a fresh runs/ folder) into DIR/compare.jsonl, replacing the same arm x seed")
     c.add_argument("--train-only", action="store_true",
                    help="train the selected arms and stop (evaluate and report later, e.g. after a code change)")
     c.add_argument("overrides", nargs="*", help="key=value overrides of the comparison config, e.g. budget_tokens=4000")

@@ -728,6 +728,40 @@ def write_report(cfg: CompareConfig, rows: list[dict], judges: dict, d: Path | N
         answers_page(d, rows)
 
 
+def merge_study(src: Path, into: Path) -> list[str]:
+    """Another run of the same study (src/compare.jsonl) merged into a study folder (into/compare.jsonl): each arm x
+    seed in src replaces the same one in into, the rest of into is kept. Both must come from one evaluator (their base
+    rows carry the same fingerprint: model, preset files, settings, evaluation code), else refused in one line. A study
+    that spans checkouts (a fresh runs/ folder) adds its arms to the committed copy this way. Returns what changed."""
+    def rows(d: Path) -> list[dict]:
+        if not (d / "compare.jsonl").exists():
+            raise CompareError(f"{d} has no compare.jsonl; fix: pass a study folder (a finished run's or its committed "
+                               "copy under docs/studies/)")
+        return [json.loads(x) for x in (d / "compare.jsonl").read_text().splitlines() if x.strip()]
+
+    new, old = rows(src), rows(into)
+    fp = {d: {r.get("fingerprint") for r in rs if r["arm"] == "base"} for d, rs in ((src, new), (into, old))}
+    if not fp[src] or fp[src] != fp[into]:
+        raise CompareError(f"{src} and {into} were evaluated under different evaluators (base fingerprints "
+                           f"{sorted(map(str, fp[src]))} vs {sorted(map(str, fp[into]))}); fix: re-evaluate one of "
+                           "them under today's settings (their arms' rows are not comparable)")
+    for j in ("judges.json",):
+        a, b = src / j, into / j
+        if a.exists() and b.exists() and json.loads(a.read_text()) != json.loads(b.read_text()):
+            raise CompareError(f"{a} and {b} differ (the judges were scored differently); fix: re-evaluate one study")
+    key = lambda r: (r["arm"], r["seed"])  # noqa: E731
+    incoming = {key(r): r for r in new if r["arm"] != "base"}  # base is the same evaluation on both sides
+    kept = [incoming.pop(key(r), None) or r for r in old]
+    changed = [f"replaced {a} seed {s}" for a, s in (key(r) for r in new if r["arm"] != "base")
+               if any(key(o) == (a, s) for o in old)]
+    changed += [f"added {a} seed {s}" for a, s in incoming]
+    with open(into / "compare.jsonl.tmp", "w") as f:
+        for r in kept + list(incoming.values()):
+            f.write(json.dumps(r) + "\n")
+    os.replace(into / "compare.jsonl.tmp", into / "compare.jsonl")
+    return changed
+
+
 def report_from(cfg: CompareConfig, d: Path) -> Report:
     """The report (compare.md, verdicts.json, dose sweep, drift, frontier) from d/compare.jsonl and d/judges.json."""
     if not (d / "compare.jsonl").exists():

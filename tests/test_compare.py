@@ -332,3 +332,37 @@ def test_realised_doses_carry_each_multi_strength_rollout(tmp_path):
     assert realised(tmp_path, "online") == dict(engine="vllm", doses=[[1.5, 3.0], [1.2, 2.4]])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"engine": "vllm", "online": {"rollout_alphas": []}}))
     assert realised(tmp_path, "online")["doses"] == [[1.5], [1.2]]
+
+
+def test_merge_study_adds_and_replaces_rows_only_under_one_evaluator(tmp_path, capsys):
+    """A study continued in a fresh runs/ folder merges into its committed copy: new arm x seeds are added, the
+    same arm x seed is replaced, the rest kept in order; a run under another evaluator (base fingerprint) or other
+    judges is refused in one line, and the committed file is left as it was."""
+    from steer_heal.cli import main
+    from steer_heal.compare import CompareError, merge_study
+
+    def study(d, rows, judges=None):
+        d.mkdir()
+        (d / "compare.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (d / "judges.json").write_text(json.dumps(judges or {"incoh_ctx": 1.0}))
+        return d
+
+    base = dict(arm="base", seed=None, fingerprint="f0", x=0.0)
+    old = [base, dict(arm="a", seed=1, x=1.0), dict(arm="a", seed=2, x=2.0), dict(arm="b", seed=1, x=3.0)]
+    into = study(tmp_path / "docs", old)
+    src = study(tmp_path / "run", [base | dict(x=9.0), dict(arm="a", seed=2, x=20.0), dict(arm="c", seed=1, x=4.0)])
+    assert merge_study(src, into) == ["replaced a seed 2", "added c seed 1"]
+    got = [json.loads(x) for x in (into / "compare.jsonl").read_text().splitlines()]
+    assert [(r["arm"], r["seed"], r["x"]) for r in got] == [("base", None, 0.0), ("a", 1, 1.0), ("a", 2, 20.0),
+                                                           ("b", 1, 3.0), ("c", 1, 4.0)]
+    before = (into / "compare.jsonl").read_text()
+    other = study(tmp_path / "other", [base | dict(fingerprint="f1"), dict(arm="d", seed=1, x=5.0)])
+    with pytest.raises(CompareError, match="different evaluators"):
+        merge_study(other, into)
+    judged = study(tmp_path / "judged", [base, dict(arm="d", seed=1, x=5.0)], judges={"incoh_ctx": 0.5})
+    with pytest.raises(CompareError, match="judges"):
+        merge_study(judged, into)
+    assert (into / "compare.jsonl").read_text() == before
+    cfg = ROOT / "recipes/compare/smollm2_cpu.yaml"  # the command line refuses a merge without its target
+    assert main(["compare", "--config", str(cfg), "--merge-from", str(src)]) == 2
+    assert "--merge-from needs --report-only" in capsys.readouterr().err
