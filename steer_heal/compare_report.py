@@ -66,6 +66,8 @@ EXPECTS = ("better", "worse", "not worse")  # a declared question's expected ver
 
 def against_expectation(expect: str, verdict: str) -> str:
     """supported | not supported | contradicted: a declared expectation read against the verdict."""
+    if verdict.startswith("untestable"):
+        return "untestable"
     if verdict not in ("better", "worse", "not distinguishable"):
         return "no verdict"
     if expect == "not worse":  # no margin was declared: only a 'worse' verdict contradicts it
@@ -186,6 +188,15 @@ class Report:
             self._cache[key] = None if va is None or vb is None else stats.paired_diff(va, vb, self.n_boot)
         return self._cache[key]
 
+    def constant(self, a: str, b: str, measure: str) -> float | None:
+        """The one value a measure takes on every finite item of both arms, or None: no variance, no question."""
+        va, vb = self.values(a, measure), self.values(b, measure)
+        if va is None or vb is None:
+            return None
+        x = np.concatenate([np.ravel(va.x), np.ravel(vb.x)])
+        x = x[np.isfinite(x)]
+        return float(x[0]) if x.size and np.all(x == x[0]) else None
+
     def trusted(self, measure: str) -> bool:
         a = self.judges.get(measure)
         return a is None or (isinstance(a, float) and math.isfinite(a) and a >= self.min_auroc)
@@ -253,7 +264,10 @@ class Report:
     def _line(self, a: str, b: str, role: str, m: str, d: stats.Interval, family: str, p_holm=None,
               group: str = "", expect: str = "") -> dict:
         meas = BY_NAME[m]
-        if self.trusted(m):
+        c = self.constant(a, b, m)
+        if c is not None:  # e.g. a penalty that never fired: 'not distinguishable' would read as a measured null
+            v = f"untestable ({meas.label} = {c:g} on every item of both arms)"
+        elif self.trusted(m):
             v = stats.verdict(d, meas.higher_is_better, p_adjusted=p_holm if family == "primary" else None)
         else:
             v = f"not used (judge AUROC < {self.min_auroc})"

@@ -404,3 +404,20 @@ def test_mfv_transfer_reads_a_known_share_of_the_steered_pattern():
     p = rep.mfv_transfer("arm_placebo")
     assert p["ref"] == "steer_kl1" and p["all"].value == pytest.approx(0.0, abs=1e-6)
     assert "## MFV transfer" in rep.mfv_transfer_markdown()
+
+
+def test_a_measure_constant_in_both_arms_is_untestable_not_a_null():
+    # a reward ablation whose penalty never fired: verbalisation is 0 on every item of both arms, so
+    # 'not distinguishable' (a measured null) would mislead; one nonzero item makes it a question again
+    arms, rows = _rows(shift_trait=0.5)
+    for r in rows:
+        r["items"]["verbalisation"] = [0.0] * len(r["items"]["verbalisation"])
+    primary = [["arm", "arm_placebo", "verbalisation", "abl", "worse"]]
+    rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=100, primary=primary)
+    v = next(v for v in rep.verdicts() if v["family"] == "primary")
+    assert v["verdict"] == "untestable (verb = 0 on every item of both arms)"
+    assert v["expect_result"] == "untestable" and v["line"].endswith("(expected worse: untestable)")
+    next(r for r in rows if r["arm"] == "arm")["items"]["verbalisation"][3] = 1.0
+    rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=100, primary=primary)
+    v = next(v for v in rep.verdicts() if v["family"] == "primary")
+    assert v["verdict"] in ("better", "worse", "not distinguishable") and v["value"] > 0
