@@ -9,6 +9,7 @@ from __future__ import annotations
 import html as H
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -476,16 +477,27 @@ g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
             xs, ys = self._seed_means(arm, self.coh, items), self._seed_means(arm, trait, items)
             return np.array([y - on_curve(x, X, Y) for x, y in zip(xs, ys)])
 
+        # a seed whose coherence lies outside the curve has no gain: the rest carry the value and the seed part
+        # (the count shows beside the line, so 2 of 3 seeds is not read as 3)
         g = gains()
-        value = float(np.nanmean(g)) if np.isfinite(g).any() else float("nan")
+        g = g[np.isfinite(g)]
+        if not g.size:
+            return None
+        value = float(np.mean(g))
         n = self.values(arm, trait).n_items
         rng = np.random.default_rng(0)
-        reps = np.array([np.nanmean(gains(rng.integers(0, n, n))) for _ in range(self.n_boot)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample with every seed off the curve: NaN, dropped
+            reps = np.array([np.nanmean(gains(rng.integers(0, n, n))) for _ in range(self.n_boot)])
         ok = np.isfinite(reps)
         S = len(g)
         terms = [(float(np.var(g, ddof=1)) / S if S > 1 else 0.0, S - 1),
                  (float(np.var(reps[ok], ddof=1)) if ok.sum() > 1 else float("nan"), n - 1)]
         return stats._interval(value, terms, int((~ok).sum()), S if self.values(arm, trait).trained else 0)
+
+    def _on_curve_note(self, arm: str, q: str, iv: stats.Interval) -> str:
+        S = len(self.by_arm.get(arm, []))
+        return f" ({iv.n_seeds} of {S} seeds inside the dose curve)" if q.startswith("Q1") and iv.n_seeds < S else ""
 
     def _doses(self, arm: str) -> list[float]:
         """Every generation dose the arm's seeds realised (per round / bake and alpha), from arm_done.json."""
@@ -520,7 +532,8 @@ g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
             hg, doses, ret = self.heal_gain(a.name), self._doses(a.name), self.retention(a.name)
             lines.append(f"| {a.name} | {self._cell(self.interval(a.name, self.coh), BY_NAME[self.coh])} | "
                          f"{self._cell(self.interval(a.name, 'trait_llr_heldout'), BY_NAME['trait_llr_heldout'])} | "
-                         f"{'-' if hg is None else hg.fmt()} | {f'{np.mean(doses):.3g}' if doses else '-'} | "
+                         f"{'-' if hg is None else hg.fmt() + self._on_curve_note(a.name, 'Q1', hg)} | "
+                         f"{f'{np.mean(doses):.3g}' if doses else '-'} | "
                          f"{f'{ret:.2f}' if math.isfinite(ret) else '-'} |")
         return "\n".join(lines) + "\n"
 
@@ -605,8 +618,9 @@ g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
                    self.diff(a.name, "prompt", "trait_llr_heldout") if "prompt" in self.by_arm else None)]
             for q, iv in qs:
                 if iv is not None and math.isfinite(iv.value):
+                    note = self._on_curve_note(a.name, q, iv)
                     out.append(dict(question=q.split()[0], arm=a.name, value=iv.value, lo=iv.lo, hi=iv.hi,
-                                    n_seeds=iv.n_seeds, line=f"{q}: {a.name} {iv.fmt()}"))
+                                    n_seeds=iv.n_seeds, line=f"{q}: {a.name} {iv.fmt()}{note}"))
         return out
 
     def answers_markdown(self) -> str:

@@ -372,6 +372,16 @@ def test_heal_gain_and_retention_by_hand():
                        for s in (1, 2, 3)]
     g = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=300).heal_gain("arm")
     assert g.lo < 0.3 < g.hi and g.hi - g.lo > 0.01 and g.n_seeds == 3
+    # a seed less incoherent than anything on the curve (0.5 < base's 1.0) has no gain: the other two carry the
+    # value (0.3 and 0.5 above the curve: mean 0.4) and the seed part, and the line says 2 of 3
+    rows = rows[:2] + [dict(arm="arm", kind="online", seed=s, doses=[[1.0]], items=items(inc, llr))
+                       for s, inc, llr in ((1, 1.5, 0.8), (2, 1.5, 1.0), (3, 0.5, 0.0))]
+    rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=50)
+    g = rep.heal_gain("arm")
+    half = 12.706205 * statistics.stdev([0.3, 0.5]) / math.sqrt(2)
+    assert g.value == pytest.approx(0.4) and g.n_seeds == 2 and g.hi - 0.4 == pytest.approx(half, rel=1e-6)
+    q1 = next(x for x in rep.answers() if x["question"] == "Q1")
+    assert q1["line"].endswith("(2 of 3 seeds inside the dose curve)")
 
 
 def test_mfv_transfer_reads_a_known_share_of_the_steered_pattern():
