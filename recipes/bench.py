@@ -17,6 +17,7 @@ Memory rows run in fresh subprocesses so each peak is its own.
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import gc
 import json
@@ -308,6 +309,26 @@ def bench_mfv(lm, think: int, batch: int, n_sub: int = 44, full_set: bool = True
                  detail=f"pmass {mine.pmass_allowed:.3f}"),
             dict(what="MFV speed-up vs tinymfv's own evaluate (same subset, same run)", value=ref["seconds"] / dt_sub,
                  unit="x", detail="goal >= 4x; both warmed on one batch of their own size")]
+    # where the time goes: with one think token the run is the prompts' prefill (+ the answer pass), work
+    # tinymfv does at the same cost (fp32 GEMMs on all cores); batching can only shrink the rest
+    t = time.perf_counter()
+    evaluate_mfv(lm.model, lm.tokenizer, sub, think_tokens=1, batch_size=batch, progress=False)
+    dt_pre = time.perf_counter() - t
+    out += [dict(what="  MFV subset with 1 think token (prefill + answer pass)", value=dt_pre, unit="s",
+                 detail=f"{dt_pre / dt_sub:.0%} of the T={think} run: the part batching cannot shrink"),
+            dict(what="  ceiling of the speed-up (tinymfv / prefill + answer pass)", value=ref["seconds"] / dt_pre,
+                 unit="x", detail="if the think tokens cost nothing")]
+    # the same subset in bf16 (information: on a CPU with AMX the prefill GEMMs run several times faster; the
+    # numbers move, so the study evaluations stay fp32 on CPU)
+    m16 = copy.deepcopy(lm.model).to(torch.bfloat16)
+    evaluate_mfv(m16, lm.tokenizer, sub[:max(1, batch // 2)], think_tokens=think, batch_size=batch, progress=False)
+    t = time.perf_counter()
+    r16 = evaluate_mfv(m16, lm.tokenizer, sub, think_tokens=think, batch_size=batch, progress=False)
+    dt16 = time.perf_counter() - t
+    del m16
+    out.append(dict(what=f"  MFV subset in bf16, batch {batch} (information)", value=dt16, unit="s",
+                    detail=f"{dt_sub / dt16:.2f}x fp32; pmass {r16.pmass_allowed:.4f} vs fp32 "
+                           f"{mine.pmass_allowed:.4f}"))
     return out
 
 
