@@ -233,12 +233,20 @@ def test_shipped_studies_load_and_every_arm_parses():
                 assert any(a.overrides.get(beta) == 0.0 for a in arms), kind
             assert {a.kind for a in cfg.arms if a.placebo_of} == {"iterative", "online"}  # drift from training alone
         elif f.stem == "smollm2_leash":  # issue 31's leash sweep, stage 1: chooses on the dev split, >= 8 rounds
-            assert kinds == {"base", "iterative"} and cfg.eval.split == "dev"
+            assert kinds == {"base", "steer", "iterative"} and cfg.eval.split == "dev"  # steer: the dose curve
             it = [a for a in cfg.arms if a.kind == "iterative"]
             assert all(a.overrides["rounds"] >= 8 for a in it)
             assert len({a.overrides["heal.kl_tau"] for a in it}) >= 3  # tau at >= 3 values
             assert {a.overrides["heal.kl_reference"] for a in it} == {"prev", "base"}
             assert any(a.overrides.get("heal.kl_beta_decay_power", 0) < 0 for a in it)  # the seed's decaying beta
+        elif f.stem == "smollm2_leash_confirm":  # stage 2: fresh seeds, test prompts, every trained arm's placebo
+            dev = load_compare(str(f.with_name("smollm2_leash.yaml")))
+            assert kinds == {"base", "prompt", "steer", "iterative"} and cfg.eval.split == "test"
+            assert len(cfg.seeds) >= 3 and not set(cfg.seeds) & set(dev.seeds) and cfg.primary
+            trained = [a for a in cfg.arms if a.kind == "iterative" and not a.placebo_of]
+            assert len(trained) == 2 and {f"{a.name}_placebo" for a in trained} <= {a.name for a in cfg.arms}
+            chosen = {a.name: a.overrides for a in dev.arms}  # stage 2 runs the chosen settings unchanged
+            assert all(a.overrides == chosen[a.name] for a in trained)
         else:
             assert kinds == {"base", "prompt", "steer", "iterative", "online"}, f
             assert len(cfg.seeds) >= 3 and cfg.eval.eval_prompts >= 24 and cfg.eval.mfv_n == 0, f
