@@ -63,12 +63,12 @@ def test_committed_study_report_rebuilds_from_its_files(study, tmp_path):
     src = ROOT / "docs/studies" / study
     for f in ("compare.jsonl", "judges.json"):
         (tmp_path / f).write_text((src / f).read_text())
-    report_from(load_compare(str(ROOT / study_readme.STUDIES[study])), tmp_path)
+    cfg = load_compare(str(ROOT / study_readme.STUDIES[study]))
+    report_from(cfg, tmp_path)
     assert (tmp_path / "compare.md").read_text() == (src / "compare.md").read_text()
     assert json.loads((tmp_path / "verdicts.json").read_text(), parse_constant=str) == json.loads(
         (src / "verdicts.json").read_text(), parse_constant=str)
     fam = {v["family"] for v in json.loads((src / "verdicts.json").read_text())}
-    cfg = load_compare(str(ROOT / study_readme.STUDIES[study]))
     assert fam <= {"primary", "exploratory"}
     if cfg.eval.split == "dev":  # a stage that chooses on the dev prompts gives no verdict
         assert not cfg.primary and fam == {"exploratory"}
