@@ -17,7 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = {"smollm2_cpu": "recipes/compare/smollm2_cpu.yaml",  # committed study -> its config
            "smollm2_drift": "recipes/compare/smollm2_drift.yaml",
-           "smollm2_leash": "recipes/compare/smollm2_leash.yaml"}
+           "smollm2_leash": "recipes/compare/smollm2_leash.yaml",
+           "smollm2_leash_confirm": "recipes/compare/smollm2_leash_confirm.yaml"}
 
 
 def _section(md: str, head: str) -> str:
