@@ -99,4 +99,5 @@ def test_one_seed_interval_is_marked_as_items_only():
     one = dict(line=line, n_seeds=1, lo=1.4, hi=2.768)
     assert study_readme._one(one) == "a +2.084 [+1.400, +2.768] (1 seed: items only)"
     assert study_readme._one(one | dict(n_seeds=3)) == "a +2.084 [+1.400, +2.768]"  # seeds in the interval
-    assert study_readme._one(one | dict(lo=float("nan"), hi=float("nan"))) == "a +2.084 [+1.400, +2.768]"  # NaN: no mark
+    nan = dict(lo=float("nan"), hi=float("nan"))  # the line already reads [n=1]
+    assert study_readme._one(one | nan) == "a +2.084 [+1.400, +2.768]"
