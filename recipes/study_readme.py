@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -41,14 +40,7 @@ def answer_lines(study: str) -> list[str]:
     for x in json.loads(f.read_text()) if f.exists() else []:
         by_q.setdefault(x["line"].split(":")[0], []).append(x)
     order = sorted(by_q, key=lambda q: (q.startswith("P"), q))  # Q1-Q3, then the prompting baseline
-    return [f"{q}: " + "; ".join(_one(x) for x in by_q[q]) for q in order]
-
-
-def _one(x: dict) -> str:
-    """An arm's part of its question's line; an interval from one seed carries the item spread alone: say so."""
-    part = x["line"].split(": ", 1)[1]
-    one_seed = x.get("n_seeds") == 1 and all(isinstance(x.get(k), float) and math.isfinite(x[k]) for k in ("lo", "hi"))
-    return part + " (1 seed: items only)" if one_seed else part
+    return [f"{q}: " + "; ".join(x["line"].split(": ", 1)[1] for x in by_q[q]) for q in order]
 
 
 def readme_block(study: str) -> str:

@@ -619,6 +619,8 @@ g.fillText(D.x[i],X(D.x[i])-6,248)}})}});</script>"""))
             for q, iv in qs:
                 if iv is not None and math.isfinite(iv.value):
                     note = self._on_curve_note(a.name, q, iv)
+                    if iv.n_seeds == 1 and math.isfinite(iv.hi):  # one seed's interval carries the items alone
+                        note += " (1 seed: items only)"
                     out.append(dict(question=q.split()[0], arm=a.name, value=iv.value, lo=iv.lo, hi=iv.hi,
                                     n_seeds=iv.n_seeds, line=f"{q}: {a.name} {iv.fmt()}{note}"))
         return out

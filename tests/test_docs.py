@@ -87,17 +87,3 @@ def test_cli_help_and_version_answer_without_torch():
     ver = subprocess.run([sys.executable, "-m", "steer_heal.cli", "--version"], capture_output=True, text=True,
                          cwd=ROOT).stdout
     assert re.match(r"steer-heal \d+\.\d+\.\d+", ver)
-
-
-def test_one_seed_interval_is_marked_as_items_only():
-    sys.path.insert(0, str(ROOT / "recipes"))
-    try:
-        import study_readme
-    finally:
-        sys.path.pop(0)
-    line = "Q2 stays coherent (incoh_ctx vs its placebo; lower is better): a +2.084 [+1.400, +2.768]"
-    one = dict(line=line, n_seeds=1, lo=1.4, hi=2.768)
-    assert study_readme._one(one) == "a +2.084 [+1.400, +2.768] (1 seed: items only)"
-    assert study_readme._one(one | dict(n_seeds=3)) == "a +2.084 [+1.400, +2.768]"  # seeds in the interval
-    nan = dict(lo=float("nan"), hi=float("nan"))  # the line already reads [n=1]
-    assert study_readme._one(one | nan) == "a +2.084 [+1.400, +2.768]"

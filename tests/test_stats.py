@@ -382,6 +382,10 @@ def test_heal_gain_and_retention_by_hand():
     assert g.value == pytest.approx(0.4) and g.n_seeds == 2 and g.hi - 0.4 == pytest.approx(half, rel=1e-6)
     q1 = next(x for x in rep.answers() if x["question"] == "Q1")
     assert q1["line"].endswith("(2 of 3 seeds inside the dose curve)")
+    # one seed: its interval spans the items alone, and the answer line says so
+    one = rows[:2] + [dict(arm="arm", kind="online", seed=1, doses=[[1.0]], items=items(1.5, 0.8, 0.05, 1))]
+    q1 = next(x for x in Report("t", "m", "p", 0, arms, one, AXIS, n_boot=50).answers() if x["question"] == "Q1")
+    assert q1["n_seeds"] == 1 and q1["hi"] > q1["lo"] and q1["line"].endswith("] (1 seed: items only)")
 
 
 def test_mfv_transfer_reads_a_known_share_of_the_steered_pattern():
