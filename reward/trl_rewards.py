@@ -41,6 +41,7 @@ def make_reward_functions(scorer, which: list[str] | None = None) -> list:
             return [weight * v for v in vals]
 
         fn.__name__ = fn.__qualname__ = name
+        fn.weight = weight  # signed; reward_norm per_term standardises the component, then weighs it by |weight|
         return fn
 
     return [make(k, w) for k, w in spec.items()]

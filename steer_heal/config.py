@@ -134,8 +134,19 @@ class OnlineSection:
                                           "position)", (ONLINE,))
     bake_every: int = setting(4, "optimizer steps between bakes", (ONLINE,))
     rollout_alphas: list[float] = setting([], "multi-strength rollouts: rollout j of each group is generated at "
-                                              "rollout_alphas[j % len] x kappa (like the iterative loop's alphas); "
-                                              "empty: every rollout at kappa", (ONLINE,))
+                                              "rollout_alphas[j % len] x kappa (like the iterative loop's alphas; 0: "
+                                              "the student's own unsteered reply); empty: every rollout at kappa",
+                                          (ONLINE,))
+    reward_norm: str = setting("sum", "group advantage from the reward: sum (TRL: the summed reward, centred and "
+                                      "scaled within its group) | per_term (each component standardised within its "
+                                      "group before its weight, GDPO-style)", (ONLINE,))
+    is_correction: str = setting("none", "policy term on the steered (off-policy) rollouts: none (ratio 1) | "
+                                         "truncated (x min(pi/mu, is_cap), TRL's vLLM correction) | shaped "
+                                         "(-A r/(r+is_gamma), r = pi/mu: LUFFY's policy shaping)", (ONLINE,))
+    is_cap: float = setting(3.0, "truncated: cap on the per-token ratio pi/mu (TRL's default clip max)", (ONLINE,))
+    is_gamma: float = setting(0.1, "shaped: gamma of r / (r + gamma)", (ONLINE,))
+    grad_norm_every: int = setting(0, "steps between per-term gradient-norm diagnostics (each term's norm costs a "
+                                      "backward pass); 0: each bake's first step", (ONLINE,))
     seed_prompts: int = setting(0, "prompts of the preset in the dataset; 0: all", (ONLINE,))
     dump_rank_weights: bool = setting(False, "testing: each rank writes its LoRA, history and logits at the end",
                                       (ONLINE,))
@@ -185,7 +196,14 @@ class RunConfig:
         d.pop("vllm", None)  # memory / sleep / eager knobs: how the engine runs, not what it samples
         for k in ("dump_rank_weights", "stop_after_step", "debug_nan_step"):
             d["online"].pop(k, None)
+        for k, default in LATER_SETTINGS.items():  # a run started before they existed resumes
+            if d["online"].get(k) == default:
+                d["online"].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# online settings added after runs were made: at their default they leave a run's fingerprint as it was
+LATER_SETTINGS = dict(reward_norm="sum", is_correction="none", is_cap=3.0, is_gamma=0.1, grad_norm_every=0)
 
 
 # ------------------------------------------------------------------ the flat (online) form

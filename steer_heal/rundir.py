@@ -121,12 +121,14 @@ COLUMNS = [("round", "r", "{:d}"), ("kappa", "kappa", "{:.3g}"), ("generated", "
            ("d_trait_nats_healed", "dtn_he", "{:+.2f}"), ("pmass_healed", "pmass_he", "{:.3f}"),
            ("nll_prefill_healed", "nllpre_he", "{:.2f}"), ("unscorable_healed", "unsc_he", "{:.2f}"),
            ("coh_steered", "coh_st", "{:.2f}"), ("coh_healed", "coh_he", "{:.2f}"),
-           ("tail_nll_healed", "tailnll_he", "{:.2f}"), ("cos_r0", "cos_r0", "{:.3f}"), ("seconds", "sec", "{:.0f}")]
+           ("tail_nll_healed", "tailnll_he", "{:.2f}"), ("cos_r0", "cos_r0", "{:.3f}"),
+           ("shift_cos", "shift_cos", "{:+.3f}"), ("seconds", "sec", "{:.0f}")]
 
 # the online run's bake table: one row per bake (the student unsteered; s_* = student-side scores)
 BAKE_COLUMNS = [("bake", "bake", "{:d}"), ("step", "step", "{:d}"), ("gen_tokens", "gen_tok", "{:d}"),
                 ("kappa", "kappa", "{:.3g}"), ("cos_r0", "cos_r0", "{:.3f}"), ("reward", "reward", "{:+.3f}"),
                 ("keep_frac", "keep", "{:.2f}"), ("kl_rmse", "kl_rmse", "{:.3f}"),
+                ("adv_dose_corr", "A~dose", "{:+.2f}"), ("shift_cos", "shift_cos", "{:+.3f}"),
                 ("trait", "s_trait", "{:+.3f}"), ("incoherence", "s_incoh", "{:.2f}"),
                 ("coherence", "s_coh", "{:.2f}"), ("verbalisation", "s_verb", "{:.2f}"),
                 ("refusal", "s_refus", "{:.2f}"),

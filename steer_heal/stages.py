@@ -26,7 +26,7 @@ from steer_heal.evals.student import student_scores
 from steer_heal.models import load_model, num_layers
 from steer_heal.presets import Preset, load_preset, load_prompt_set
 from steer_heal.rundir import RunDir
-from steer_heal.steering import Steering, SteeringVector, check_personas, extract_vector, layer_band
+from steer_heal.steering import Steering, SteeringVector, activation_shift, check_personas, extract_vector, layer_band
 from steer_heal.student import Student
 
 
@@ -161,6 +161,15 @@ def student_eval(b: Built, sc: Scorer, steering: Steering | None = None, base: b
             return student_scores(eng, sc, users, None, e.eval_max_new_tokens, desc=desc, heldout=heldout)
     with b.student.live_off():
         return student_scores(b.engine, sc, users, steering, e.eval_max_new_tokens, desc=desc, heldout=heldout)
+
+
+def carried(b: Built, v0: SteeringVector) -> dict:
+    """The baked student's mean activation shift from base on the run's held-out prompts, against the
+    round-0 vector (the teacher's): shift_cos, shift_dose (steering/extract.activation_shift)."""
+    users = b.preset.split(b.cfg.eval.split)
+    prompts = [render_prompt(b.tok, u) for u in users]
+    return activation_shift(b.student.model, b.tok, prompts, v0, b.student.live_off, b.student.base,
+                            b.cfg.steer.extract_batch_size)
 
 
 def mfv_eval(b: Built, steering: Steering | None = None, base: bool = False,

@@ -42,8 +42,8 @@ def rmse_kl_penalty(model, ref_ctx, prompt_ids, prompt_mask, completion_ids, com
 
 
 def multi_strength_check(eng, st, v, tok, kappa=3.0, alphas=(0.5, 2.0)):
-    """rollout_alphas: rollout j of each group of 2 gets alphas[j] x kappa; each rollout equals that prompt generated
-    alone at that dose; the doses are returned and logged."""
+    """rollout_alphas (0 allowed: unsteered): rollout j of each group of 2 gets alphas[j] x kappa; each equals its
+    prompt generated alone at that dose; the doses are returned and logged; the behaviour log-probs are right."""
     from types import SimpleNamespace
 
     import pytest
@@ -68,4 +68,13 @@ def multi_strength_check(eng, st, v, tok, kappa=3.0, alphas=(0.5, 2.0)):
             alone = eng.generate([render_prompt(tok, u)], Steering(v, d), Sampling(max_new_tokens=8, temperature=0.0))
             assert c == alone[0].completion_ids, (u, d)
     assert out["logprobs"][0] != pytest.approx(out["logprobs"][1], abs=1e-3)  # the two strengths really differ
+    # the behaviour log-probs the engine returned (what is_correction divides by) = a float64 recomputation
+    # of the steered baked student at each rollout's own dose, one unpadded sequence at a time
+    from steer_heal.steering.hooks import steer
+
+    for p, c, lp, d in zip(out["prompt_ids"], out["completion_ids"], out["logprobs"], want):
+        with torch.no_grad(), st.live_off(), steer(st.model, Steering(v, d) if d else None):
+            ls = torch.log_softmax(st.model(input_ids=torch.tensor([p + c])).logits[0].double(), -1)
+        ref = [float(ls[len(p) - 1 + j, t]) for j, t in enumerate(c)]
+        assert lp == pytest.approx(ref, abs=2e-3), d
     return out

@@ -176,7 +176,7 @@ def test_multi_strength_rollouts_get_the_dose_asked_for_hf(tiny):
     st.bake()
     tok = tiny.tokenizer
     v = extract_vector(st.model, tok, "You are kind.", "You are cruel.", ["hi", "tell me a story", "why?"], [0, 1])
-    multi_strength_check(HFEngine(st.model, tok), st, v, tok, kappa=3.0, alphas=(0.5, 3.0))
+    multi_strength_check(HFEngine(st.model, tok), st, v, tok, kappa=3.0, alphas=(0.0, 3.0))
 
 
 def test_lora_sync_refused_where_nothing_serves_the_live_lora():
@@ -196,12 +196,20 @@ def test_lora_sync_refused_where_nothing_serves_the_live_lora():
 def test_rollout_alphas_refused_where_they_mean_nothing():
     from types import SimpleNamespace
 
+    from trl import GRPOConfig
+
     from steer_heal.config import RunConfig
     from steer_heal.grpo.online import check_online_config
     from steer_heal.grpo.trainer import OnlineConfigError
 
-    for objective, control, alphas in (("opd", "", [1.0, 2.0]), ("nll", "placebo", [1.0]), ("nll", "", [0.0, 1.0])):
+    for objective, control, alphas in (("opd", "", [1.0, 2.0]), ("nll", "placebo", [1.0]), ("grpo", "", [-1.0, 1.0]),
+                                       ("grpo", "", [0.0, 0.0])):
         cfg = RunConfig(control=control)
         cfg.online.objective, cfg.online.rollout_alphas = objective, alphas
         with pytest.raises(OnlineConfigError, match="fix: remove rollout_alphas"):
             check_online_config(cfg, SimpleNamespace(use_vllm=False))
+    # 0 is the student's own reply in the group (VSPO): accepted with grpo and grpo+nll
+    for objective in ("grpo", "grpo+nll"):
+        cfg = RunConfig()
+        cfg.online.objective, cfg.online.rollout_alphas = objective, [0.0, 0.5, 1.0, 2.0]
+        check_online_config(cfg, GRPOConfig(output_dir="/tmp/x", use_cpu=True, beta=0.0))

@@ -61,15 +61,19 @@ def check_online_config(cfg: RunConfig, grpo_args) -> None:
                                 f"objective opd samples from (here: engine {cfg.engine}, objective "
                                 f"{cfg.online.objective}); fix: remove vllm_lora_sync, or use engine vllm with opd")
     ra = cfg.online.rollout_alphas
-    if ra and (min(ra) <= 0 or cfg.online.objective == "opd" or cfg.control):
-        raise OnlineConfigError(f"rollout_alphas {ra} needs positive multipliers of a steered run (not opd, whose "
-                                "rollouts are the learner's own, and not a control, which is unsteered); fix: "
-                                "remove rollout_alphas or use positive values on a steered arm")
+    if ra and (min(ra) < 0 or max(ra) <= 0 or cfg.online.objective == "opd" or cfg.control):
+        raise OnlineConfigError(f"rollout_alphas {ra} needs multipliers >= 0, one of them positive, on a steered run "
+                                "(not opd, whose rollouts are the learner's own, and not a control, which is "
+                                "unsteered); fix: remove rollout_alphas or use e.g. [0, 1, 2] on a steered arm")
     try:
         check_control(cfg.control, cfg.online.objective)
     except ConfigError as e:
         raise OnlineConfigError(str(e)) from None
-    check_online_args(grpo_args, cfg.online.objective, cfg.online.opd_estimator)
+    o = cfg.online
+    check_online_args(grpo_args, o.objective, o.opd_estimator, o.reward_norm, o.is_correction)
+    if o.is_cap <= 0 or o.is_gamma <= 0:
+        raise OnlineConfigError(f"is_cap {o.is_cap} and is_gamma {o.is_gamma} must be positive; fix: e.g. is_cap: 3.0, "
+                                "is_gamma: 0.1")
     check_launch(grpo_args, cfg.engine)
 
 
@@ -235,7 +239,7 @@ class OnlineRun:
         self.rd.save_json(f"bake_{k:02d}/student.json", sc)
         self.engine.sleep()  # evaluation done: the GPU goes back to training
         row = dict(bake=k, step=trainer_state.global_step, gen_tokens=self.state.gen_tokens, kappa=self.state.kappa,
-                   cos_r0=v.cosine(self.v0), seconds=seconds)
+                   cos_r0=v.cosine(self.v0), seconds=seconds, **stages.carried(self.b, self.v0))
         row.update({x: sc[x] for x in ("trait", "incoherence", "coherence", "verbalisation", "refusal", "tail_nll",
                                        "repetition")})
         row["trait_heldout"] = sc.get("trait_heldout", float("nan"))
@@ -261,6 +265,10 @@ class OnlineRun:
         row.update(reward=mean("reward"), kl_rmse=mean("kl_rmse"), keep_frac=mean("keep_frac"),
                    **{f"D_{a}": mean(f"kl_{a}") for a in ("mean", "rmse", "p95", "max")},
                    barrier_active_frac=mean("barrier_active_frac"))
+        # what the reward gave the advantage, and each loss term's gradient norm (first step of the bake)
+        keys = sorted({x for h in hist for x in h if x.startswith(("grad/", "is_ratio/")) or x.endswith("/share")})
+        row.update(adv_dose_corr=mean("adv_dose_corr"), groups_zero_sd=mean("groups_zero_sd"),
+                   **{x.replace("rewards/", "share_").replace("/share", "").replace("/", "_"): mean(x) for x in keys})
         self.rd.append_row(row, columns=BAKE_COLUMNS)
         print("\n" + self.base_line() + "\n" + format_table(self.rd.rows(), columns=BAKE_COLUMNS), flush=True)
         write_bake_report(self.rd.path, self.base.get("mfv"))
@@ -308,12 +316,14 @@ class OnlineRun:
                                     log=self.event if self.main else None)
         h, o = c.heal, c.online
         kl = KLPenalty(h.kl_beta, h.kl_tau, h.kl_agg, h.kl_reference, h.kl_direction, h.kl_chunk_tokens)
-        obj = Objective(o.objective, o.w_pg, o.w_nll, o.fused, o.opd_estimator)
+        obj = Objective(o.objective, o.w_pg, o.w_nll, o.fused, o.opd_estimator, o.reward_norm, o.is_correction,
+                        o.is_cap, o.is_gamma)
         tr = SteerHealGRPOTrainer(model=self.student.model, reward_funcs=make_reward_functions(self.scorer, which),
                                   args=a, train_dataset=self.dataset(), processing_class=self.tok,
                                   student=self.student, kl=kl, objective=obj, controller=self.controller,
-                                  rollout_func=rollout, callbacks=[BakeCallback(self)])
-        tr.steer_state, tr.timers, tr.scorer = self.state, timers, self.scorer
+                                  rollout_func=rollout, callbacks=[BakeCallback(self)], steer_state=self.state,
+                                  scorer=self.scorer, timers=timers, event=self.event if self.main else None,
+                                  diag_every=o.grad_norm_every or o.bake_every)
         tr.debug_nan_step = o.debug_nan_step
         for theirs, ours in ((ProgressCallback, StepLine), (PrinterCallback, StepPrinter)):
             if tr.pop_callback(theirs) is not None:

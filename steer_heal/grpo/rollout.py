@@ -38,7 +38,8 @@ def make_rollout_func(engine, student, state: SteerState, max_new_tokens: int, t
     learner itself: baked + live LoRA, unsteered; a vLLM engine gets the live weights pushed first.
     `alphas` (multi-strength rollouts): rollout j of each group of num_generations is generated at
     alphas[j % len(alphas)] x kappa, one engine call per strength; each rollout's dose is returned as
-    `dose` (reward functions see it), kept in `rollout_func.doses` and passed to `log`.
+    `dose` (reward functions see it), kept in `rollout_func.doses` and passed to `log`. An alpha of 0 is
+    the baked student's own unsteered reply (VSPO: the group then contrasts steered and unsteered).
     """
     def rollout_func(prompts, trainer):
         t0 = time.perf_counter()
@@ -90,8 +91,9 @@ def _steered(engine, rendered, state: SteerState, samp: Sampling, alphas, group:
     ro = [None] * len(rendered)
     for k, a in enumerate(sorted(set(mult))):
         idx = [i for i, m in enumerate(mult) if m == a]
-        sub = engine.generate([rendered[i] for i in idx], Steering(state.vector, a * state.kappa),
-                              replace(samp, seed=samp.seed + 104729 * k), logprobs=True)
+        steering = Steering(state.vector, a * state.kappa) if a else None  # 0: the student's own reply
+        sub = engine.generate([rendered[i] for i in idx], steering, replace(samp, seed=samp.seed + 104729 * k),
+                              logprobs=True)
         for i, r in zip(idx, sub):
             ro[i] = r
     return ro, [m * state.kappa for m in mult]

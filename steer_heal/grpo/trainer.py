@@ -32,10 +32,19 @@ from dataclasses import dataclass
 import torch
 from trl import GRPOTrainer
 
+from steer_heal.grpo.advantage import (
+    IS_CORRECTIONS,
+    REWARD_NORMS,
+    advantages,
+    dose_correlation,
+    policy_terms,
+    reward_diagnostics,
+    sequence_mean_loss,
+)
 from steer_heal.grpo.penalty import trl_batch_rows
 from steer_heal.grpo.rollout import global_sums
 from steer_heal.heal.kl import AGGS, aggregate, barrier, chunked_token_stats
-from steer_heal.heal.train import HealDivergedError, nll_and_barrier
+from steer_heal.heal.train import HealDivergedError, grad_norm, nll_and_barrier
 from steer_heal.logprobs import auto_chunk, final_hidden, lm_logits
 from steer_heal.models import causal_lm
 from steer_heal.steering.hooks import steer
@@ -68,6 +77,15 @@ class Objective:
     w_nll: float = 1.0  # grpo+nll: weight of the filtered NLL
     fused: bool = True  # one student forward per micro-batch; False: TRL's own forward + a second one (bench)
     opd_estimator: str = "token"  # opd: token (sampled-token advantages) | full (full-vocabulary reverse KL)
+    reward_norm: str = "sum"  # sum | per_term (grpo/advantage.py)
+    is_correction: str = "none"  # none | truncated | shaped: the policy term on steered rollouts
+    is_cap: float = 3.0
+    is_gamma: float = 0.1
+
+    @property
+    def corrected(self) -> bool:
+        """Whether the policy term is ours, weighted by the ratio to the behaviour policy."""
+        return self.is_correction != "none" and self.name in ("grpo", "grpo+nll")
 
     @property
     def pg(self) -> bool:
@@ -80,12 +98,27 @@ class Objective:
         return self.name in ("kd", "opd")
 
 
-def check_online_args(args, objective: str, opd_estimator: str = "token") -> None:
+def check_online_args(args, objective: str, opd_estimator: str = "token", reward_norm: str = "sum",
+                      is_correction: str = "none") -> None:
     """One-line refusals for settings that would silently change what the objectives mean."""
     if objective not in OBJECTIVES:
         raise OnlineConfigError(f"unknown objective '{objective}'; fix: use one of {', '.join(OBJECTIVES)}")
     if opd_estimator not in OPD_ESTIMATORS:
         raise OnlineConfigError(f"unknown opd_estimator '{opd_estimator}'; fix: use one of {', '.join(OPD_ESTIMATORS)}")
+    if reward_norm not in REWARD_NORMS:
+        raise OnlineConfigError(f"unknown reward_norm '{reward_norm}'; fix: use one of {', '.join(REWARD_NORMS)}")
+    if reward_norm == "per_term" and getattr(args, "scale_rewards", "group") == "batch":
+        raise OnlineConfigError("reward_norm per_term standardises within groups; scale_rewards=batch would rescale "
+                                "over the batch; fix: scale_rewards: group (or none)")
+    if is_correction not in IS_CORRECTIONS:
+        raise OnlineConfigError(f"unknown is_correction '{is_correction}'; fix: use one of {', '.join(IS_CORRECTIONS)}")
+    if is_correction != "none" and objective not in ("grpo", "grpo+nll"):
+        raise OnlineConfigError(f"is_correction {is_correction} weights the policy term on steered rollouts, which "
+                                f"objective {objective} does not have; fix: is_correction: none, or objective grpo / "
+                                "grpo+nll")
+    if is_correction != "none" and getattr(args, "loss_type", "grpo") != "grpo":
+        raise OnlineConfigError(f"is_correction {is_correction} aggregates like loss_type grpo (token mean per "
+                                f"sequence), not {args.loss_type}; fix: loss_type: grpo")
     if args.num_iterations != 1:
         raise OnlineConfigError(f"num_iterations={args.num_iterations}: the rollouts come from the steered baked "
                                 "student, so old log-probs would be the learner's, not the behaviour policy's; "
@@ -123,11 +156,16 @@ def student_hidden(model, inner, ids: torch.Tensor, att: torch.Tensor) -> torch.
 
 
 class SteerHealGRPOTrainer(GRPOTrainer):
+    """`steer_state` (what generates the rollouts), `scorer` (the filter flags), `timers` (the rollout
+    function's), `event` (events.jsonl, main rank only) and `diag_every` (steps between per-term
+    gradient norms; 0: none) come in through the constructor."""
+
     def __init__(self, *args, student, kl: KLPenalty | None = None, objective: Objective | None = None,
-                 controller=None, **kwargs):
-        self.objective = objective or Objective()
-        check_online_args(kwargs["args"] if "args" in kwargs else args[2], self.objective.name,
-                          self.objective.opd_estimator)
+                 controller=None, steer_state=None, scorer=None, timers: dict | None = None, event=None,
+                 diag_every: int = 0, **kwargs):
+        self.objective = o = objective or Objective()
+        check_online_args(kwargs["args"] if "args" in kwargs else args[2], o.name, o.opd_estimator, o.reward_norm,
+                          o.is_correction)
         super().__init__(*args, **kwargs)
         if self.beta != 0.0:
             raise OnlineConfigError("GRPOConfig.beta must be 0: steer-heal replaces TRL's mean-k3 KL with its RMSE "
@@ -135,8 +173,10 @@ class SteerHealGRPOTrainer(GRPOTrainer):
         self.student = student
         self.kl = kl or KLPenalty()
         self.controller = controller  # online dose controller: fed the filter scores of each generation batch
-        self.timers: dict[str, float] = {}  # rollout / scoring / ref_forward / teacher seconds, logged as deltas
+        self.steer_state, self.scorer, self.event, self.diag_every = steer_state, scorer, event, diag_every
+        self.timers: dict[str, float] = {} if timers is None else timers  # seconds, logged as deltas
         self._timers_seen: dict[str, float] = {}
+        self._rewards = None  # this generation batch's per-function rewards, all ranks [N, K]
         self._stash = None  # (per-token logps, entropies) of the fused forward, read by TRL's policy loss
         self.debug_nan_step = 0  # testing (OnlineConfig.debug_nan_step): the last rank's loss is NaN at this step
         # the engine serves the steered teacher and the learner is unsteered: they are meant to differ
@@ -145,11 +185,16 @@ class SteerHealGRPOTrainer(GRPOTrainer):
                     "rollouts come from the steered baked student, the learner is the unsteered student + live LoRA")
 
     # ------------------------------------------------------------ generation: filter flags, dose
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self._rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._rewards
+
     def _generate_and_score_completions(self, inputs):
-        steer_state = getattr(self, "steer_state", None)
+        steer_state = self.steer_state
         kappa = None if steer_state is None else float(steer_state.kappa)  # the dose that generates this batch
         out = super()._generate_and_score_completions(inputs)
-        scorer = getattr(self, "scorer", None)
+        self._reward_signal(out)
+        scorer = self.scorer
         last = getattr(self.rollout_func, "last", None) if self.rollout_func is not None else None
         mode = "train" if self.model.training else "eval"
         if scorer is not None and last is not None:
@@ -167,6 +212,41 @@ class SteerHealGRPOTrainer(GRPOTrainer):
             self._metrics[mode]["kappa"].append(kappa)
             self._metrics[mode]["bake_round"].append(float(steer_state.bake_round))
         return out
+
+    def _reward_signal(self, out) -> None:
+        """per_term advantages, and what the reward gives the advantage: each component's mean, sd and share
+        of the within-group variance, groups with sd 0, the advantage's correlation with the dose inside
+        groups; each rollout's dose, rewards and advantage to events.jsonl."""
+        if self._rewards is None:
+            return
+        mode = "train" if self.model.training else "eval"
+        m, G = self._metrics[mode], (self.num_generations if mode == "train" else self.num_generations_eval)
+        trl_w = self.reward_weights.to(self._rewards.device)
+        rewards = (self._rewards * trl_w).nan_to_num(0.0).cpu()  # the summed reward's parts, as TRL sums them
+        n_local = len(out["advantages"])
+        local = slice(self.accelerator.process_index * n_local, (self.accelerator.process_index + 1) * n_local)
+        if self.objective.reward_norm == "per_term":
+            w = [abs(getattr(f, "weight", 1.0)) for f in self.reward_funcs]
+            A = advantages(rewards, w, G, "per_term", scale=self.scale_rewards != "none")
+            out["advantages"] = A[local].to(out["advantages"].device, out["advantages"].dtype)
+        else:
+            A = self.accelerator.gather(out["advantages"].detach()).cpu()
+        diag = reward_diagnostics(rewards, list(self.reward_func_names), G)
+        for k, v in diag.items():
+            m[k if k == "groups_zero_sd" else f"rewards/{k}"].append(v)
+        doses = list(getattr(self.rollout_func, "doses", None) or [])
+        dose = self.accelerator.gather(torch.tensor(doses, dtype=torch.float32, device=self.accelerator.device)).cpu() \
+            if len(doses) == n_local else None
+        corr = dose_correlation(A, dose, G) if dose is not None else float("nan")
+        if corr == corr:  # nan: no group spans two doses
+            m["adv_dose_corr"].append(corr)
+        if self.event is not None and mode == "train":
+            r5 = lambda xs: [round(float(x), 5) for x in xs]  # noqa: E731
+            self.event("rollouts", step=int(self.state.global_step), group=G,
+                       dose=r5(dose) if dose is not None else None, advantage=r5(A),
+                       rewards={n: r5(rewards[:, k]) for k, n in enumerate(self.reward_func_names)})
+            self.event("reward_signal", step=int(self.state.global_step), adv_dose_corr=corr if corr == corr else None,
+                       **{k: (round(v, 6) if v == v else None) for k, v in diag.items()})
 
     # ------------------------------------------------------------ loss
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **kw):
@@ -219,20 +299,52 @@ class SteerHealGRPOTrainer(GRPOTrainer):
         a = (s["lp_teacher"] - s["lp"].detach()).to(s["lp"].dtype)
         return torch.zeros(s["shape"], dtype=a.dtype, device=a.device).index_put((s["b"], s["t"]), a)
 
+    def _diag_step(self, mode: str) -> bool:
+        return bool(self.diag_every) and mode == "train" and self.state.global_step % self.diag_every == 0
+
+    def _grad_norms(self, m, terms: dict) -> None:
+        """|grad| of each loss term as it enters the total (weighted, accumulation-scaled), on the live LoRA."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for name, term in terms.items():
+            m[f"grad/{name}"].append(grad_norm(term, params))
+
+    def _corrected_policy(self, s: dict, inputs, m) -> torch.Tensor:
+        """The policy term weighted by the ratio of the learner to the behaviour policy that sampled
+        (grpo/advantage.py), aggregated as loss_type grpo."""
+        o = self.objective
+        mu = inputs.get("sampling_per_token_logps")
+        if mu is None:
+            raise OnlineConfigError(f"is_correction {o.is_correction} needs the behaviour log-probs of each rollout; "
+                                    "fix: a rollout_func that returns logprobs (steer-heal's does)")
+        b, t, lp = s["b"], s["t"], s["lp"]
+        adv = inputs["advantages"].to(lp.device)
+        a_tok = (adv[b] if adv.dim() == 1 else adv[b, t]).to(lp.dtype)
+        per_tok, ratio = policy_terms(lp, mu.to(lp.device)[b, t], a_tok, o.is_correction, o.is_cap, o.is_gamma)
+        if len(ratio):
+            m["is_ratio/mean"].append(float(ratio.mean()))
+            m["is_ratio/min"].append(float(ratio.min()))
+            m["is_ratio/max"].append(float(ratio.max()))
+            m["is_ratio/over_cap"].append(float((ratio > o.is_cap).float().mean()))
+        return sequence_mean_loss(per_tok, b, s["shape"][0])
+
     def _compute_loss(self, model, inputs):
         k, o = self.kl, self.objective
         mode = "train" if self.model.training else "eval"
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        need_pg = o.pg
+        m = self._metrics[mode]
+        diag = self._diag_step(mode)
+        need_pg = o.pg and not o.corrected
         fused = o.fused and need_pg and not self.aux_loss_enabled
-        if o.name == "grpo" and k.beta == 0.0:
-            return super()._compute_loss(model, inputs)  # nothing of ours to add: TRL's loss as is
+        if o.name == "grpo" and k.beta == 0.0 and not o.corrected:
+            loss = super()._compute_loss(model, inputs)  # nothing of ours to add: TRL's loss as is
+            if diag:
+                self._grad_norms(m, {"policy": loss})
+            return loss
         if need_pg and not fused and o.name != "opd":  # the two-forward path: TRL's own forward for the policy term
             pg = super()._compute_loss(model, inputs)
         s = self._student_terms(model, inputs, entropy=fused)
         b, t, lp = s["b"], s["t"], s["lp"]
         n = s["shape"][0]
-        m = self._metrics[mode]
         if o.name == "opd":
             if s["lp_teacher"] is not None:  # the sampled-token advantages, through TRL's policy loss
                 adv = self.opd_advantages(s)
@@ -250,7 +362,11 @@ class SteerHealGRPOTrainer(GRPOTrainer):
                 pg = super()._compute_loss(model, inputs)
             finally:
                 self._stash = None
-        total = o.w_pg * pg if o.name == "grpo+nll" else (pg if need_pg else lp.new_zeros(()))
+        if o.corrected:
+            pg = self._corrected_policy(s, inputs, m) / normalizer
+        terms: dict[str, torch.Tensor] = {}  # each term as it enters the total
+        if o.pg:
+            terms["opd" if o.name == "opd" else "policy"] = o.w_pg * pg if o.name == "grpo+nll" else pg
         keep = inputs.get("keep")
         if keep is None or o.name == "opd":  # opd learns from every rollout: each is the student's own
             keep = torch.ones(n, device=lp.device)
@@ -261,15 +377,15 @@ class SteerHealGRPOTrainer(GRPOTrainer):
         if o.name in ("nll", "grpo+nll"):
             kl_k = s["kl_ref"][kept_tok] if s["kl_ref"] is not None else lp.new_zeros(int(kept_tok.sum()))
             nll, _, _ = nll_and_barrier(lp[kept_tok], kl_k, seq_map[b[kept_tok]], n_kept, k.agg, k.tau)
-            total = total + (o.w_nll if o.name == "grpo+nll" else 1.0) * nll / normalizer
+            terms["nll"] = (o.w_nll if o.name == "grpo+nll" else 1.0) * nll / normalizer
             m["nll_kept"].append(float(nll.detach()))
         if o.name == "kd":
             kd = s["kl_teacher"][kept_tok].mean() if n_kept else s["kl_teacher"].sum() * 0.0
-            total = total + kd / normalizer
+            terms["kd"] = kd / normalizer
             m["kd"].append(float(kd.detach()))
         if o.name == "opd" and s["lp_teacher"] is None:  # full: exact reverse KL per position, token mean
             kl_t = s["kl_teacher"]
-            total = total + (kl_t.mean() if len(kl_t) else kl_t.sum() * 0.0) / normalizer
+            terms["opd"] = (kl_t.mean() if len(kl_t) else kl_t.sum() * 0.0) / normalizer
         # per-rank partial sums, reduced below in one all-reduce that every rank reaches
         part = dict.fromkeys(("kl_rmse", "kl_mean", "kl_p95", "kl_max", "n_seq", "active", "n_D", "kl_penalty"), 0.0)
         if s["kl_ref"] is not None:
@@ -279,10 +395,15 @@ class SteerHealGRPOTrainer(GRPOTrainer):
             else:
                 D = aggregate(kl, b, n, k.agg)
             pen = k.beta * barrier(D, k.tau).sum() / max(len(D), 1)
-            total = total + pen / normalizer
+            terms["barrier"] = pen / normalizer
             with torch.no_grad():
                 part.update(**{f"kl_{a}": float(aggregate(kl.detach(), b, n, a).sum()) for a in AGGS}, n_seq=float(n),
                             active=float((D.detach() > k.tau).sum()), n_D=float(len(D)), kl_penalty=float(pen.detach()))
+        total = lp.new_zeros(())
+        for x in terms.values():
+            total = total + x
+        if diag:
+            self._grad_norms(m, terms)
         if self.debug_nan_step and self.state.global_step + 1 == self.debug_nan_step \
                 and self.accelerator.process_index == self.accelerator.num_processes - 1:
             total = total * float("nan")  # testing: one rank diverges; every rank must stop
@@ -292,7 +413,7 @@ class SteerHealGRPOTrainer(GRPOTrainer):
     def _reduce_and_check(self, m, part: dict, total: torch.Tensor, kl_on: bool) -> None:
         """KL and timing metrics over all ranks, and divergence seen by all ranks: one all-reduce per
         micro-batch, so a NaN on one rank stops every rank (none is left waiting in a collective)."""
-        if getattr(self, "scorer", None) is not None:
+        if self.scorer is not None:
             self.timers["scoring"] = self.scorer.seconds
         deltas = [self.timers.get(name, 0.0) - self._timers_seen.get(name, 0.0) for name in TIMERS]
         bad = 0.0 if bool(torch.isfinite(total.detach())) else 1.0

@@ -71,7 +71,8 @@ def nll_and_barrier(lp: torch.Tensor, kl: torch.Tensor, seq: torch.Tensor, n_seq
     return nll, D, barrier(D, tau)
 
 
-def _grad_norm(loss, params) -> float:
+def grad_norm(loss, params) -> float:
+    """|d loss / d params| (the graph is kept for the real backward)."""
     if not loss.requires_grad:
         return 0.0
     g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
@@ -129,7 +130,7 @@ def heal_round(student, examples: list[tuple[list[int], list[int]]], cfg, round_
                                             "fix: lower heal.lr or heal.kl_beta (the last good round is kept)")
                 log_now = cfg.log_every > 0 and res.steps % cfg.log_every == 0 and (i + 1) % cfg.grad_accum == 0
                 if log_now:  # per-term gradient norms on logging steps only (two extra backward passes)
-                    g_nll, g_bar = _grad_norm(nll, params), _grad_norm(lam * pen, params)
+                    g_nll, g_bar = grad_norm(nll, params), grad_norm(lam * pen, params)
                 loss.backward()
                 res.tokens += k
                 acc["nll"] += float(nll.detach()) * k

@@ -5,7 +5,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steer_heal.chat import render_prompt
-from steer_heal.steering.core import SteeringVector, mean_diff
+from steer_heal.steering.core import SteeringVector, cosine_flat, mean_diff
 from steer_heal.steering.hooks import StopForward, capture_last_token
 
 
@@ -56,3 +56,20 @@ def extract_vector(model, tok, persona_pos: str, persona_neg: str, contexts: lis
     meta = dict(model_id=model_id, persona_pos=persona_pos, persona_neg=persona_neg, n_contexts=len(contexts))
     center = (h_pos.float().mean(0) + h_neg.float().mean(0)) / 2
     return SteeringVector(layers=list(layers), vectors=mean_diff(h_pos, h_neg), meta=meta, center=center)
+
+
+@torch.no_grad()
+def activation_shift(model, tok, prompts: list[str], vector: SteeringVector, student_ctx, base_ctx,
+                     batch_size: int = 32) -> dict:
+    """Does the student carry the vector? Its mean shift from the base model at the vector's layers, at
+    the last token of each rendered prompt (the assistant tag, where the vector is read):
+    shift = mean_x [h_student(x) - h_base(x)], flattened over layers. Returns shift_cos (cosine with the
+    vector) and shift_dose (<shift, v> / |v|^2: the dose the shift amounts to along v)."""
+    with student_ctx():
+        hs = last_token_states(model, tok, prompts, vector.layers, batch_size)
+    with base_ctx():
+        hb = last_token_states(model, tok, prompts, vector.layers, batch_size)
+    shift = (hs.double() - hb.double()).mean(0).flatten()
+    v = vector.vectors.double().flatten()
+    return dict(shift_cos=cosine_flat(shift, v) if float(shift.norm()) > 0 else 0.0,
+                shift_dose=float(shift @ v / (v @ v)))
