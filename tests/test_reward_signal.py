@@ -383,7 +383,7 @@ def test_online_run_logs_the_reward_signal(tiny_dir, mfv_dir, tmp_path):
     assert [e["step"] for e in ro] == [0, 1] and [e["step"] for e in sig] == [0, 1]
     for r, s, kappa in zip(ro, sig, kappas):
         assert r["dose"] == pytest.approx([0.0, 2 * kappa] * (len(r["dose"]) // 2), rel=1e-5)
-        A, d = torch.tensor(r["advantage"], dtype=torch.float64), torch.tensor(r["dose"], dtype=torch.float64)
+        A = torch.tensor(r["advantage"], dtype=torch.float64)
         names = list(r["rewards"])
         rew = torch.tensor([r["rewards"][n] for n in names], dtype=torch.float64).T
         # per_term advantages, recomputed from the logged rewards by the naive loop
