@@ -35,8 +35,49 @@ def test_run_dir_complete(tiny_cfg):
     v0, v1 = (load_file(str(d / f"round_{r:02d}" / "vector.safetensors"))["vectors"].astype("float64").ravel()
               for r in (0, 1))
     cos = float(v0 @ v1 / ((v0 @ v0) ** 0.5 * (v1 @ v1) ** 0.5))
-    assert rows[0]["cos_r0"] == 1.0 and abs(rows[1]["cos_r0"] - cos) < 1e-5 and cos < 1 - 1e-6
+    assert abs(rows[0]["cos_r0"] - 1.0) < 1e-12 and abs(rows[1]["cos_r0"] - cos) < 1e-5 and cos < 1 - 1e-6
     assert rows[0]["kept"] <= rows[0]["generated"]
+    # the student carries the vector: round 1's shift from base against round 0's vector, recomputed with PEFT's
+    # own loader of the cumulative adapter and a plain base model, one prompt at a time in float64
+    import torch
+    from peft import PeftModel
+
+    from steer_heal.chat import render_prompt
+    from steer_heal.models import load_model
+    from steer_heal.presets import load_preset
+
+    v = torch.from_numpy(load_file(str(d / "round_00" / "vector.safetensors"))["vectors"]).double()
+    layers = json.loads(__import__("safetensors").safe_open(str(d / "round_00" / "vector.safetensors"),
+                                                             "pt").metadata()["layers"])
+    base = load_model(tiny_cfg.model.model, dtype="float32", device="cpu")
+    tuned = PeftModel.from_pretrained(load_model(tiny_cfg.model.model, dtype="float32", device="cpu").model,
+                                      str(d / "round_01" / "cumulative"))
+    users = load_preset("care-over-authority").split("dev")
+    shift = torch.zeros_like(v)
+
+    def last_states(model, ids):  # decoder-layer outputs at the last token (hidden_states[-1] is after the norm)
+        from steer_heal.models import decoder_layers
+
+        got = {}
+        hooks = [decoder_layers(model)[layer].register_forward_hook(
+            lambda m, a, o, k=k: got.__setitem__(k, (o[0] if isinstance(o, tuple) else o)[0, -1].double()))
+            for k, layer in enumerate(layers)]
+        try:
+            with torch.no_grad():
+                model(input_ids=ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        return got
+
+    for u in users:
+        ids = base.tokenizer(render_prompt(base.tokenizer, u), return_tensors="pt", add_special_tokens=False).input_ids
+        hb, ht = last_states(base.model, ids), last_states(tuned, ids)
+        for k in range(len(layers)):
+            shift[k] += (ht[k] - hb[k]) / len(users)
+    s_, v_ = shift.flatten(), v.flatten()
+    assert abs(rows[1]["shift_cos"] - float(s_ @ v_ / (s_.norm() * v_.norm()))) < 1e-4
+    assert abs(rows[1]["shift_dose"] - float(s_ @ v_ / (v_ @ v_))) < 1e-4 + 1e-3 * abs(rows[1]["shift_dose"])
     assert "r1 healed" in (d / "outputs.html").read_text()
     events = [json.loads(x)["event"] for x in open(d / "events.jsonl")]
     assert {"walk_c", "dose_table", "heal_step", "borderline"} <= set(events)
