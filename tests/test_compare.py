@@ -247,6 +247,16 @@ def test_shipped_studies_load_and_every_arm_parses():
             assert len(trained) == 2 and {f"{a.name}_placebo" for a in trained} <= {a.name for a in cfg.arms}
             chosen = {a.name: a.overrides for a in dev.arms}  # stage 2 runs the chosen settings unchanged
             assert all(a.overrides == chosen[a.name] for a in trained)
+        elif f.stem == "smollm2_reward":  # issue 43's dev search: the reward alone teaches (objective grpo)
+            assert kinds == {"base", "prompt", "steer", "online"} and cfg.eval.split == "dev" and not cfg.primary
+            rw = [a for a in cfg.arms if a.kind == "online" and not a.placebo_of]
+            assert all(a.overrides["objective"] in ("grpo", "grpo+nll") for a in rw)
+            assert any(0.0 in a.overrides["rollout_alphas"] for a in rw)  # groups with the student's own reply
+            assert any(min(a.overrides["rollout_alphas"]) > 0 for a in rw)  # and without
+            seen = {k: {str(a.overrides.get(k)) for a in rw} for k in ("is_correction", "reward_norm", "w_incoh")}
+            assert seen["is_correction"] >= {"None", "truncated", "shaped"} and "per_term" in seen["reward_norm"]
+            assert len(seen["w_incoh"]) >= 2 and {a.overrides["objective"] for a in rw} == {"grpo", "grpo+nll"}
+            assert any(a.placebo_of for a in cfg.arms)  # RL on the reward alone, steering off
         else:
             assert kinds == {"base", "prompt", "steer", "iterative", "online"}, f
             assert len(cfg.seeds) >= 3 and cfg.eval.eval_prompts >= 24 and cfg.eval.mfv_n == 0, f
