@@ -50,7 +50,6 @@ def test_study_numbers_are_generated_not_typed():
             assert all(line in block for line in study_readme.primary_lines(study))
 
 
-@pytest.mark.parametrize("study", sorted(p.parent.name for p in (ROOT / "docs/studies").glob("*/compare.jsonl")))
 def _close(a, b) -> bool:
     """Equal structure and text; floats equal to 1e-9 relative."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -62,6 +61,7 @@ def _close(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.parametrize("study", sorted(p.parent.name for p in (ROOT / "docs/studies").glob("*/compare.jsonl")))
 def test_committed_study_report_rebuilds_from_its_files(study, tmp_path):
     """`--report-only` on a copy of the study's compare.jsonl and judges.json writes the committed report."""
     from steer_heal.compare import load_compare, report_from
