@@ -20,6 +20,7 @@ from steer_heal.config import from_flat  # noqa: E402
 from steer_heal.errors import one_line_errors  # noqa: E402
 from steer_heal.grpo.online import OnlineConfig, OnlineRun  # noqa: E402
 from steer_heal.rundir import BAKE_COLUMNS, format_table  # noqa: E402
+from steer_heal.setting import read_yaml  # noqa: E402
 
 
 def main() -> int:
@@ -27,6 +28,8 @@ def main() -> int:
 
 
 def _main() -> int:
+    if "--config" in sys.argv[:-1]:  # a YAML syntax error is one line with the file and line, not TRL's traceback
+        read_yaml(sys.argv[sys.argv.index("--config") + 1])
     flat, args = TrlParser((OnlineConfig, GRPOConfig)).parse_args_and_config()
     if args.beta != 0.0:
         raise SystemExit("error: GRPOConfig.beta must be 0 (steer-heal's RMSE barrier replaces TRL's KL); "

@@ -30,25 +30,30 @@ class RewardConfig:
     """Scores, the iterative filter's thresholds and the online reward's weights (the `reward:`
     section of a run config; flat keys of the same names in an online config)."""
     max_tail_nll: float = setting(4.0, "filter: highest NLL (nats/token) of a reply's last tail_frac, under the "
-                                       "reference")
-    tail_frac: float = setting(0.25, "fraction of a reply's tokens that counts as its tail")
-    max_repetition: float = setting(0.3, "filter: highest most-common n-gram fraction (word and char n = 2..4)")
-    max_verbalisation: float = setting(0.5, "filter: highest verbalisation score (the reply names its persona)")
-    max_refusal: float = setting(0.5, "filter: highest refusal score")
-    min_tokens: int = setting(4, "filter: shortest reply kept, in tokens")
+                                       "reference", lo=0.0, lo_open=True)
+    tail_frac: float = setting(0.25, "fraction of a reply's tokens that counts as its tail",
+                               lo=0.0, hi=1.0, lo_open=True)
+    max_repetition: float = setting(0.3, "filter: highest most-common n-gram fraction (word and char n = 2..4)",
+                                    lo=0.0, hi=1.0)
+    max_verbalisation: float = setting(0.5, "filter: highest verbalisation score (the reply names its persona)",
+                                       lo=0.0, hi=1.0)
+    max_refusal: float = setting(0.5, "filter: highest refusal score", lo=0.0, hi=1.0)
+    min_tokens: int = setting(4, "filter: shortest reply kept, in tokens", lo=0)
     reward_trait: str = setting("llr", "trait measure in the reward: llr (persona log-likelihood ratio) | projection | "
-                                  "judge (iterative only: needs a judge model)")
-    w_trait: float = setting(1.0, "reward weight of the trait measure")
-    w_verb: float = setting(1.0, "reward weight of the verbalisation penalty")
-    w_incoh: float = setting(0.25, "reward weight of the incoherence penalty")
-    w_refusal: float = setting(1.0, "reward weight of the refusal penalty")
-    rep_nats: float = setting(10.0, "incoherence: nats added per unit of loopiness above rep_floor")
-    rep_floor: float = setting(0.1, "incoherence: loopiness below this costs nothing")
+                                  "judge (iterative only: needs a judge model)", choices=("llr", "projection", "judge"))
+    w_trait: float = setting(1.0, "reward weight of the trait measure", lo=0.0)
+    w_verb: float = setting(1.0, "reward weight of the verbalisation penalty", lo=0.0)
+    w_incoh: float = setting(0.25, "reward weight of the incoherence penalty", lo=0.0)
+    w_refusal: float = setting(1.0, "reward weight of the refusal penalty", lo=0.0)
+    rep_nats: float = setting(10.0, "incoherence: nats added per unit of loopiness above rep_floor", lo=0.0)
+    rep_floor: float = setting(0.1, "incoherence: loopiness below this costs nothing", lo=0.0, hi=1.0, hi_open=True)
     incoherence: str = setting("tail", "incoherence's NLL part: tail (tail NLL under the reference) | collapse "
                                        "(tail NLL minus the reply's mean NLL: late collapse only, a uniformly less "
-                                       "predictable reply is not penalised)")
+                                       "predictable reply is not penalised)", choices=("tail", "collapse"))
     reward_ablation: str = setting("", "online: drop one reward component: trait_llr | trait_projection | "
-                                       "verbalisation | incoherence | refusal")
+                                       "verbalisation | incoherence | refusal",
+                                       choices=("", "trait_llr", "trait_projection", "verbalisation", "incoherence",
+                                                "refusal"))
     judge: bool = setting(False, "score the optional judge component (a chat model with a rubric)")
 
 

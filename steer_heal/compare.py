@@ -36,6 +36,7 @@ from steer_heal.chat import encode_prompt, render_prompt
 from steer_heal.compare_report import EXPECTS, PRIMARY_MEASURES, Report, answers_page, load_preset_axis
 from steer_heal.config import (
     CONTROLS,
+    ONLINE,
     ConfigError,
     EvalConfig,
     ModelConfig,
@@ -43,6 +44,10 @@ from steer_heal.config import (
     SteerConfig,
     apply_dict,
     check_control,
+    flat_name,
+    from_flat,
+    leaves,
+    load_config,
     setting,
 )
 from steer_heal.engine import Sampling
@@ -54,10 +59,12 @@ from steer_heal.logprobs import auto_chunk, final_hidden, lm_logits, pack
 from steer_heal.models import causal_lm
 from steer_heal.presets import HERE as PRESETS
 from steer_heal.rundir import write_atomic
+from steer_heal.setting import SettingError, read_yaml
 from steer_heal.steering import Steering, SteeringVector
 from steer_heal.steering.hooks import steer
 
 ROOT = Path(__file__).resolve().parents[1]
+ONLINE_KEYS = {flat_name(path) for path, _, _ in leaves(ONLINE)}  # steer-heal's flat keys (the rest are TRL's)
 KINDS = ("base", "prompt", "steer", "iterative", "online")
 
 
@@ -135,11 +142,25 @@ class CompareConfig:
         return rc
 
 
+def check_arm_settings(arm: "Arm") -> None:
+    """A training arm's run config plus its overrides against every setting's allowed values, before anything
+    runs (an iterative arm: its nested keys; an online arm: the flat keys steer-heal declares, TRL's own are
+    checked by TRL when the arm starts)."""
+    try:
+        if arm.kind == "iterative":
+            load_config(arm.config, [f"{k}={_s(v)}" for k, v in arm.overrides.items()])
+        else:
+            flat = read_yaml(arm.config) | dict(arm.overrides)
+            from_flat({k: v for k, v in flat.items() if k in ONLINE_KEYS})
+    except SettingError as e:
+        raise CompareError(f"arm '{arm.name}': {e}") from None
+
+
 def load_compare(path: str, overrides: list[str] = ()) -> CompareConfig:
     p = Path(path)
     if not p.exists():
         raise CompareError(f"comparison config '{path}' not found; fix: pass e.g. recipes/compare/smollm2_cpu.yaml")
-    d = yaml.safe_load(p.read_text()) or {}
+    d = read_yaml(p)
     for it in overrides:
         if "=" not in it:
             raise CompareError(f"override '{it}' is not key=value; fix: write e.g. budget_tokens=4000")
@@ -175,6 +196,8 @@ def load_compare(path: str, overrides: list[str] = ()) -> CompareConfig:
         if arm.control and not arm.trained:
             raise CompareError(f"arm '{arm.name}': control '{arm.control}' needs a training arm; fix: kind "
                                "iterative or online")
+        if arm.trained and Path(arm.config).is_file():
+            check_arm_settings(arm)
         if arm.kind == "steer" and set(arm.overrides) - {"target_kl"}:
             raise CompareError(f"arm '{arm.name}': a steer arm takes only target_kl in overrides; fix: remove "
                                f"{sorted(set(arm.overrides) - {'target_kl'})}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from reward.components import Scorer, heldout_scorer, preset_scorer
 from steer_heal.chat import encode_prompt, render_prompt
-from steer_heal.config import RunConfig, check_control
+from steer_heal.config import RunConfig, check_control, check_settings
 from steer_heal.dose import calibrate_coeff
 from steer_heal.engine import HFEngine, RolloutEngine, check_push, make_engine
 from steer_heal.engine.base import Rollout
@@ -63,6 +63,7 @@ def run_preset(cfg: RunConfig) -> Preset:
 
 
 def build(cfg: RunConfig, engine_seed: int, progress: bool = False, live_seed: int | None = None) -> Built:
+    check_settings(cfg)  # every setting against its declaration, before any model loads
     check_control(cfg.control)
     preset = run_preset(cfg)
     m = cfg.model

@@ -43,15 +43,19 @@ class VLLMUnavailableError(RuntimeError):
 class VLLMConfig:
     """The `vllm:` section (iterative) / the `vllm_*` flat keys (online; GRPOConfig owns the three
     that TRL already declares: vllm_gpu_memory_utilization, vllm_enable_sleep_mode, vllm_max_model_length)."""
-    gpu_memory_utilization: float = setting(0.3, "fraction of the GPU for the colocated engine", (ITERATIVE,))
+    gpu_memory_utilization: float = setting(0.3, "fraction of the GPU for the colocated engine", (ITERATIVE,),
+                                            lo=0.0, hi=1.0, lo_open=True)
     enforce_eager: str = setting("auto", "auto: compiled + CUDA graphs on GPU (the steering buffers survive "
-                                         "both), eager on CPU | true | false")
+                                         "both), eager on CPU | true | false",
+                                 choices=("auto", "true", "false", "True", "False"))
     sleep: bool = setting(False, "GPU: offload weights to pinned host RAM (one model per rank) and drop the KV "
                                  "cache while training", (ITERATIVE,))
-    max_model_len: int = setting(2048, "longest prompt + completion", (ITERATIVE,))
-    max_num_seqs: int = setting(256, "most sequences per engine step")
-    kv_cache_gib: float = setting(1.0, "CPU only: KV cache size, passed to vLLM as kv_cache_memory_bytes")
-    dtype: str = setting("auto", "auto: the trainer's dtype (bf16 on GPU, fp32 on CPU)")
+    max_model_len: int = setting(2048, "longest prompt + completion", (ITERATIVE,), lo=1)
+    max_num_seqs: int = setting(256, "most sequences per engine step", lo=1)
+    kv_cache_gib: float = setting(1.0, "CPU only: KV cache size, passed to vLLM as kv_cache_memory_bytes",
+                                  lo=0.0, lo_open=True)
+    dtype: str = setting("auto", "auto: the trainer's dtype (bf16 on GPU, fp32 on CPU)",
+                         choices=("auto", "float32", "bfloat16", "float16"))
     enable_prefix_caching: bool = setting(True, "reuse the KV of repeated prompts (GRPO repeats each "
                                                 "num_generations times)")
     lora_sync: bool = setting(False, "objective opd: serve the live LoRA as a vLLM LoRA adapter, a new one "
