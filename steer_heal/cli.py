@@ -6,6 +6,7 @@ commands:
   eval     the moral-foundations forced-choice evaluation (tinymfv protocol)
   score    score completions with the reward components; --validate prints judge AUROCs
   compare  arms side by side at a matched generated-token budget, with verdicts
+  preset   `preset new NAME --pos ... --neg ...` writes a preset; `preset check FILE` lists its problems
 
 The online GRPO heal runs as `accelerate launch recipes/grpo_heal.py --config ...`.
 """
@@ -171,6 +172,31 @@ def _compare(args) -> int:
     return 0
 
 
+def _preset(args) -> int:
+    from steer_heal.presets import PresetError, defaults_line, load_preset, skeleton
+    from steer_heal.presets.check import check_preset
+
+    if args.action == "new":
+        out = Path(args.out or f"{args.name}.yaml")
+        if out.exists() and not args.force:
+            raise PresetError(f"{out} exists; fix: pass --out <another file> or --force")
+        out.write_text(skeleton(args.name, args.pos, args.neg))
+        print(f"wrote {out}: fill it in, then `steer-heal preset check {out}`")
+        return 0
+    p = load_preset(args.file, check=False)
+    problems = check_preset(p)
+    for line in problems:
+        print(f"{args.file}: {line}")
+    if problems:
+        return 1
+    print(f"ok: {args.file} (persona pair, {len(p.contexts)} contexts, {len(p.prompts)} training prompts, "
+          f"{len(p.dev_prompts)} dev, {len(p.test_prompts)} test; MFV axis {p.foundations or 'none'}; held-out judge "
+          f"{'yes' if p.eval_persona_pos else 'none'})")
+    if line := defaults_line(p):
+        print(line)
+    return 0
+
+
 def version() -> str:
     try:
         return _pkg_version("steer-heal")
@@ -186,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run the iterative steer -> filter -> heal -> bake loop")
     r.add_argument("--config", help="YAML config (recipes/configs/*.yaml)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue after the last completed round of RUN_DIR")
-    r.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. heal.lam=0.3 rounds=4")
+    r.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. heal.kl_beta=0.3 rounds=4")
     e = sub.add_parser("export", help="write a merged model that loads with plain transformers")
     e.add_argument("run_dir")
     e.add_argument("--round", type=int, default=None)
@@ -229,9 +255,22 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--train-only", action="store_true",
                    help="train the selected arms and stop (evaluate and report later, e.g. after a code change)")
     c.add_argument("overrides", nargs="*", help="key=value overrides of the comparison config, e.g. budget_tokens=4000")
+    pr = sub.add_parser("preset", help="check a preset, or write a new one (your own trait from a persona pair)")
+    pa = pr.add_subparsers(dest="action", required=True)
+    pc = pa.add_parser("check", help="every problem of a preset, one line each (exit 1 if any)")
+    pc.add_argument("file", help="a preset YAML (or a shipped preset's name)")
+    pn = pa.add_parser("new", help="write a commented skeleton that passes `preset check` as written")
+    pn.add_argument("name")
+    pn.add_argument("--pos", required=True, help="the positive persona, e.g. 'You are someone who ...'")
+    pn.add_argument("--neg", required=True, help="the opposite pole, the same length and style, in its own words")
+    pn.add_argument("--out", default=None, help="where to write it (default NAME.yaml)")
+    pn.add_argument("--force", action="store_true", help="overwrite an existing file")
     args = p.parse_args(argv)
-    from steer_heal.console import quiet_startup  # imports torch: after argparse has answered --help
     from steer_heal.errors import one_line_errors
+
+    if args.cmd == "preset":  # no model, no torch
+        return one_line_errors(_preset, args)
+    from steer_heal.console import quiet_startup  # imports torch: after argparse has answered --help
 
     quiet_startup()
     cmd = {"run": _run, "export": _export, "eval": _eval, "score": _score, "compare": _compare}[args.cmd]

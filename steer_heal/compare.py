@@ -57,7 +57,7 @@ from steer_heal.evals.student import SCORED
 from steer_heal.heal.kl import aggregate, chunked_kl_and_logp
 from steer_heal.logprobs import auto_chunk, final_hidden, lm_logits, pack
 from steer_heal.models import causal_lm
-from steer_heal.presets import HERE as PRESETS
+from steer_heal.presets import load_preset
 from steer_heal.rundir import write_atomic
 from steer_heal.setting import SettingError, read_yaml
 from steer_heal.steering import Steering, SteeringVector
@@ -208,6 +208,10 @@ def load_compare(path: str, overrides: list[str] = ()) -> CompareConfig:
             # an unsteered rollout is the same at every multiplier (and a control refuses rollout_alphas)
             ov = {k: v for k, v in arm.overrides.items() if k != "rollout_alphas"} | {"control": "placebo"}
             cfg.arms.append(Arm(f"{arm.name}_placebo", arm.kind, arm.config, ov, arm.launcher, placebo_of=arm.name))
+    try:  # the preset, before anything runs: one line at its first problem
+        load_preset(cfg.preset)
+    except (SettingError, ValueError) as e:
+        raise CompareError(str(e)) from None
     names = [a.name for a in cfg.arms]
     if len(set(names)) != len(names):
         raise CompareError(f"arm names repeat in {names}; fix: give every arm its own name")
@@ -357,10 +361,8 @@ def _file_hash(p: Path) -> str:
 
 
 def preset_hash(name: str) -> str:
-    """The preset's YAML and the contexts file it includes."""
-    f = Path(name) if Path(name).exists() else PRESETS / f"{name}.yaml"
-    inc = (yaml.safe_load(f.read_text()) or {}).get("include_contexts") if f.exists() else None
-    return _file_hash(f) + (_file_hash(f.parent / inc) if inc else "")
+    """The preset's YAML and every set file it names or includes (a shipped preset: its YAML and its contexts)."""
+    return "".join(_file_hash(f) for f in load_preset(name, check=False).sources)
 
 
 def arm_fingerprint(ev_fp: str, arm: "Arm", adapter: Path | None) -> str:

@@ -165,6 +165,8 @@ class Report:
     # ------------------------------------------------------------ values and intervals
     def values(self, arm: str, measure: str) -> stats.Values | None:
         m = BY_NAME[measure]
+        if m.stat == "trait_nats" and not self.axis:  # a trait with no moral-foundations axis has no MFV trait
+            return None
         rs = self.by_arm.get(arm, [])
         xs = [r.get("items", {}).get(m.source) for r in rs]
         if not rs or any(x is None or len(x) == 0 for x in xs):
@@ -341,6 +343,8 @@ class Report:
             INTERVAL_NOTE + "\n",
             f"Judges' AUROC on the labelled replies (target label vs the rest; trait: enact-pos vs enact-neg): "
             f"{judges}. Under {self.min_auroc}: {', '.join(untrusted) or 'none'} (marked, not used in verdicts).\n",
+            ("" if self.axis else "The preset names no moral foundations (`foundations`): no MFV trait column or "
+             "verdict (a number on an axis the trait does not have); pmass and the other MFV columns stay.\n\n") +
             f"trait_mfv: MFV trait_nats (signed log-profile over {self.axis}); trait_mfv_ans: the same over the "
             f"vignettes the model still answers (pmass >= the base's median, {self.pmass_floor:.3f}); pmass: "
             "answer-token mass, **(-25%)** marks an arm more than 25% under base (its MFV trait may be a format "

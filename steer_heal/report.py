@@ -134,7 +134,9 @@ def write_report(run_dir: str | Path) -> None:
 
 BAKE_PANELS = [("trait_nats", "MFV trait_nats (signed log p)"), ("pmass", "MFV pmass_allowed"),
                ("nll_prefill", "MFV nll_prefill"), ("reward", "mean GRPO reward"), ("kl_rmse", "kl_rmse to reference"),
-               ("kappa", "dose kappa")]
+               ("kappa", "dose kappa"), ("shift_cos", "student's shift from base . v0 (cosine)"),
+               ("adv_dose_corr", "advantage ~ dose inside groups (corr)"),
+               ("grad_policy", "|grad| of the policy term (bake's first step)")]
 
 
 def write_bake_report(run_dir: str | Path, base: dict | None = None) -> None:
@@ -149,7 +151,7 @@ def write_bake_report(run_dir: str | Path, base: dict | None = None) -> None:
     rows = read_jsonl(d / "bakes.jsonl")
     if not rows:
         return
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    fig, axes = plt.subplots(3, 3, figsize=(13, 10.5))
     steps = [x["step"] for x in rows]
     bkeys = {"trait_nats": "trait_nats", "pmass": "pmass_allowed", "nll_prefill": "nll_prefill"}
     for a, (key, title) in zip(axes.flat, BAKE_PANELS):

@@ -159,8 +159,9 @@ def format_table(rows: list[dict], markdown: bool = False, base: dict | None = N
     out = [line(head)] + [line(b) for b in body]
     if base:
         m = base.get("mfv")
-        extra = (f"  trait_nats {m['trait_nats']:+.2f}  pmass {m['pmass_allowed']:.3f}  nll_prefill "
-                 f"{m['nll_prefill']:.2f}  unscorable {m['frac_unscorable']:.2f}") if m else ""
+        tn = m.get("trait_nats") if m else None  # None: a trait with no moral-foundations axis
+        extra = ((f"  trait_nats {tn:+.2f}" if tn is not None else "") + f"  pmass {m['pmass_allowed']:.3f}  "
+                 f"nll_prefill {m['nll_prefill']:.2f}  unscorable {m['frac_unscorable']:.2f}") if m else ""
         out.insert(0, f"base: trait {base.get('trait', 0):+.3f}  coherence {base.get('coherence', 0):.2f}  "
                       f"tail_nll {base.get('tail_nll', 0):.2f}" + extra)
     return "\n".join(out)

@@ -24,7 +24,7 @@ from steer_heal.evals.mfv import MFVResult, evaluate_mfv, trait_nats
 from steer_heal.evals.mfv_data import load_vignettes
 from steer_heal.evals.student import student_scores
 from steer_heal.models import load_model, num_layers
-from steer_heal.presets import Preset, load_preset, load_prompt_set
+from steer_heal.presets import Preset, defaults_line, load_preset, load_prompt_set
 from steer_heal.rundir import RunDir
 from steer_heal.steering import Steering, SteeringVector, activation_shift, check_personas, extract_vector, layer_band
 from steer_heal.student import Student
@@ -53,6 +53,11 @@ def run_preset(cfg: RunConfig) -> Preset:
     """The preset with the config's persona override (its demonstrations act out its own pair, so
     an override drops them)."""
     preset = load_preset(cfg.preset)
+    if line := defaults_line(preset):
+        print(line, flush=True)
+    if not preset.foundations and cfg.eval.mfv:
+        print(f"preset '{preset.name}' names no moral foundations (`foundations`): no MFV trait column or verdict; "
+              "the MFV answer-mass and prefill columns stay", flush=True)
     if cfg.persona_pos or cfg.persona_neg:
         preset.persona_pos, preset.persona_neg = cfg.persona_pos, cfg.persona_neg
         preset.persona_demos = []

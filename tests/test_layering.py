@@ -10,7 +10,8 @@ LAYERS = [
     # foundations: no steer-heal imports above plain helpers
     ["steer_heal", "steer_heal.setting", "steer_heal.chat", "steer_heal.errors", "steer_heal.console",
      "steer_heal.tracking",
-     "steer_heal.rundir", "steer_heal.presets", "steer_heal.tiny", "steer_heal.attention", "steer_heal.models",
+     "steer_heal.rundir", "steer_heal.presets", "steer_heal.presets.check",
+     "steer_heal.presets.text", "steer_heal.tiny", "steer_heal.attention", "steer_heal.models",
      "steer_heal.evals",
      "steer_heal.evals.protocol", "steer_heal.evals.mfv_data", "steer_heal.heal.kl", "steer_heal.grpo",
      "steer_heal.grpo.distributed", "steer_heal.grpo.penalty", "steer_heal.grpo.advantage", "steer_heal.steering.core",

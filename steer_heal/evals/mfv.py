@@ -342,7 +342,10 @@ def aggregate_rows(res_rows: list[dict], rows: list[dict], think_tokens: int) ->
 
 
 def trait_nats(res: MFVResult, axis: dict[str, int]) -> float:
-    """Signed mean of log profile over the preset's target foundations (higher = more trait)."""
+    """Signed mean of log profile over the preset's target foundations (higher = more trait); NaN for a trait
+    with no foundations (no axis to read)."""
+    if not axis:
+        return float("nan")
     return sum(s * res.nats[P.FOUNDATIONS.index(f)] for f, s in axis.items()) / max(len(axis), 1)
 
 
@@ -358,9 +361,11 @@ def mfv_columns(res: MFVResult | None, base: MFVResult | None, axis: dict, suffi
     """The evaluation's columns for a round or bake row: trait_nats, coherence, and vs-base changes."""
     if res is None:
         return {}
-    out = {f"trait_nats{suffix}": trait_nats(res, axis), f"pmass{suffix}": res.pmass_allowed,
-           f"nll_prefill{suffix}": res.nll_prefill, f"unscorable{suffix}": res.frac_unscorable,
-           f"profile{suffix}": res.profile}
+    out = {f"pmass{suffix}": res.pmass_allowed, f"nll_prefill{suffix}": res.nll_prefill,
+           f"unscorable{suffix}": res.frac_unscorable, f"profile{suffix}": res.profile}
+    if not axis:  # a trait with no moral-foundations axis: no MFV trait column (the coherence columns stay)
+        return out
+    out = {f"trait_nats{suffix}": trait_nats(res, axis)} | out
     if base is not None:
         out[f"d_trait_nats{suffix}"] = out[f"trait_nats{suffix}"] - trait_nats(base, axis)
         out.update({f"{k}{suffix}": v for k, v in surgicality(res, base, axis).items()})

@@ -1,11 +1,19 @@
 """Persona presets: a contrastive pair plus prompt sets written for this project."""
 from __future__ import annotations
 
-import re
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from steer_heal.presets.check import KEYS, check_preset
+from steer_heal.presets.check import MINIMUMS as MIN
+from steer_heal.presets.text import NEAR_DUPLICATE, content_words, near_duplicates, overlap
+from steer_heal.setting import read_yaml
+
+__all__ = ["Preset", "PresetError", "load_preset", "load_prompt_set", "available", "defaults_line", "NEAR_DUPLICATE",
+           "content_words", "near_duplicates", "overlap", "HERE"]
 
 HERE = Path(__file__).parent
 
@@ -25,6 +33,10 @@ class Preset:
     eval_persona_neg: str = ""
     eval_persona_demos: list[dict] = field(default_factory=list)
     test_prompts: list[str] = field(default_factory=list)  # held out from training and from every choice: verdicts
+    path: Path | None = None  # the YAML it was read from
+    sources: list[Path] = field(default_factory=list)  # that YAML and every set file it names (a study's hash)
+    defaults: list[str] = field(default_factory=list)  # fields left to the shipped trait-neutral sets
+    unknown_keys: list[str] = field(default_factory=list)  # keys of the YAML no field reads (typos)
 
     @property
     def eval_prompts(self) -> list[str]:
@@ -43,40 +55,6 @@ class Preset:
     def seen(self) -> list[str]:
         """Every text a run conditions on before evaluation: extraction contexts, training prompts, persona demos."""
         return self.contexts + self.prompts + [d["user"] for d in self.persona_demos + self.eval_persona_demos]
-
-
-# words that carry no topic: function words and the question templates every prompt set shares
-_STOP = set("""a an the and or but if of to in on at for with about from by as into over after before than then so
-i me my you your we our they them their he him his she her it its this that these those who whom what which when where
-why how is are was were be been being do does did have has had will would can could should may might must shall
-not no yes any some all just very really ever never still also there here one ones thing things
-think thinks thought feel feels felt say says said tell tells describe make makes made give gives write
-someone somebody person people anyone everyone""".split())
-
-
-def content_words(text: str) -> set[str]:
-    ws = re.findall(r"[a-z0-9]+", text.lower().replace("'", ""))
-    return {w[:-1] if len(w) > 3 and w.endswith("s") else w for w in ws if w not in _STOP}
-
-
-def overlap(a: str, b: str) -> float:
-    """Jaccard overlap of the two texts' topic words (function words and question templates left out)."""
-    A, B = content_words(a), content_words(b)
-    return len(A & B) / max(len(A | B), 1)
-
-
-NEAR_DUPLICATE = 0.35  # overlap at or above this: an eval prompt too close to something the runs saw
-
-
-def near_duplicates(p: Preset, threshold: float = NEAR_DUPLICATE) -> list[tuple[str, str, float]]:
-    """(eval prompt, the seen text it nearly copies, overlap) for every dev or test prompt at or over threshold."""
-    seen = p.seen()
-    out = []
-    for e in p.dev_prompts + p.test_prompts:
-        best = max(seen, key=lambda o: overlap(e, o), default="")
-        if best and overlap(e, best) >= threshold:
-            out.append((e, best, overlap(e, best)))
-    return out
 
 
 def load_prompt_set(name_or_path: str, preset: Preset) -> list[str]:
@@ -103,27 +81,152 @@ def available() -> list[str]:
     return sorted(p.stem for p in HERE.glob("*.yaml") if p.stem != "general_contexts")
 
 
-def load_preset(name_or_path: str) -> Preset:
+class PresetError(ValueError):
+    """An unusable preset; the message names the fix (one line)."""
+
+
+# the shipped trait-neutral sets a preset may name instead of listing its own: field -> (folder, key)
+SET_FIELDS = {"contexts": ("contexts", "contexts"), "prompts": ("prompts", "prompts"),
+              "dev_prompts": ("heldout", "dev_prompts"), "test_prompts": ("heldout", "test_prompts")}
+DEFAULT_SET = "general"
+
+
+def shipped_sets(field_name: str) -> list[str]:
+    folder, _ = SET_FIELDS[field_name]
+    if folder == "contexts":
+        return [DEFAULT_SET]
+    return sorted(q.stem for q in (HERE / folder).glob("*.yaml"))
+
+
+def _set_file(field_name: str, name: str, base: Path) -> Path:
+    """A set named in a preset: a YAML path (beside the preset, or as given), else a shipped set's name."""
+    for cand in (base / name, Path(name)):
+        if cand.suffix in (".yaml", ".yml") and cand.is_file():
+            return cand
+    folder, _ = SET_FIELDS[field_name]
+    f = HERE / "general_contexts.yaml" if folder == "contexts" and name in (DEFAULT_SET, "general_contexts") \
+        else HERE / folder / f"{name}.yaml"
+    if not f.is_file():
+        raise PresetError(f"{field_name}: no set named '{name}'; fix: a list of texts, a YAML path, or one of "
+                          f"{shipped_sets(field_name)}")
+    return f
+
+
+def _read_set(field_name: str, f: Path) -> list[str]:
+    key = SET_FIELDS[field_name][1]
+    d = read_yaml(f)
+    xs = d.get(key) or (d.get("contexts") if field_name == "contexts" else None)
+    if not isinstance(xs, list):
+        raise PresetError(f"{f} has no `{key}:` list; fix: give it one")
+    return [str(x) for x in xs]
+
+
+def load_preset(name_or_path: str, check: bool = True) -> Preset:
+    """A preset by name or path. Each of contexts / prompts / dev_prompts / test_prompts is a list, the name of
+    a shipped set (`general`) or a YAML path; one the preset leaves out is the shipped trait-neutral set
+    (listed in `Preset.defaults`). With `check` (every run, eval and compare) the preset is refused in one
+    line at its first problem (steer_heal/presets/check.py); `steer-heal preset check FILE` lists them all."""
     p = Path(name_or_path)
-    if not p.exists():
+    if not p.is_file():
         p = HERE / f"{name_or_path}.yaml"
-    if not p.exists():
-        raise ValueError(f"unknown preset '{name_or_path}'; fix: use one of {available()} or a YAML path")
-    d = yaml.safe_load(p.read_text())
-    ctx = list(d.get("contexts", []))
+    if not p.is_file():
+        raise PresetError(f"unknown preset '{name_or_path}'; fix: use one of {available()} or a YAML path "
+                          "(`steer-heal preset new NAME --pos ... --neg ...` writes one)")
+    d = read_yaml(p)
+    sources, defaults, lists = [p], [], {}
+    for fld in SET_FIELDS:
+        v = d.get(fld, d.get("eval_prompts") if fld == "dev_prompts" else None)
+        if v is None and not (fld == "contexts" and d.get("include_contexts")):
+            v = DEFAULT_SET
+            defaults.append(fld)
+        if isinstance(v, str):
+            if v == DEFAULT_SET and fld not in defaults:
+                defaults.append(fld)
+            f = _set_file(fld, v, p.parent)
+            sources.append(f)
+            v = _read_set(fld, f)
+        lists[fld] = [str(x) for x in (v or [])]
     if d.get("include_contexts"):
-        ctx += yaml.safe_load((p.parent / d["include_contexts"]).read_text())["contexts"]
-    return Preset(
+        f = _set_file("contexts", str(d["include_contexts"]), p.parent)
+        sources.append(f)
+        lists["contexts"] += _read_set("contexts", f)
+    preset = Preset(
         name=d.get("name", p.stem),
-        persona_pos=d.get("persona_pos", ""),
-        persona_neg=d.get("persona_neg", ""),
-        contexts=ctx,
-        prompts=list(d.get("prompts", [])),
-        dev_prompts=list(d.get("dev_prompts", d.get("eval_prompts", []))),
-        test_prompts=list(d.get("test_prompts", [])),
-        foundations=dict(d.get("foundations", {})),
-        persona_demos=list(d.get("persona_demos", [])),
-        eval_persona_pos=d.get("eval_persona_pos", ""),
-        eval_persona_neg=d.get("eval_persona_neg", ""),
-        eval_persona_demos=list(d.get("eval_persona_demos", [])),
+        persona_pos=str(d.get("persona_pos") or ""),
+        persona_neg=str(d.get("persona_neg") or ""),
+        contexts=lists["contexts"],
+        prompts=lists["prompts"],
+        dev_prompts=lists["dev_prompts"],
+        test_prompts=lists["test_prompts"],
+        foundations=dict(d.get("foundations") or {}),
+        persona_demos=list(d.get("persona_demos") or []),
+        eval_persona_pos=str(d.get("eval_persona_pos") or ""),
+        eval_persona_neg=str(d.get("eval_persona_neg") or ""),
+        eval_persona_demos=list(d.get("eval_persona_demos") or []),
     )
+    preset.path, preset.sources, preset.defaults = p, sources, defaults
+    preset.unknown_keys = sorted(set(d) - KEYS)
+    if check:
+        problems = check_preset(preset)
+        if problems:
+            more = f" ({len(problems) - 1} more: `steer-heal preset check {p}` lists them)" if len(problems) > 1 else ""
+            raise PresetError(f"preset {p}: {problems[0]}{more}")
+    return preset
+
+
+def defaults_line(preset: Preset) -> str:
+    """The one line a run prints when the preset leaves parts to the shipped trait-neutral sets."""
+    if not preset.defaults:
+        return ""
+    return (f"preset '{preset.name}': {', '.join(preset.defaults)} from the shipped trait-neutral '{DEFAULT_SET}' "
+            f"set{'s' if len(preset.defaults) > 1 else ''}; prompts written for the trait measure it better "
+            "(`steer-heal preset new` writes a commented skeleton)")
+
+
+def skeleton(name: str, pos: str, neg: str) -> str:
+    """A commented preset a person fills in; it passes `steer-heal preset check` as written (every prompt set
+    names the shipped trait-neutral `general` set until the person writes the trait's own)."""
+    q = json.dumps  # a JSON string is a YAML double-quoted scalar
+    return f"""# {name}: a steer-heal preset. `steer-heal preset check <this file>` says what is missing, one line each.
+name: {name}
+# The persona pair: two system prompts that are opposite poles of ONE axis, the same length and style. Write the
+# opposite pole in its own words; "someone who does not ..." makes the vector read negation, not the trait.
+persona_pos: {q(pos)}
+persona_neg: {q(neg)}
+
+# Moral-foundations axis (optional): the MFV vignettes' foundations this trait moves, with the sign of the move,
+# from Care, Fairness, Loyalty, Authority, Sanctity, Liberty, SocialNorms. Leave it out when the trait has no
+# moral-foundations axis: the run then reports no MFV trait column and no MFV verdict (it still reports the
+# MFV answer mass and prefill NLL, which read coherence).
+# foundations: {{Care: 1}}
+
+# Extraction contexts (>= {MIN['contexts']}): everyday user turns; the vector is the mean difference of the two
+# personas' states over them. `general` is the shipped trait-neutral set (96). Your own, as a list:
+#   contexts: ["What do you make of strangers?", ...]
+contexts: general
+
+# Training prompts (>= {MIN['prompts']}): what the run generates replies to. Situations where the trait shows work best.
+# Example: "My team lost the final again. What now?"
+prompts: general
+
+# Held-out prompts, never trained on: dev (>= {MIN['dev_prompts']}) chooses settings, test (>= {MIN['test_prompts']})
+# gives verdicts.
+# Each must not near-copy a context, a training prompt or a demo (topic-word overlap < {NEAR_DUPLICATE}); the check
+# names any that do. Example dev prompt: "My exam results come out tomorrow."
+dev_prompts: general
+test_prompts: general
+
+# Persona demonstrations (optional): short exchanges acting each pole out, shown before a reply when the trait
+# log-likelihood ratio (the reward's trait term) scores it. One example:
+# persona_demos:
+#   - user: "It's raining on my day off."
+#     pos: "..."   # the positive pole's reply
+#     neg: "..."   # the opposite pole's reply
+
+# The held-out judge (optional, for `steer-heal compare`): a paraphrase of the pair (and demos) written for
+# evaluation only, never the reward's context. Without it the comparison has no trait_llr* (held-out trait).
+# Its labelled replies (reward/data/labelled.yaml) give the judges' AUROC; under 0.75 the report withholds
+# verdicts on that measure.
+# eval_persona_pos: "..."
+# eval_persona_neg: "..."
+"""
