@@ -114,6 +114,9 @@ def _score(args) -> int:
     from steer_heal.models import load_model, num_layers
     from steer_heal.presets import load_preset
     from steer_heal.steering import extract_vector, layer_band
+    if not (args.validate or args.file):
+        raise SystemExit("error: nothing to score; fix: pass --file completions.jsonl or --validate")
+    p = None if args.validate else load_preset(args.preset)  # a bad preset is refused before the model loads
     lm = load_model(args.model, dtype=args.dtype)
     if args.validate:
         lines = ["| preset | component | target | vs | AUROC |", "|---|---|---|---|---|"]
@@ -133,9 +136,6 @@ def _score(args) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(f"reward validation on {args.model}\n\n{text}\n")
         return 0
-    if not args.file:
-        raise SystemExit("error: nothing to score; fix: pass --file completions.jsonl or --validate")
-    p = load_preset(args.preset)
     items = [json.loads(x) for x in Path(args.file).read_text().splitlines() if x.strip()]
     items = [dict(prompt=x.get("prompt") or x.get("user"), reply=x.get("completion") or x.get("reply") or x.get("text"),
                   label=x.get("label", "all")) for x in items]
