@@ -62,10 +62,10 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -q -m "not slow"
 
 # tinymfv itself, for the bench's side-by-side MFV timing: its source at the pinned commit (the fixture's),
-# its two dependencies the venv lacks; the offline mirror when this machine has one, else GitHub
+# its two dependencies the venv lacks. Offline, point TINYMFV_GIT at a local clone or mirror of it:
+#   make bench TINYMFV_GIT=/path/to/tinymfv
 TINYMFV_REF ?= 01e9026641c58fb57fb565916b5ecbafbdfce4d5
-TINYMFV_MIRROR := /work/.mirror/wassname+tinymfv/repo
-TINYMFV_GIT ?= $(if $(wildcard $(TINYMFV_MIRROR)),$(TINYMFV_MIRROR),https://github.com/wassname/tinymfv)
+TINYMFV_GIT ?= https://github.com/wassname/tinymfv
 TINYMFV := .venv-tinymfv
 
 $(TINYMFV)/.ok: | $(STAMP)

@@ -204,7 +204,7 @@ def version() -> str:
         return "unknown (not installed)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="steer-heal", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"steer-heal {version()}")
@@ -265,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     pn.add_argument("--neg", required=True, help="the opposite pole, the same length and style, in its own words")
     pn.add_argument("--out", default=None, help="where to write it (default NAME.yaml)")
     pn.add_argument("--force", action="store_true", help="overwrite an existing file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from steer_heal.errors import one_line_errors
 
     if args.cmd == "preset":  # no model, no torch

@@ -95,3 +95,33 @@ def test_entry_points_print_one_line_for_a_broken_yaml(cmd, tmp_path):
     err = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert len(err) == 1 and "YAML syntax error" in err[0] and str(bad) in err[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_every_example_in_the_help_texts_parses(tmp_path):
+    """`e.g. key=value ...` in any --help text of steer-heal is accepted by the parser it documents."""
+    import argparse
+    import re
+
+    from steer_heal.cli import build_parser
+    from steer_heal.compare import load_compare
+
+    def helps(parser):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    yield from ((f"{name} {n}".strip(), h) for n, h in helps(sub))
+            elif a.help:
+                yield "", a.help
+
+    examples = []
+    for where, h in helps(build_parser()):
+        for m in re.finditer(r"e\.g\. ((?:[\w.]+=\S+\s?)+)", h):
+            examples.append((where.split()[0] if where else "", m.group(1).split()))
+    assert {w for w, _ in examples} >= {"run", "compare"}, examples
+    study = ROOT / "recipes/compare/smollm2_cpu.yaml"
+    for where, items in examples:
+        items = [x.rstrip(",)") for x in items]
+        if where == "compare":
+            load_compare(str(study), items)
+        else:
+            load_config("recipes/configs/demo.yaml", items)
