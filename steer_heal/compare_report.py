@@ -113,6 +113,9 @@ def on_curve(x: float, X: list[float], Y: list[float]) -> float:
     return float("nan")
 
 
+VERDICTS = ("better", "worse", "not distinguishable")  # real verdicts (not 'no verdict', 'untestable', 'not used')
+
+
 def load_preset_axis(preset: str) -> dict:
     return load_preset(preset).foundations
 
@@ -253,9 +256,21 @@ class Report:
             idx = [i for i, x in enumerate(groups) if x == g]
             for i, q in zip(idx, stats.holm([ps[i] if math.isfinite(ps[i]) else 1.0 for i in idx])):
                 adj[i] = q
+        # the same family by a seeds-only t test (df S-1, Holm the same way): a verdict the two methods disagree on
+        # is fragile, and its line says so
+        dt = [self.seed_diff(a, b, m) if d is not None else None for (a, b, m), d in zip(prim, ds)]
+        pt = [x.p() if x is not None and math.isfinite(x.p()) and self.trusted(m) else 1.0
+              for x, (_, _, m) in zip(dt, prim)]
+        adj_t = [1.0] * len(prim)
+        for g in dict.fromkeys(groups):
+            idx = [i for i, x in enumerate(groups) if x == g]
+            for i, q in zip(idx, stats.holm([pt[i] for i in idx])):
+                adj_t[i] = q
         expects = [q[4] if len(q) > 4 else "" for q in self.primary]
-        out = [self._line(a, b, roles.get((a, b), g or "primary"), m, d, "primary", p_holm, group=g, expect=x)
-               for (a, b, m), d, p_holm, g, x in zip(prim, ds, adj, groups, expects) if d is not None]
+        out = [self._line(a, b, roles.get((a, b), g or "primary"), m, d, "primary", p_holm, group=g, expect=x,
+                          seeds_t=(t, pth))
+               for (a, b, m), d, p_holm, g, x, t, pth in zip(prim, ds, adj, groups, expects, dt, adj_t)
+               if d is not None]
         declared = set(prim)
         for a, b, role in self.questions():
             for m in VERDICT_MEASURES:
@@ -264,8 +279,12 @@ class Report:
                     out.append(self._line(a, b, role, m, d, "exploratory"))
         return out
 
+    def seed_diff(self, a: str, b: str, measure: str) -> stats.Interval | None:
+        va, vb = self.values(a, measure), self.values(b, measure)
+        return None if va is None or vb is None else stats.seeds_t(va, vb)
+
     def _line(self, a: str, b: str, role: str, m: str, d: stats.Interval, family: str, p_holm=None,
-              group: str = "", expect: str = "") -> dict:
+              group: str = "", expect: str = "", seeds_t: tuple | None = None) -> dict:
         meas = BY_NAME[m]
         c = self.constant(a, b, m)
         if c is not None:  # e.g. a penalty that never fired: 'not distinguishable' would read as a measured null
@@ -288,6 +307,13 @@ class Report:
         out = dict(a=a, b=b, role=role, measure=m, family=family, group=group, value=d.value, lo=d.lo, hi=d.hi,
                    se=d.se, df=d.df, p=p, p_holm=p_holm if family == "primary" else None, n_seeds=d.n_seeds,
                    verdict=v, line=line)
+        if seeds_t is not None and seeds_t[0] is not None and math.isfinite(seeds_t[0].p()):
+            t, pth = seeds_t
+            vt = stats.verdict(t, meas.higher_is_better, p_adjusted=pth) if v in VERDICTS else v
+            out.update(p_seeds=t.p(), p_holm_seeds=pth, verdict_seeds=vt, fragile=vt != v)
+            out["line"] += f"  [seeds-only t: p={t.p():.3g} p_holm={pth:.3g} -> {vt}]"
+            if vt != v:
+                out["line"] += f"  FRAGILE: {v} by seeds x items, {vt} by seeds only"
         if expect:
             out.update(expect=expect, expect_result=against_expectation(expect, v))
             out["line"] += f"  (expected {expect}: {out['expect_result']})"

@@ -435,3 +435,52 @@ def test_a_measure_constant_in_both_arms_is_untestable_not_a_null():
     rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=100, primary=primary)
     v = next(v for v in rep.verdicts() if v["family"] == "primary")
     assert v["verdict"] in ("better", "worse", "not distinguishable") and v["value"] > 0
+
+
+def test_seeds_only_t_equals_scipy_on_per_seed_means():
+    """The fragility check's second method: per-seed differences, a t test with df S-1 (scipy as reference),
+    paired by seed when both arms ran the same seeds, against an untrained arm's single value otherwise."""
+    import numpy as np
+    from scipy import stats as sps
+
+    from steer_heal import stats
+
+    rng = np.random.default_rng(7)
+    xa = rng.normal(0.3, 1.0, size=(3, 20))
+    xb = rng.normal(0.0, 1.0, size=(3, 20))
+    a, b = stats.Values(xa, seeds=(1, 2, 3)), stats.Values(xb, seeds=(1, 2, 3))
+    d = stats.seeds_t(a, b)
+    ref = sps.ttest_rel(xa.mean(1), xb.mean(1))
+    assert d.value == pytest.approx(float((xa.mean(1) - xb.mean(1)).mean()))
+    assert d.p() == pytest.approx(ref.pvalue) and d.df == 2
+    base = stats.Values(xb[:1])  # untrained: one value
+    d1 = stats.seeds_t(a, base)
+    assert d1.p() == pytest.approx(sps.ttest_1samp(xa.mean(1) - xb[0].mean(), 0.0).pvalue)
+
+
+@pytest.mark.parametrize("study", ["smollm2_cpu", "smollm2_drift", "smollm2_leash_confirm"])
+def test_committed_primary_lines_carry_the_seeds_only_test(study):
+    """Every primary line with a usable p carries the seeds-only p, Holm-adjusted within its family as the main
+    p is (recomputed here from the file), and says FRAGILE exactly where the two verdicts differ."""
+    import json
+    from pathlib import Path
+
+    from steer_heal import stats
+
+    v = json.loads((Path(__file__).resolve().parents[1] / "docs/studies" / study / "verdicts.json").read_text(),
+                   parse_constant=lambda c: float(c))
+    prim = [x for x in v if x["family"] == "primary"]
+    with_t = [x for x in prim if "p_seeds" in x]
+    assert with_t, study
+    fams: dict = {}
+    for x in with_t:
+        fams.setdefault(x.get("group", ""), []).append(x)
+    for group, xs in fams.items():
+        n_declared = len([x for x in prim if x.get("group", "") == group])
+        if len(xs) == n_declared:  # the whole family ran: its Holm adjustment is recomputable from the file
+            got = stats.holm([x["p_seeds"] if x["verdict"] in ("better", "worse", "not distinguishable") else 1.0
+                              for x in xs])
+            assert [x["p_holm_seeds"] for x in xs] == pytest.approx(got), group
+    for x in with_t:
+        assert x["fragile"] == (x["verdict"] != x["verdict_seeds"])
+        assert ("FRAGILE" in x["line"]) == x["fragile"]
