@@ -146,7 +146,7 @@ def test_failed_arm_stops_with_one_line_naming_its_log(tiny_dir, mfv_dir, tmp_pa
 
     path = _config(tmp_path, tiny_dir, pairs=[], arms=[dict(name="base", kind="base"), dict(
         name="broken", kind="online", config=str(ROOT / "recipes/configs/grpo_smoke.yaml"),
-        overrides=dict(objective="distill"))])
+        overrides=dict(use_vllm=True))])  # a TRL setting: passes compare's checks, the arm's process refuses it
     assert main(["compare", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "broken" in err[0] and "broken-s1/train.log" in err[0] and "Traceback" not in err[0]

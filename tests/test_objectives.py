@@ -251,7 +251,7 @@ def test_judge_reward_refused_in_one_line(tmp_path):
                       per_device_train_batch_size=2, report_to=[])
     with pytest.raises(OnlineConfigError, match="fix: reward_trait: llr or projection"):
         check_online_config(OnlineConfig(reward_trait="judge"), args)
-    with pytest.raises(OnlineConfigError, match="unknown reward_ablation"):
+    with pytest.raises(OnlineConfigError, match="'reward_ablation': 'trait' is not allowed; fix: use one of"):
         check_online_config(OnlineConfig(reward_ablation="trait"), args)
 
 

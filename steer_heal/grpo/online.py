@@ -39,20 +39,20 @@ from steer_heal.steering import SteeringVector
 OnlineConfig = flat_dataclass(ONLINE, "OnlineConfig")
 
 REWARD_TRAITS = ("llr", "projection")
-ABLATIONS = ("", "trait_llr", "trait_projection", "verbalisation", "incoherence", "refusal")
 
 
 def check_online_config(cfg: RunConfig, grpo_args) -> None:
     """One-line refusals, before any model is loaded."""
-    cfg = cfg if isinstance(cfg, RunConfig) else from_flat(cfg)
+    try:  # every declared setting's allowed values (reward_ablation's names among them)
+        cfg = cfg if isinstance(cfg, RunConfig) else from_flat(cfg)
+    except ConfigError as e:
+        raise OnlineConfigError(str(e)) from None
     r = cfg.reward
     if r.reward_trait not in REWARD_TRAITS:
         hint = (" (the judge needs a second chat model that the online recipe does not build)"
                 if r.reward_trait == "judge" else "")
         raise OnlineConfigError(f"reward_trait '{r.reward_trait}' is not available online{hint}; fix: "
                                 f"reward_trait: llr or projection")
-    if r.reward_ablation not in ABLATIONS:
-        raise OnlineConfigError(f"unknown reward_ablation '{r.reward_ablation}'; fix: one of {ABLATIONS[1:]}")
     if getattr(grpo_args, "use_vllm", False):
         raise OnlineConfigError("use_vllm=true would make TRL build its own unsteered vLLM; fix: set use_vllm: false "
                                 "and engine: vllm (the steered engine serves the rollouts)")
