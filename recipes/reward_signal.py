@@ -3,7 +3,9 @@
     python recipes/reward_signal.py runs/compare-smollm2_reward docs/studies/smollm2_reward
     python recipes/reward_signal.py --render docs/studies/smollm2_reward      # from the committed json alone
 
-Reads each online arm's run directory (config.yaml, bakes.jsonl, events.jsonl `reward_signal`) and writes
+Reads each online arm's run directory (config.yaml, bakes.jsonl, events.jsonl `reward_signal` and `rollouts`:
+the shares are recomputed from each step's logged rewards, on what the advantage sums under the run's
+reward_norm) and writes
 <docs>/reward_signal.json (the numbers) and <docs>/reward_signal.md (one row per arm: its setting, its dev
 trait_llr* and incoh_ctx from compare.jsonl, its heal gain from answers.json, and what the advantage carried).
 """
@@ -14,7 +16,10 @@ import json
 import math
 from pathlib import Path
 
+import torch
 import yaml
+
+from steer_heal.grpo.advantage import advantage_parts, reward_diagnostics
 
 SETTINGS = ("objective", "rollout_alphas", "w_incoh", "reward_norm", "is_correction")  # when the study has no config
 GRAD_TERMS = ("policy", "nll", "barrier")
@@ -30,6 +35,23 @@ def _jsonl(p: Path) -> list[dict]:
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
 
 
+def step_shares(rollouts: list[dict], reward: dict, norm: str) -> dict[str, float | None]:
+    """Each component's share of the within-group variance of what the advantage sums, mean over steps,
+    from the per-rollout rewards a run logged (runs from before the trainer logged these shares under
+    per_term reported them on the raw rewards)."""
+    w = {"trait_llr": reward.get("w_trait", 1.0), "trait_projection": reward.get("w_trait", 1.0),
+         "verbalisation": reward.get("w_verb", 1.0), "incoherence": reward.get("w_incoh", 1.0),
+         "refusal": reward.get("w_refusal", 1.0)}
+    per = []
+    for e in rollouts:
+        names = list(e["rewards"])
+        r = torch.tensor([e["rewards"][n] for n in names], dtype=torch.float64).T
+        G = int(e["group"])
+        d = reward_diagnostics(r, names, G, advantage_parts(r, [w.get(n, 1.0) for n in names], G, norm))
+        per.append(d)
+    return {c: _mean(d.get(f"{c}/share") for d in per) for c in COMPONENTS}
+
+
 def arm_signal(d: Path) -> dict | None:
     """One online run's diagnostics: its setting, per-step means, per-bake gradient norms, shift_cos."""
     rows = _jsonl(d / "bakes.jsonl")
@@ -38,11 +60,14 @@ def arm_signal(d: Path) -> dict | None:
     cfg = yaml.safe_load((d / "config.yaml").read_text()) or {}
     online, reward = cfg.get("online", {}), cfg.get("reward", {})
     setting = {k: online.get(k, reward.get(k)) for k in SETTINGS}
-    sig = [e for e in _jsonl(d / "events.jsonl") if e.get("event") == "reward_signal"]
+    events = _jsonl(d / "events.jsonl")
+    sig = [e for e in events if e.get("event") == "reward_signal"]
+    rollouts = [e for e in events if e.get("event") == "rollouts" and e.get("rewards")]
     out = dict(setting=setting, steps=len(sig), control=cfg.get("control", ""),
                adv_dose_corr=_mean(e.get("adv_dose_corr") for e in sig),
                groups_zero_sd=_mean(e.get("groups_zero_sd") for e in sig),
-               share={c: _mean(e.get(f"{c}/share") for e in sig) for c in COMPONENTS},
+               share=step_shares(rollouts, reward, online.get("reward_norm", "sum")) if rollouts else
+               {c: _mean(e.get(f"{c}/share") for e in sig) for c in COMPONENTS},
                sd={c: _mean(e.get(f"{c}/sd") for e in sig) for c in COMPONENTS},
                grad={t: [r.get(f"grad_{t}") for r in rows] for t in GRAD_TERMS},
                is_ratio_mean=_mean(r.get("is_ratio_mean") for r in rows),

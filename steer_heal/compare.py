@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -764,6 +765,12 @@ def merge_study(src: Path, into: Path) -> list[str]:
                                "copy under docs/studies/)")
         return [json.loads(x) for x in (d / "compare.jsonl").read_text().splitlines() if x.strip()]
 
+    if not (into / "compare.jsonl").exists() and (src / "compare.jsonl").exists():  # a study's first import
+        into.mkdir(parents=True, exist_ok=True)
+        for j in ("compare.jsonl", "judges.json"):
+            if (src / j).exists():
+                shutil.copyfile(src / j, into / j)
+        return [f"added {r['arm']} seed {r['seed']}" for r in rows(into) if r["arm"] != "base"]
     new, old = rows(src), rows(into)
     fp = {d: {r.get("fingerprint") for r in rs if r["arm"] == "base"} for d, rs in ((src, new), (into, old))}
     if not fp[src] or fp[src] != fp[into]:

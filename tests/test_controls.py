@@ -163,5 +163,5 @@ def test_unknown_control_is_refused(tiny_cfg):
     from steer_heal.config import ConfigError
 
     tiny_cfg.control = "placbo"
-    with pytest.raises(ConfigError, match="'control': 'placbo' is not allowed; fix: use one of '', placebo, prompt_distil"):
+    with pytest.raises(ConfigError, match="'placbo' is not allowed; fix: use one of '', placebo, prompt_distil"):
         stages.build(tiny_cfg, engine_seed=0)

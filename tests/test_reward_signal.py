@@ -14,7 +14,9 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from _helpers import rmse_kl_penalty, trl_batch  # noqa: E402
 
 from steer_heal.grpo.advantage import (  # noqa: E402
+    advantage_parts,
     advantages,
+    centred,
     dose_correlation,
     policy_terms,
     reward_diagnostics,
@@ -87,6 +89,31 @@ def test_per_term_lets_a_small_variance_term_move_the_advantage():
     assert corr["per_term"] > 0.5
     shares = reward_diagnostics(r, ["loud", "tiny"], G)
     assert shares["tiny/share"] < 0.01  # what the diagnostics report for it under sum
+    # under per_term the shares describe what the advantage sums: the standardised terms, equal weights
+    parts = advantage_parts(r, [1.0, 1.0], G, "per_term")
+    shares = reward_diagnostics(r, ["loud", "tiny"], G, parts)
+    assert 0.3 < shares["tiny/share"] < 0.7 and shares["loud/share"] + shares["tiny/share"] == pytest.approx(1.0)
+
+
+def test_advantage_parts_per_term_equal_a_naive_loop():
+    G = 4
+    r = _groups(5, G, seed=7)
+    r[4:8, 1] = 0.5  # a component with no spread in one group: its z is 0 there
+    w = [2.0, -0.5, 1.0]
+    parts = advantage_parts(r, w, G, "per_term").tolist()
+    rows = r.tolist()
+    for g0 in range(0, len(rows), G):
+        for k in range(3):
+            col = [rows[i][k] for i in range(g0, g0 + G)]
+            mu = sum(col) / G
+            sd = math.sqrt(sum((c - mu) ** 2 for c in col) / (G - 1))
+            for j, c in enumerate(col):
+                want = abs(w[k]) * (c - mu) / sd if sd > 1e-12 else 0.0
+                assert parts[g0 + j][k] == pytest.approx(want)
+    # the advantage is built from exactly these parts
+    R = torch.tensor(parts, dtype=torch.float64).sum(1)
+    assert advantages(r, w, G, "per_term", scale=False).tolist() == pytest.approx(centred(R, G).tolist())
+    assert advantage_parts(r, w, G, "sum").tolist() == rows
 
 
 def test_per_term_advantages_reach_the_trainer(tiny, tmp_path):

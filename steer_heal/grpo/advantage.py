@@ -42,30 +42,38 @@ def group_sd(x: torch.Tensor, G: int) -> torch.Tensor:
     return sd.expand_as(g).reshape(x.shape)
 
 
-def advantages(rewards: torch.Tensor, weights: list[float], G: int, norm: str = "sum", scale: bool = True):
-    """Group advantages [N] from the per-function rewards [N, K] (see the module docstring)."""
+def advantage_parts(rewards: torch.Tensor, weights: list[float], G: int, norm: str = "sum") -> torch.Tensor:
+    """The [N, K] columns whose row sum R the advantage centres and scales: the signed rewards under
+    sum; each standardised within its group and weighed by |w| under per_term."""
     if norm not in REWARD_NORMS:
         raise ValueError(f"unknown reward_norm '{norm}'; fix: one of {', '.join(REWARD_NORMS)}")
     r = rewards.double()
     if norm == "sum":
-        R = r.sum(1)
-    else:
-        sd = group_sd(r, G)
-        z = torch.where(sd > 1e-12, centred(r, G) / sd.clamp_min(1e-12), torch.zeros_like(r))
-        R = (z * torch.tensor([abs(w) for w in weights], dtype=r.dtype)).sum(1)
+        return r
+    sd = group_sd(r, G)
+    z = torch.where(sd > 1e-12, centred(r, G) / sd.clamp_min(1e-12), torch.zeros_like(r))
+    return z * torch.tensor([abs(w) for w in weights], dtype=r.dtype)
+
+
+def advantages(rewards: torch.Tensor, weights: list[float], G: int, norm: str = "sum", scale: bool = True):
+    """Group advantages [N] from the per-function rewards [N, K] (see the module docstring)."""
+    R = advantage_parts(rewards, weights, G, norm).sum(1)
     A = centred(R, G)
     if scale:
         A = A / (group_sd(R, G) + EPS)
     return A.to(rewards.dtype)
 
 
-def reward_diagnostics(rewards: torch.Tensor, names: list[str], G: int) -> dict[str, float]:
-    """Per component: batch mean and sd, and its share of the summed reward's within-group variance,
-    cov_g(r_k, R) / var_g(R) over group-centred values (the shares sum to 1; what the advantage
-    sees). Also the fraction of groups whose summed reward has sd 0 (their advantage is 0)."""
+def reward_diagnostics(rewards: torch.Tensor, names: list[str], G: int,
+                       parts: torch.Tensor | None = None) -> dict[str, float]:
+    """Per component: batch mean and sd of its reward, and its share of the within-group variance of
+    what the advantage sums (`parts`, advantage_parts; default the rewards themselves, reward_norm sum),
+    cov_g(p_k, R) / var_g(R) over group-centred values, R = sum_k p_k (the shares sum to 1). Also the
+    fraction of groups whose R has sd 0 (their advantage is 0)."""
     r = rewards.double()
-    R = r.sum(1)
-    rc, Rc = centred(r, G), centred(R, G)
+    p = r if parts is None else parts.double()
+    R = p.sum(1)
+    rc, Rc = centred(p, G), centred(R, G)
     var = float((Rc * Rc).sum())
     out = {}
     for k, name in enumerate(names):

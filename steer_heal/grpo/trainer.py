@@ -35,6 +35,7 @@ from trl import GRPOTrainer
 from steer_heal.grpo.advantage import (
     IS_CORRECTIONS,
     REWARD_NORMS,
+    advantage_parts,
     advantages,
     dose_correlation,
     policy_terms,
@@ -225,13 +226,14 @@ class SteerHealGRPOTrainer(GRPOTrainer):
         rewards = (self._rewards * trl_w).nan_to_num(0.0).cpu()  # the summed reward's parts, as TRL sums them
         n_local = len(out["advantages"])
         local = slice(self.accelerator.process_index * n_local, (self.accelerator.process_index + 1) * n_local)
-        if self.objective.reward_norm == "per_term":
-            w = [abs(getattr(f, "weight", 1.0)) for f in self.reward_funcs]
+        norm = self.objective.reward_norm
+        w = [abs(getattr(f, "weight", 1.0)) for f in self.reward_funcs]
+        if norm == "per_term":
             A = advantages(rewards, w, G, "per_term", scale=self.scale_rewards != "none")
             out["advantages"] = A[local].to(out["advantages"].device, out["advantages"].dtype)
         else:
             A = self.accelerator.gather(out["advantages"].detach()).cpu()
-        diag = reward_diagnostics(rewards, list(self.reward_func_names), G)
+        diag = reward_diagnostics(rewards, list(self.reward_func_names), G, advantage_parts(rewards, w, G, norm))
         for k, v in diag.items():
             m[k if k == "groups_zero_sd" else f"rewards/{k}"].append(v)
         doses = list(getattr(self.rollout_func, "doses", None) or [])
