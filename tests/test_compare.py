@@ -257,6 +257,20 @@ def test_shipped_studies_load_and_every_arm_parses():
             assert seen["is_correction"] >= {"None", "truncated", "shaped"} and "per_term" in seen["reward_norm"]
             assert len(seen["w_incoh"]) >= 2 and {a.overrides["objective"] for a in rw} == {"grpo", "grpo+nll"}
             assert any(a.placebo_of for a in cfg.arms)  # RL on the reward alone, steering off
+        elif f.stem == "smollm2_reward_confirm":  # stage 2: the chosen regime, its placebo, online_nll, ablations
+            dev = load_compare(str(f.with_name("smollm2_reward.yaml")))
+            assert cfg.eval.split == "test" and len(cfg.seeds) >= 3 and not set(cfg.seeds) & set(dev.seeds)
+            arms = {a.name: a for a in cfg.arms}
+            chosen = {a.name: a.overrides for a in dev.arms}["rw_grpo_nll"]
+            assert arms["rw_grpo_nll"].overrides == chosen and "rw_grpo_nll_placebo" in arms  # unchanged
+            assert arms["online_nll"].overrides == chosen | {"objective": "nll"}  # the same run, no policy term
+            assert arms["rw_no_trait"].overrides == chosen | {"reward_ablation": "trait_llr"}
+            assert arms["rw_no_incoh"].overrides == chosen | {"reward_ablation": "incoherence"}
+            declared = {(a, b, m): q[4] if len(q) > 4 else "" for q in cfg.primary for a, b, m in [q[:3]]}
+            assert declared[("rw_no_trait", "rw_grpo_nll", "trait_llr_heldout")] == "worse"  # directions written first
+            assert declared[("rw_no_incoh", "rw_grpo_nll", "incoh_ctx")] == "worse"
+            refs = {b for a, b, _ in declared if a == "rw_grpo_nll"}
+            assert refs >= {"rw_grpo_nll_placebo", "online_nll", "prompt"}
         else:
             assert kinds == {"base", "prompt", "steer", "iterative", "online"}, f
             assert len(cfg.seeds) >= 3 and cfg.eval.eval_prompts >= 24 and cfg.eval.mfv_n == 0, f
