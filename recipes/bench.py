@@ -40,7 +40,6 @@ from trl import GRPOConfig, TrlParser  # noqa: E402
 
 from reward.components import RewardConfig, preset_scorer  # noqa: E402
 from steer_heal.chat import render_prompt  # noqa: E402
-from steer_heal.compare import Evaluator, arm_dir, final_adapter, load_compare, train_arm  # noqa: E402
 from steer_heal.config import HealConfig  # noqa: E402
 from steer_heal.engine import HFEngine, Sampling  # noqa: E402
 from steer_heal.engine.vllm_engine import (  # noqa: E402
@@ -61,6 +60,9 @@ from steer_heal.models import DEFAULT_MODEL, load_model  # noqa: E402
 from steer_heal.presets import load_preset  # noqa: E402
 from steer_heal.steering import Steering, extract_vector, layer_band  # noqa: E402
 from steer_heal.student import Student  # noqa: E402
+from steer_heal.study.arms import arm_dir, final_adapter, train_arm  # noqa: E402
+from steer_heal.study.config import load_compare  # noqa: E402
+from steer_heal.study.evaluate import Evaluator  # noqa: E402
 
 
 def _hf_rates(lm, prompts, steering, samp, batch: int, label: str, n_sequential: int | None = None) -> list[dict]:

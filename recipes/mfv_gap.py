@@ -27,10 +27,11 @@ import numpy as np
 import yaml
 
 from steer_heal import stats
-from steer_heal.compare import load_compare, load_eval
 from steer_heal.evals.mfv_data import load_vignettes
 from steer_heal.presets import HERE as PRESET_DIR
 from steer_heal.presets import content_words
+from steer_heal.study.cache import load_eval
+from steer_heal.study.config import load_compare
 
 MEASURES = ("vignette", "warm", "like_steer", "digit")
 

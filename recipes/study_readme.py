@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STUDIES = {"smollm2_cpu": "recipes/compare/smollm2_cpu.yaml",  # committed study -> its config
            "smollm2_drift": "recipes/compare/smollm2_drift.yaml",
            "smollm2_leash": "recipes/compare/smollm2_leash.yaml",
-           "smollm2_leash_confirm": "recipes/compare/smollm2_leash_confirm.yaml"}
+           "smollm2_leash_confirm": "recipes/compare/smollm2_leash_confirm.yaml",
+           "smollm2_reward": "recipes/compare/smollm2_reward.yaml"}
 
 
 def _section(md: str, head: str) -> str:
@@ -62,7 +63,7 @@ def readme_block(study: str) -> str:
 def study_page(study: str, intro: str) -> str:
     d = ROOT / "docs/studies" / study
     md = (d / "compare.md").read_text()
-    figs = [f for f in ("frontier.png", "dose_sweep.png", "drift.png") if (d / f).exists()]
+    figs = [f for f in ("lead.png", "frontier.png", "dose_sweep.png", "drift.png") if (d / f).exists()]
     return (f"{intro.strip()}\n\n<!-- generated:{study} -->\n## Arms (mean over seeds, 95% interval)\n\n"
             f"{_section(md, 'Arms')}\n\n## Verdicts\n\n{_section(md, 'Verdicts')}\n\n"
             + "".join(f"![{f[:-4]}]({f})\n\n" for f in figs)
@@ -86,7 +87,8 @@ def render() -> dict[Path, str]:
     text = readme.read_text()
     for study in STUDIES:
         if (ROOT / "docs/studies" / study / "verdicts.json").exists():
-            text = _replace(text, study, readme_block(study), "study")
+            if primary_lines(study):  # a dev stage (it chooses, no verdict) has its page only
+                text = _replace(text, study, readme_block(study), "study")
             page = ROOT / "docs/studies" / study / "README.md"
             old = page.read_text() if page.exists() else f"# {study}\n"
             intro = old.split(f"<!-- generated:{study} -->")[0]

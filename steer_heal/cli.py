@@ -152,7 +152,8 @@ def _score(args) -> int:
 
 
 def _compare(args) -> int:
-    from steer_heal.compare import CompareError, load_compare, merge_study, report_from, run_compare
+    from steer_heal.study.config import CompareError, load_compare
+    from steer_heal.study.driver import merge_study, report_from, run_compare
 
     cfg = load_compare(args.config, args.overrides)
     if args.merge_from and not args.report_only:

@@ -76,21 +76,22 @@ def _per_seed(v: Values, x: np.ndarray) -> np.ndarray:
     """The statistic over the items axis, per seed: [..., seeds]."""
     with np.errstate(invalid="ignore", divide="ignore"):
         if v.kind == "mean":
-            return _nanmean(x, -1)
+            return nanmean(x, -1)
         if v.kind == "trait_nats":
-            prof = _nanmean(x, -2)  # [..., seeds, 7]
+            prof = nanmean(x, -2)  # [..., seeds, 7]
             return np.log(np.maximum(prof, 1e-12)) @ axis_weights(v.axis)
     raise ValueError(f"unknown statistic '{v.kind}'")
 
 
-def _nanmean(x: np.ndarray, axis: int) -> np.ndarray:
+def nanmean(x: np.ndarray, axis: int) -> np.ndarray:
+    """Mean over `axis` of the finite entries (NaN where none is)."""
     n = np.sum(np.isfinite(x), axis=axis)
     s = np.sum(np.where(np.isfinite(x), x, 0.0), axis=axis)
     return np.where(n > 0, s / np.maximum(n, 1), np.nan)
 
 
 def point(v: Values) -> float:
-    return float(_nanmean(_per_seed(v, v.x), -1))
+    return float(nanmean(_per_seed(v, v.x), -1))
 
 
 @dataclass
@@ -135,8 +136,8 @@ def _anova(x: np.ndarray) -> tuple[float, float]:
     if s < 2:
         return 0.0, 0.0
     ok = np.isfinite(x)
-    r = _nanmean(x, 1)  # seed means
-    c = _nanmean(x, 0)  # item means
+    r = nanmean(x, 1)  # seed means
+    c = nanmean(x, 0)  # item means
     g = float(np.nanmean(r))
     n = float(np.mean(ok.sum(1)))  # items per seed
     res = np.where(ok & np.isfinite(c)[None, :], x - r[:, None] - c[None, :] + g, 0.0)
@@ -154,14 +155,14 @@ def _satterthwaite(terms: list[tuple[float, float]]) -> float:
 def _combine(v: Values, xa: np.ndarray, xb: np.ndarray | None, paired: bool, n_boot: int, seed: int):
     """(value, variance terms [(var, df)], dropped replicates) of stat(a) - stat(b) (b None: stat(a))."""
     sign_b = xb is not None
-    value = float(_nanmean(_per_seed(v, xa), -1)) - (float(_nanmean(_per_seed(v, xb), -1)) if sign_b else 0.0)
+    value = float(nanmean(_per_seed(v, xa), -1)) - (float(nanmean(_per_seed(v, xb), -1)) if sign_b else 0.0)
     terms, dropped = [], 0
     n = xa.shape[1]
     if v.kind == "mean":
         # seed part: Var(seed means) / S (df S-1); item part: the item means' variance less the residual noise
         # the seed part already holds (df n-1). Unbiased for seeds + items + their interaction + noise.
         tables = [xa - xb] if (paired and sign_b) else [xa] + ([xb] if sign_b else [])
-        cols = _nanmean(tables[0], 0) - (_nanmean(tables[1], 0) if len(tables) > 1 else 0.0)
+        cols = nanmean(tables[0], 0) - (nanmean(tables[1], 0) if len(tables) > 1 else 0.0)
         cols = cols[np.isfinite(cols)]
         k = len(cols)
         item = float(np.var(cols, ddof=1)) / k if k > 1 else float("nan")
@@ -198,11 +199,12 @@ def item_replicates(v: Values, x: np.ndarray, items: np.ndarray, chunk: int = 25
     for i in range(0, len(items), chunk):
         xs = x[:, items[i:i + chunk]]  # [seeds, chunk, items(, 7)]
         xs = np.moveaxis(xs, 1, 0)  # [chunk, seeds, items(, 7)]
-        out.append(_nanmean(_per_seed(v, xs), -1))
+        out.append(nanmean(_per_seed(v, xs), -1))
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def _interval(value: float, terms, dropped: int, n_seeds: int) -> Interval:
+def from_terms(value: float, terms, dropped: int, n_seeds: int) -> Interval:
+    """A Student's t interval around `value` from variance terms [(variance, df)], Satterthwaite df."""
     var = sum(x for x, _ in terms)
     if not (math.isfinite(value) and math.isfinite(var)):
         return Interval(value, float("nan"), float("nan"), n_seeds=n_seeds, dropped=dropped)
@@ -215,7 +217,7 @@ def _interval(value: float, terms, dropped: int, n_seeds: int) -> Interval:
 def interval(v: Values, n_boot: int = B_DEFAULT, seed: int = 0) -> Interval:
     """The arm's value and its 95% interval (seeds and items for a trained arm, items for an untrained one)."""
     value, terms, dropped = _combine(v, v.x, None, True, n_boot, seed)
-    return _interval(value, terms, dropped, v.n_seeds if v.trained else 0)
+    return from_terms(value, terms, dropped, v.n_seeds if v.trained else 0)
 
 
 def paired_diff(a: Values, b: Values, n_boot: int = B_DEFAULT, seed: int = 0) -> Interval:
@@ -228,7 +230,7 @@ def paired_diff(a: Values, b: Values, n_boot: int = B_DEFAULT, seed: int = 0) ->
     one_untrained = not (a.trained and b.trained)
     value, terms, dropped = _combine(a, a.x, b.x, same_seeds or one_untrained, n_boot, seed)
     n = min([x.n_seeds for x in (a, b) if x.trained], default=0)
-    return _interval(value, terms, dropped, n)
+    return from_terms(value, terms, dropped, n)
 
 
 def verdict(d: Interval, higher_is_better: bool = True, p_adjusted: float | None = None) -> str:
@@ -280,11 +282,11 @@ def seeds_t(a: Values, b: Values) -> Interval:
         if a.seeds == b.seeds:
             dd = ta - tb
         else:  # unpaired seeds: Welch-free fallback, each seed of a against b's mean
-            dd = ta - float(_nanmean(tb, -1))
+            dd = ta - float(nanmean(tb, -1))
     elif a.trained:
-        dd = ta - float(_nanmean(tb, -1))
+        dd = ta - float(nanmean(tb, -1))
     elif b.trained:
-        dd = float(_nanmean(ta, -1)) - tb
+        dd = float(nanmean(ta, -1)) - tb
     else:
         return Interval(float(np.mean(ta) - np.mean(tb)), float("nan"), float("nan"))
     dd = [float(x) for x in np.ravel(dd) if math.isfinite(x)]

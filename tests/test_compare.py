@@ -31,7 +31,8 @@ def _config(tmp_path, tiny_dir, budget=60, **extra):
 @pytest.mark.slow
 def test_comparison_controls_sweep_intervals_budget_and_resume(tiny_dir, mfv_dir, tmp_path):
     from steer_heal.cli import main
-    from steer_heal.compare import arm_rows, load_compare
+    from steer_heal.study.arms import arm_rows
+    from steer_heal.study.config import load_compare
 
     path = _config(tmp_path, tiny_dir)
     d = tmp_path / "cmp"
@@ -99,7 +100,9 @@ def test_comparison_controls_sweep_intervals_budget_and_resume(tiny_dir, mfv_dir
     assert all(x > 0 for row in done["doses"] for x in row)
     # a changed study setting is refused in one line; adding an arm is not
     assert main(["compare", "--config", str(path), "budget_tokens=999", "--arms", "base"]) == 2
-    assert (d / "frontier.png").exists() and "<canvas" in (d / "frontier.html").read_text()
+    page = (d / "frontier.html").read_text()  # the PNG embedded beside the numbers it draws, no script
+    assert (d / "frontier.png").exists() and "data:image/png;base64," in page and "<script" not in page
+    assert all(r["arm"] in page for r in (json.loads(x) for x in (d / "compare.jsonl").read_text().splitlines()))
     assert "prompt" in (d / "answers.html").read_text()
 
 
@@ -153,8 +156,7 @@ def test_failed_arm_stops_with_one_line_naming_its_log(tiny_dir, mfv_dir, tmp_pa
 
 
 def test_heldout_judge_differs_from_the_reward_context(tiny):
-    from reward.components import preset_scorer
-    from steer_heal.compare import heldout_scorer
+    from reward.components import heldout_scorer, preset_scorer
     from steer_heal.presets import available, load_preset
 
     for name in available():
@@ -167,7 +169,7 @@ def test_heldout_judge_differs_from_the_reward_context(tiny):
 
 
 def test_bad_compare_config_one_line(tmp_path):
-    from steer_heal.compare import CompareError, load_compare
+    from steer_heal.study.config import CompareError, load_compare
 
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(dict(arms=[dict(name="a", kind="distill")])))
@@ -199,7 +201,9 @@ def test_a_run_of_one_seed_lands_where_the_full_study_looks(tmp_path, tiny_dir):
     """`seeds=[42]` (a pilot, or one seed resumed alone) writes <arm>-s42, the directory and evaluation
     the full study's seeds [42, 43] then reuse; a single-seed study written under the bare name still
     resumes there."""
-    from steer_heal.compare import _eval_path, arm_dir, load_compare
+    from steer_heal.study.arms import arm_dir
+    from steer_heal.study.cache import _eval_path
+    from steer_heal.study.config import load_compare
 
     path = _config(tmp_path, tiny_dir)
     one, full = load_compare(str(path), ["seeds=[42]"]), load_compare(str(path), ["seeds=[42, 43]"])
@@ -216,9 +220,10 @@ def test_shipped_studies_load_and_every_arm_parses():
     """Each arm's config plus its overrides is accepted by that arm's own entry point's parser."""
     from trl import GRPOConfig, TrlParser
 
-    from steer_heal.compare import load_compare, train_command
     from steer_heal.config import load_config
     from steer_heal.grpo.online import OnlineConfig
+    from steer_heal.study.arms import train_command
+    from steer_heal.study.config import load_compare
 
     files = sorted((ROOT / "recipes/compare").glob("*.yaml"))
     assert {f.stem for f in files} >= {"smollm2_cpu", "gemma3_4b", "smollm2_drift"}
@@ -304,8 +309,8 @@ def test_kl_to_base_and_capability_nll_equal_a_float64_loop(tiny):
     import torch
 
     from steer_heal.chat import encode_prompt, render_prompt
-    from steer_heal.compare import kl_to_base
     from steer_heal.student import Student
+    from steer_heal.study.evaluate import kl_to_base
 
     tok = tiny.tokenizer
     st = Student(tiny.model, tok, r=4, alpha=8, band=(0.0, 1.0))
@@ -336,7 +341,8 @@ def test_kl_to_base_and_capability_nll_equal_a_float64_loop(tiny):
 def test_study_config_check_refuses_changes_not_new_settings(tmp_path, tiny_dir):
     """A stored study config written before a setting existed does not disagree with it; a changed value does,
     and arms may be added."""
-    from steer_heal.compare import CompareError, _differs, check_study_config, load_compare
+    from steer_heal.study.cache import _differs, check_study_config
+    from steer_heal.study.config import CompareError, load_compare
 
     assert not _differs({"eval": {"think_tokens": 32}}, {"eval": {"think_tokens": 32, "split": "test"}})
     assert _differs({"eval": {"think_tokens": 32}}, {"eval": {"think_tokens": 64}})
@@ -357,7 +363,7 @@ def test_realised_doses_carry_each_multi_strength_rollout(tmp_path):
     """An online arm with rollout_alphas generated at each alpha x the bake's kappa; without them, at kappa."""
     import yaml
 
-    from steer_heal.compare import realised
+    from steer_heal.study.arms import realised
 
     (tmp_path / "bakes.jsonl").write_text('{"bake": 0, "kappa": 1.5}\n{"bake": 1, "kappa": 1.2}\n')
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"engine": "vllm", "online": {"rollout_alphas": [1.0, 2.0]}}))
@@ -371,7 +377,8 @@ def test_merge_study_adds_and_replaces_rows_only_under_one_evaluator(tmp_path, c
     same arm x seed is replaced, the rest kept in order; a run under another evaluator (base fingerprint) or other
     judges is refused in one line, and the committed file is left as it was."""
     from steer_heal.cli import main
-    from steer_heal.compare import CompareError, merge_study
+    from steer_heal.study.config import CompareError
+    from steer_heal.study.driver import merge_study
 
     def study(d, rows, judges=None):
         d.mkdir()

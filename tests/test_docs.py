@@ -64,7 +64,8 @@ def _close(a, b) -> bool:
 @pytest.mark.parametrize("study", sorted(p.parent.name for p in (ROOT / "docs/studies").glob("*/compare.jsonl")))
 def test_committed_study_report_rebuilds_from_its_files(study, tmp_path):
     """`--report-only` on a copy of the study's compare.jsonl and judges.json writes the committed report."""
-    from steer_heal.compare import load_compare, report_from
+    from steer_heal.study.config import load_compare
+    from steer_heal.study.driver import report_from
 
     sys.path.insert(0, str(ROOT / "recipes"))
     try:

@@ -30,7 +30,12 @@ LAYERS = [
     # the shared stages and the online trainer's parts
     ["steer_heal.stages", "steer_heal.grpo.rollout", "steer_heal.grpo.trainer"],
     # drivers
-    ["steer_heal.loop", "steer_heal.grpo.online", "steer_heal.compare_report", "steer_heal.compare"],
+    ["steer_heal.loop", "steer_heal.grpo.online"],
+    # studies: what is measured, then the analysis over rows, then the runs, the evaluation and the driver
+    ["steer_heal.study", "steer_heal.study.measures", "steer_heal.study.analysis", "steer_heal.study.verdicts",
+     "steer_heal.study.heal", "steer_heal.study.tables", "steer_heal.study.figures"],
+    ["steer_heal.study.config", "steer_heal.study.arms", "steer_heal.study.evaluate", "steer_heal.study.cache"],
+    ["steer_heal.study.driver"],
     # the command line
     ["steer_heal.cli"],
 ]

@@ -103,7 +103,7 @@ def test_every_example_in_the_help_texts_parses(tmp_path):
     import re
 
     from steer_heal.cli import build_parser
-    from steer_heal.compare import load_compare
+    from steer_heal.study.config import load_compare
 
     def helps(parser):
         for a in parser._actions:

@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 
 from steer_heal import stats
-from steer_heal.compare_report import Report
 from steer_heal.evals.mfv import MFVResult, trait_nats
+from steer_heal.study.analysis import Study
+from steer_heal.study.figures import drift_data, drift_figure, drift_look
+from steer_heal.study.heal import answers, heal_gain, mfv_transfer, retention
+from steer_heal.study.tables import drift_markdown, heal_markdown, markdown, mfv_transfer_markdown
+from steer_heal.study.verdicts import verdicts
 
 AXIS = {"Care": 1, "Authority": -1}
 
@@ -181,33 +185,33 @@ class SimpleArm:
 
 
 def _verdict(rep, a, b, measure):
-    return next(v for v in rep.verdicts() if v["a"] == a and v["b"] == b and v["measure"] == measure)
+    return next(v for v in verdicts(rep) if v["a"] == a and v["b"] == b and v["measure"] == measure)
 
 
 def test_verdict_flips_when_an_arm_is_shifted_past_its_interval():
     arms, rows = _rows()
-    rep = Report("t", "m", "p", 0, arms, rows, AXIS, judges={"trait_llr_heldout": 0.9}, n_boot=500)
+    rep = Study("t", "m", "p", 0, arms, rows, AXIS, judges={"trait_llr_heldout": 0.9}, n_boot=500)
     v = _verdict(rep, "arm", "arm_placebo", "trait_llr_heldout")
     assert v["verdict"] == "not distinguishable"
     width = v["hi"] - v["lo"]
     arms, rows = _rows(shift_trait=2 * width)  # moved by twice the interval's width
-    rep = Report("t", "m", "p", 0, arms, rows, AXIS, judges={"trait_llr_heldout": 0.9}, n_boot=500)
+    rep = Study("t", "m", "p", 0, arms, rows, AXIS, judges={"trait_llr_heldout": 0.9}, n_boot=500)
     v = _verdict(rep, "arm", "arm_placebo", "trait_llr_heldout")
     assert v["verdict"] == "better" and v["lo"] > 0
     arms, rows = _rows(shift_incoh=1.0)  # incoherence up: worse (lower is better)
-    rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=500)
+    rep = Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=500)
     assert _verdict(rep, "arm", "base", "incoh_ctx")["verdict"] == "worse"
 
 
 def test_untrusted_judge_gives_no_verdict_and_pmass_drop_is_flagged():
     arms, rows = _rows(shift_trait=1.0)
-    rep = Report("t", "m", "p", 0, arms, rows, AXIS, judges={"trait_llr_heldout": 0.6}, n_boot=200)
+    rep = Study("t", "m", "p", 0, arms, rows, AXIS, judges={"trait_llr_heldout": 0.6}, n_boot=200)
     v = _verdict(rep, "arm", "base", "trait_llr_heldout")
-    assert v["verdict"].startswith("not used") and "untrusted" in rep.markdown()
+    assert v["verdict"].startswith("not used") and "untrusted" in markdown(rep)
     for r in rows:
         if r["arm"] == "arm":
             r["items"]["mfv_pmass"] = [x * 0.5 for x in r["items"]["mfv_pmass"]]
-    rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=200)
+    rep = Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=200)
     assert rep.pmass_flag("arm") and not rep.pmass_flag("arm_placebo")
     assert "format shift" in _verdict(rep, "arm", "base", "trait_nats")["line"]
     # trait on the answering vignettes: the arm's halved pmass puts most rows under the base's median
@@ -219,19 +223,19 @@ def test_primary_family_is_holm_adjusted_and_the_rest_exploratory():
     arms, rows = _rows(shift_trait=0.05)
     primary = [["arm", "arm_placebo", "trait_llr_heldout"], ["arm", "prompt", "trait_llr_heldout"],
                ["arm", "arm_placebo", "incoh_ctx"]]
-    rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=200, primary=primary)
-    vs = rep.verdicts()
+    rep = Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=200, primary=primary)
+    vs = verdicts(rep)
     prim = [v for v in vs if v["family"] == "primary"]
     assert [(v["a"], v["b"], v["measure"]) for v in prim] == [tuple(q) for q in primary]
     assert [v["p_holm"] for v in prim] == pytest.approx(stats.holm([v["p"] for v in prim]))
     assert all(v["p_holm"] >= v["p"] for v in prim) and all(v["line"].startswith("[primary]") for v in prim)
     explo = [v for v in vs if v["family"] == "exploratory"]
     assert explo and not {(v["a"], v["b"], v["measure"]) for v in explo} & {tuple(q) for q in primary}
-    md = rep.markdown()
+    md = markdown(rep)
     assert md.index("### Primary") < md.index("[primary] arm vs arm_placebo") < md.index("### Exploratory")
     # a declared question whose arms have not run stays in the family (p = 1): the adjustment does not shrink
-    rep2 = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=200, primary=primary + [["nope", "arm", "incoh_ctx"]])
-    prim2 = [v for v in rep2.verdicts() if v["family"] == "primary"]
+    rep2 = Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=200, primary=primary + [["nope", "arm", "incoh_ctx"]])
+    prim2 = [v for v in verdicts(rep2) if v["family"] == "primary"]
     assert len(prim2) == 3 and [v["p_holm"] for v in prim2] == pytest.approx(
         stats.holm([v["p"] for v in prim] + [1.0])[:3])
     # a difference significant alone but not after Holm over a family: the primary line says not distinguishable
@@ -245,8 +249,8 @@ def test_named_families_are_holm_adjusted_each_on_its_own():
     main = [["arm", "arm_placebo", "trait_llr_heldout"], ["arm", "prompt", "trait_llr_heldout"]]
     abl = [["arm", "arm_placebo", "incoh_ctx", "abl"], ["arm", "prompt", "verbalisation", "abl"],
            ["arm", "base", "trait_nats", "abl"]]
-    rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=200, primary=main + abl)
-    prim = [v for v in rep.verdicts() if v["family"] == "primary"]
+    rep = Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=200, primary=main + abl)
+    prim = [v for v in verdicts(rep) if v["family"] == "primary"]
     assert [(v["a"], v["b"], v["measure"], v["group"]) for v in prim] == [tuple(q[:3]) + (q[3] if len(q) > 3 else "",)
                                                                           for q in main + abl]
     un, named = prim[:2], prim[2:]
@@ -262,7 +266,7 @@ def test_named_families_are_holm_adjusted_each_on_its_own():
 
 
 def test_declared_expectations_are_read_against_the_verdicts():
-    from steer_heal.compare_report import against_expectation
+    from steer_heal.study.measures import against_expectation
 
     table = {("better", "better"): "supported", ("better", "not distinguishable"): "not supported",
              ("better", "worse"): "contradicted", ("worse", "worse"): "supported", ("worse", "better"): "contradicted",
@@ -272,8 +276,8 @@ def test_declared_expectations_are_read_against_the_verdicts():
     arms, rows = _rows(shift_trait=1.0)  # the arm far above its placebo on the trait
     primary = [["arm", "arm_placebo", "trait_llr_heldout", "x", "better"],
                ["arm", "arm_placebo", "trait_llr_heldout", "y", "worse"], ["arm", "prompt", "incoh_ctx", "x"]]
-    rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=200, primary=primary)
-    prim = [v for v in rep.verdicts() if v["family"] == "primary"]
+    rep = Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=200, primary=primary)
+    prim = [v for v in verdicts(rep) if v["family"] == "primary"]
     assert prim[0]["verdict"] == "better" and prim[0]["expect_result"] == "supported"
     assert prim[0]["line"].endswith("(expected better: supported)")
     assert prim[1]["expect_result"] == "contradicted" and "expect" not in prim[2]
@@ -281,7 +285,7 @@ def test_declared_expectations_are_read_against_the_verdicts():
 
 def test_report_references_each_trained_arm_to_its_controls():
     arms, rows = _rows()
-    rep = Report("t", "m", "p", 0, arms, rows, AXIS, pairs=[["arm", "prompt"]], n_boot=100)
+    rep = Study("t", "m", "p", 0, arms, rows, AXIS, pairs=[["arm", "prompt"]], n_boot=100)
     qs = rep.questions()
     assert ("arm", "base", "base") in qs and ("arm", "prompt", "prompt") in qs
     assert ("arm", "arm_placebo", "placebo") in qs and ("arm", "prompt", "pair") in qs
@@ -310,24 +314,25 @@ def test_drift_table_is_the_mean_over_seeds_per_round(tmp_path):
                  gen_tokens=1000 * (k + 1) + 10 * s, trait_heldout_healed=0.1 + 0.05 * k * s) for k in range(3)]))
         rows.append(dict(arm="none", kind="online", seed=s, items={}, rounds=[
             dict(bake=k, coherence=0.9, repetition=0.1 * k) for k in range(2)]))
-    rep = Report("t", "m/x", "p", 0, arms, rows, AXIS, n_boot=10)
+    rep = Study("t", "m/x", "p", 0, arms, rows, AXIS, n_boot=10)
     series = dict(rep.drift_series("rmse", "coherent"))
     assert series[2].value == pytest.approx(1.0 - 0.1 * 2 * 1.5)  # round 2: mean of 0.8 and 0.6
     assert series[2].hi - series[2].value == pytest.approx(12.706205 * statistics.stdev([0.8, 0.6]) / math.sqrt(2),
                                                            rel=1e-6)
     assert dict(rep.drift_series("none", "repetition"))[1].value == pytest.approx(0.1)
-    md = rep.drift_markdown()
+    md = drift_markdown(rep)
     assert "| rmse | 2 | 2 |" in md and "| none | 1 | 2 |" in md and "| rmse_placebo | 1 | 2 |" in md
-    look = rep.drift_look(rep.drift_arms())  # a placebo: its arm's colour, dotted; online dashed; steered solid
+    look = drift_look(rep.drift_arms())  # a placebo: its arm's colour, dotted; online dashed; steered solid
     assert look["rmse_placebo"]["colour"] == look["rmse"]["colour"] != look["none"]["colour"]
     assert look["rmse"]["dash"] == [] and look["rmse_placebo"]["dash"] and look["none"]["dash"]
     assert look["rmse_placebo"]["dash"] != look["none"]["dash"]
-    rep.drift_figure(tmp_path)
+    drift_figure(rep, tmp_path)
     assert (tmp_path / "drift.png").exists()
     page = (tmp_path / "drift.html").read_text()
-    assert json.dumps(look["rmse_placebo"]) in page  # the canvas draws with the PNG's colours and dashes
+    assert "data:image/png;base64," in page and "<script" not in page  # the PNG, embedded
+    assert "| rmse_placebo |" not in page and "rmse_placebo" in page  # and its numbers as an HTML table
     # x is the generated tokens at each round (mean over seeds), the round index where a run logged none
-    data = json.loads(page[page.index("const D=") + 8:page.index(";\nD.panels")])["data"]
+    data = drift_data(rep, rep.drift_arms())
     assert [p[0] for p in data["rmse"]["coherent"]] == pytest.approx([1015.0, 2015.0, 3015.0])
     assert [p[0] for p in data["none"]["repetition"]] == [0, 1]
     # Q3: the last round's held-out trait minus the first, per seed (0.1 and 0.2), t-interval over the seeds
@@ -335,12 +340,12 @@ def test_drift_table_is_the_mean_over_seeds_per_round(tmp_path):
     assert climb.value == pytest.approx(0.15) and climb.hi - 0.15 == pytest.approx(
         12.706205 * statistics.stdev([0.1, 0.2]) / math.sqrt(2), rel=1e-6)
     assert rep.trait_climb("none") is None  # its bakes logged no trait
-    q3 = [x for x in rep.answers() if x["question"] == "Q3"]
-    assert [x["arm"] for x in q3] == ["rmse"] and "Q3 keeps moving" in rep.markdown()
+    q3 = [x for x in answers(rep) if x["question"] == "Q3"]
+    assert [x["arm"] for x in q3] == ["rmse"] and "Q3 keeps moving" in markdown(rep)
 
 
 def test_on_curve_interpolates_in_dose_order_and_never_extrapolates():
-    from steer_heal.compare_report import on_curve
+    from steer_heal.study.measures import on_curve
 
     X, Y = [1.0, 2.0, 1.5], [0.0, 1.0, 2.0]  # the third dose turns back in x: the first segment holding x wins
     assert on_curve(1.5, X, Y) == pytest.approx(0.5)
@@ -361,30 +366,30 @@ def test_heal_gain_and_retention_by_hand():
             dict(arm="steer", kind="steer", seed=None, target_kl=2.0, kappa=2.0, items=items(2.0, 1.0))]
     rows += [dict(arm="arm", kind="online", seed=s, doses=[[0.5], [1.5]], items=items(1.5, 0.8)) for s in (1, 2, 3)]
     arms = [SimpleArm("base", "base"), SimpleArm("steer", "steer"), SimpleArm("arm", "online")]
-    rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=200)
-    g = rep.heal_gain("arm")
+    rep = Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=200)
+    g = heal_gain(rep, "arm")
     assert g.value == pytest.approx(0.3) and g.lo == pytest.approx(0.3) and g.hi == pytest.approx(0.3)
-    assert rep.retention("arm") == pytest.approx(1.6)
+    assert retention(rep, "arm") == pytest.approx(1.6)
     row = "| arm | 1.500 [1.500, 1.500] | +0.800 [+0.800, +0.800] | +0.300 [+0.300, +0.300] | 1 | 1.60 |"
-    assert row in rep.heal_markdown()
+    assert row in heal_markdown(rep)
     # with noise, per seed and per item: the interval widens and still holds the truth
     rows = rows[:2] + [dict(arm="arm", kind="online", seed=s, doses=[[1.0]], items=items(1.5, 0.8, 0.05, s))
                        for s in (1, 2, 3)]
-    g = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=300).heal_gain("arm")
+    g = heal_gain(Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=300), "arm")
     assert g.lo < 0.3 < g.hi and g.hi - g.lo > 0.01 and g.n_seeds == 3
     # a seed less incoherent than anything on the curve (0.5 < base's 1.0) has no gain: the other two carry the
     # value (0.3 and 0.5 above the curve: mean 0.4) and the seed part, and the line says 2 of 3
     rows = rows[:2] + [dict(arm="arm", kind="online", seed=s, doses=[[1.0]], items=items(inc, llr))
                        for s, inc, llr in ((1, 1.5, 0.8), (2, 1.5, 1.0), (3, 0.5, 0.0))]
-    rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=50)
-    g = rep.heal_gain("arm")
+    rep = Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=50)
+    g = heal_gain(rep, "arm")
     half = 12.706205 * statistics.stdev([0.3, 0.5]) / math.sqrt(2)
     assert g.value == pytest.approx(0.4) and g.n_seeds == 2 and g.hi - 0.4 == pytest.approx(half, rel=1e-6)
-    q1 = next(x for x in rep.answers() if x["question"] == "Q1")
+    q1 = next(x for x in answers(rep) if x["question"] == "Q1")
     assert q1["line"].endswith("(2 of 3 seeds inside the dose curve)")
     # one seed: its interval spans the items alone, and the answer line says so
     one = rows[:2] + [dict(arm="arm", kind="online", seed=1, doses=[[1.0]], items=items(1.5, 0.8, 0.05, 1))]
-    q1 = next(x for x in Report("t", "m", "p", 0, arms, one, AXIS, n_boot=50).answers() if x["question"] == "Q1")
+    q1 = next(x for x in answers(Study("t", "m", "p", 0, arms, one, AXIS, n_boot=50)) if x["question"] == "Q1")
     assert q1["n_seeds"] == 1 and q1["hi"] > q1["lo"] and q1["line"].endswith("] (1 seed: items only)")
 
 
@@ -409,15 +414,15 @@ def test_mfv_transfer_reads_a_known_share_of_the_steered_pattern():
     for s in (1, 2, 3):
         rows.append(dict(arm="arm", kind="online", seed=s, doses=[[1.1]], items=dict(mfv_p=dist(0.5))))
         rows.append(dict(arm="arm_placebo", kind="online", seed=s, doses=[[0.0]], items=dict(mfv_p=base.tolist())))
-    rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=10)
+    rep = Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=10)
     clr = delta - delta.mean(1, keepdims=True)  # steering's centred log-ratio shift, by hand
     axis = float((clr[:, 0] - clr[:, 3]).mean() / 2)  # Care +1, Authority -1
-    t = rep.mfv_transfer("arm")
+    t = mfv_transfer(rep, "arm")
     assert t["ref"] == "steer_kl1" and t["all"].value == pytest.approx(0.5, abs=1e-6)
     assert t["ref_axis"] == pytest.approx(axis, abs=1e-6) and t["axis"].value == pytest.approx(axis / 2, abs=1e-6)
-    p = rep.mfv_transfer("arm_placebo")
+    p = mfv_transfer(rep, "arm_placebo")
     assert p["ref"] == "steer_kl1" and p["all"].value == pytest.approx(0.0, abs=1e-6)
-    assert "## MFV transfer" in rep.mfv_transfer_markdown()
+    assert "## MFV transfer" in mfv_transfer_markdown(rep)
 
 
 def test_a_measure_constant_in_both_arms_is_untestable_not_a_null():
@@ -427,13 +432,13 @@ def test_a_measure_constant_in_both_arms_is_untestable_not_a_null():
     for r in rows:
         r["items"]["verbalisation"] = [0.0] * len(r["items"]["verbalisation"])
     primary = [["arm", "arm_placebo", "verbalisation", "abl", "worse"]]
-    rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=100, primary=primary)
-    v = next(v for v in rep.verdicts() if v["family"] == "primary")
+    rep = Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=100, primary=primary)
+    v = next(v for v in verdicts(rep) if v["family"] == "primary")
     assert v["verdict"] == "untestable (verb = 0 on every item of both arms)"
     assert v["expect_result"] == "untestable" and v["line"].endswith("(expected worse: untestable)")
     next(r for r in rows if r["arm"] == "arm")["items"]["verbalisation"][3] = 1.0
-    rep = Report("t", "m", "p", 0, arms, rows, AXIS, n_boot=100, primary=primary)
-    v = next(v for v in rep.verdicts() if v["family"] == "primary")
+    rep = Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=100, primary=primary)
+    v = next(v for v in verdicts(rep) if v["family"] == "primary")
     assert v["verdict"] in ("better", "worse", "not distinguishable") and v["value"] > 0
 
 
@@ -462,7 +467,6 @@ def test_seeds_only_t_equals_scipy_on_per_seed_means():
 def test_committed_primary_lines_carry_the_seeds_only_test(study):
     """Every primary line with a usable p carries the seeds-only p, Holm-adjusted within its family as the main
     p is (recomputed here from the file), and says FRAGILE exactly where the two verdicts differ."""
-    import json
     from pathlib import Path
 
     from steer_heal import stats

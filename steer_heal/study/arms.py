@@ -1,0 +1,136 @@
+"""Training arms: each seed of each trained arm is its own process through the arm's normal entry point
+(`steer-heal run` or `recipes/grpo_heal.py`), into <study dir>/<arm>-s<seed>/, stopped at the first round / bake at
+or past the study's budget; a finished arm is skipped, a killed one resumes. What an arm ran with is read back
+from its own run directory."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from steer_heal.rundir import write_atomic
+from steer_heal.study.config import Arm, CompareConfig, CompareError, arm_setting, cli_value
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_key(cfg: CompareConfig, arm: Arm, seed: int | None) -> str:
+    """`<arm>-s<seed>` for every trained run, so a run of a subset of the seeds (`seeds=[42]`) lands where
+    the full study looks for it; a bare `<arm>` only for untrained arms and for a single-seed study
+    written before this naming (kept so it resumes)."""
+    if seed is None:
+        return arm.name
+    if len(cfg.seeds) == 1 and ((cfg.dir / arm.name).is_dir() or (cfg.dir / "eval" / f"{arm.name}.json").exists()):
+        return arm.name
+    return f"{arm.name}-s{seed}"
+
+
+def arm_dir(cfg: CompareConfig, arm: Arm, seed: int) -> Path:
+    return cfg.dir / run_key(cfg, arm, seed)
+
+
+def _latest_checkpoint(d: Path) -> Path | None:
+    cks = sorted(d.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return cks[-1] if cks else None
+
+
+def train_command(cfg: CompareConfig, arm: Arm, seed: int) -> list[str]:
+    """The arm's normal entry point, pointed at its directory, seed and budget (resuming if it was killed)."""
+    d = arm_dir(cfg, arm, seed)
+    if arm.kind == "iterative":
+        if (d / "rounds.jsonl").exists() and (d / "config.yaml").exists():
+            return [sys.executable, "-m", "steer_heal.cli", "run", "--resume", str(d)]
+        ov = {"model.model": cfg.model, "preset": cfg.preset, "seed": seed, "budget_tokens": cfg.budget_tokens,
+              "rounds": 1000, "run_dir": str(d), "eval.mfv": cfg.arm_eval} | dict(arm.overrides)
+        return [sys.executable, "-m", "steer_heal.cli", "run", "--config", arm.config] + [
+            f"{k}={cli_value(v)}" for k, v in ov.items()
+        ]
+    bake_every = int(arm_setting(arm, "bake_every", 4))
+    # max_steps stays the config's (it shapes the lr schedule): it must reach the budget (checked after the run)
+    ov = {"model": cfg.model, "preset": cfg.preset, "seed": seed, "budget_tokens": cfg.budget_tokens,
+          "output_dir": str(d), "save_strategy": "steps", "save_steps": bake_every,
+          "mfv": cfg.arm_eval, "mfv_n": cfg.eval.mfv_n, "think_tokens": cfg.eval.think_tokens} | dict(arm.overrides)
+    head = [sys.executable]
+    if arm.launcher:
+        head = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", arm.launcher]
+    cmd = head + [str(ROOT / "recipes/grpo_heal.py"), "--config", arm.config]
+    for k, v in ov.items():  # a list is one value per word (argparse nargs="+")
+        cmd += [f"--{k}", *map(str, v)] if isinstance(v, list) and v else [f"--{k}", cli_value(v)]
+    ck = _latest_checkpoint(d)
+    if ck is not None:
+        cmd += ["--resume_from_checkpoint", str(ck)]
+    return cmd
+
+
+def train_arm(cfg: CompareConfig, arm: Arm, seed: int) -> dict:
+    """Run (or resume) one training arm to its budget; a finished arm is skipped."""
+    d = arm_dir(cfg, arm, seed)
+    done = d / "arm_done.json"
+    if done.exists():
+        return json.loads(done.read_text()) | dict(skipped=True)
+    d.mkdir(parents=True, exist_ok=True)
+    cmd = train_command(cfg, arm, seed)
+    print(f"[compare] {arm.name} (seed {seed}): {' '.join(cmd[1:4])} ... -> {d}/train.log", flush=True)
+    t0 = time.perf_counter()
+    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONPATH": str(ROOT)}
+    with open(d / "train.log", "a") as log:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise CompareError(f"arm '{arm.name}' (seed {seed}) exited with {rc}; see {d}/train.log, fix the cause and "
+                           "run compare again: it resumes this arm")
+    rows = arm_rows(d, arm.kind)
+    # seconds: the arm's own per-round / per-bake times (they survive a kill and resume), plus this
+    # attempt's wall time for the record
+    info = dict(arm=arm.name, seed=seed, seconds=sum(float(r.get("seconds", 0.0)) for r in rows),
+                last_attempt_wall_s=time.perf_counter() - t0, gen_tokens=rows[-1].get("gen_tokens", 0) if rows else 0,
+                n_rows=len(rows)) | realised(d, arm.kind)
+    if info["gen_tokens"] < cfg.budget_tokens and not arm.control:  # a control spends nothing on calibration
+        print(f"warning: arm '{arm.name}' ended at {info['gen_tokens']} generated tokens, under budget_tokens "
+              f"{cfg.budget_tokens} (its max_steps / rounds ran out first); its row is not at the matched budget",
+              flush=True)
+    write_atomic(done, json.dumps(info))
+    return info
+
+
+def realised(d: Path, kind: str) -> dict:
+    """What the arm actually ran with, read from its own run directory (not from today's config): the rollout
+    engine and the generation doses per round / bake (iterative: alpha x kappa for each alpha; online: the
+    controller's kappa, x each of rollout_alphas where set), so the report shows the doses that were realised."""
+    f = d / "config.yaml"
+    rc = (yaml.safe_load(f.read_text()) or {}) if f.exists() else {}
+    if kind == "iterative":
+        alphas = [float(a) for a in rc.get("steer", {}).get("alphas", [1.0])]
+    else:  # multi-strength rollouts: rollout j of a group at rollout_alphas[j % len] x kappa
+        alphas = [float(a) for a in (rc.get("online") or {}).get("rollout_alphas") or [1.0]]
+    doses = [[round(a * float(r.get("kappa") or 0.0), 4) for a in alphas] for r in arm_rows(d, kind)]
+    return dict(engine=rc.get("engine", "hf"), doses=doses)
+
+
+def arm_rows(d: Path, kind: str) -> list[dict]:
+    f = d / ("rounds.jsonl" if kind == "iterative" else "bakes.jsonl")
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+
+
+def final_adapter(d: Path, kind: str) -> Path:
+    rows = arm_rows(d, kind)
+    if not rows:
+        raise RuntimeError(f"{d} holds no completed round or bake; fix: raise budget_tokens or check {d}/train.log")
+    k = rows[-1]["round"] if kind == "iterative" else rows[-1]["bake"]
+    return d / (f"round_{k:02d}" if kind == "iterative" else f"bake_{k:02d}") / "cumulative"
+
+
+def trajectory(d: Path, kind: str) -> list[dict]:
+    """(coherence lost, trait gained, tokens) per round / bake, from the arm's own table and base
+    (empty measures when the arm ran without its own evaluations)."""
+    rows = arm_rows(d, kind)
+    be = json.loads((d / "base_eval.json").read_text()) if (d / "base_eval.json").exists() else {}
+    b_inc = be.get("incoherence")
+    x_key, y_key = ("incoherence_healed", "d_trait_nats_healed") if kind == "iterative" else ("incoherence",
+                                                                                              "d_trait_nats")
+    return [dict(x=r.get(x_key, float("nan")) - b_inc if b_inc is not None else float("nan"),
+                 y=r.get(y_key, float("nan")), gen_tokens=r.get("gen_tokens", 0)) for r in rows]
