@@ -217,6 +217,7 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
                 rd.save_json(f"round_{r:02d}/mfv_{tag}.json", dict(summary=res.summary(), rows=res.rows))
         row = round_row(r, kappa, samples, kept, gen_tokens, hres, steered, healed, steered_mfv, healed_mfv, base_mfv,
                         b.preset.foundations, v.cosine(v0), time.perf_counter() - t0) | stages.carried(b, v0)
+        row["doses"] = [round(a * kappa, 6) for a in cfg.steer.alphas]  # what collect generated at, as logged
         rd.append_row(row)
         ctx.tracker.log({f"round/{k}": x for k, x in row.items() if not isinstance(x, list)}, step=r)
         rows = rd.rows()

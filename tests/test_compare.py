@@ -98,6 +98,9 @@ def test_comparison_controls_sweep_intervals_budget_and_resume(tiny_dir, mfv_dir
     done = json.loads((d / "iter-s1" / "arm_done.json").read_text())  # what the arm ran with, recorded
     assert done["engine"] == "hf" and len(done["doses"]) == len(arm_rows(d / "iter-s1", "iterative"))
     assert all(x > 0 for row in done["doses"] for x in row)
+    rc = yaml.safe_load((d / "iter-s1" / "config.yaml").read_text())  # read from the rows, equal to alpha x kappa
+    assert done["doses_logged"] and done["doses"] == [[round(a * r["kappa"], 4) for a in rc["steer"]["alphas"]]
+                                                      for r in arm_rows(d / "iter-s1", "iterative")]
     # a changed study setting is refused in one line; adding an arm is not
     assert main(["compare", "--config", str(path), "budget_tokens=999", "--arms", "base"]) == 2
     page = (d / "frontier.html").read_text()  # the PNG embedded beside the numbers it draws, no script
@@ -367,9 +370,25 @@ def test_realised_doses_carry_each_multi_strength_rollout(tmp_path):
 
     (tmp_path / "bakes.jsonl").write_text('{"bake": 0, "kappa": 1.5}\n{"bake": 1, "kappa": 1.2}\n')
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"engine": "vllm", "online": {"rollout_alphas": [1.0, 2.0]}}))
-    assert realised(tmp_path, "online") == dict(engine="vllm", doses=[[1.5, 3.0], [1.2, 2.4]])
+    # a run from before rows carried their doses: recomputed from its config, and marked so
+    assert realised(tmp_path, "online") == dict(engine="vllm", doses=[[1.5, 3.0], [1.2, 2.4]], doses_logged=False)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"engine": "vllm", "online": {"rollout_alphas": []}}))
     assert realised(tmp_path, "online")["doses"] == [[1.5], [1.2]]
+    # rows that logged their doses are read as logged, whatever the config says now
+    (tmp_path / "bakes.jsonl").write_text('{"bake": 0, "kappa": 1.5, "doses": [0.0, 1.5, 3.0]}\n'
+                                          '{"bake": 1, "kappa": 1.2, "doses": [0.0, 2.4]}\n')
+    assert realised(tmp_path, "online") == dict(engine="vllm", doses=[[0.0, 1.5, 3.0], [0.0, 2.4]], doses_logged=True)
+
+
+def test_logged_doses_read_the_rollouts_of_one_bake(tmp_path):
+    from steer_heal.grpo.online import logged_doses
+
+    ev = [dict(event="rollout_doses", step=k, doses=d) for k, d in
+          ((0, [0.0, 1.0]), (1, [0.0, 1.1]), (2, [2.0, 2.0]), (3, [0.5]))] + [dict(event="bake", step=2)]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in ev))
+    assert logged_doses(tmp_path, 0, 2) == [0.0, 1.0, 1.1]  # steps 0 and 1: the first bake of 2 steps
+    assert logged_doses(tmp_path, 2, 4) == [0.5, 2.0]
+    assert logged_doses(tmp_path / "none", 0, 2) == []
 
 
 def test_merge_study_adds_and_replaces_rows_only_under_one_evaluator(tmp_path, capsys):

@@ -100,3 +100,48 @@ def test_cli_help_and_version_answer_without_torch():
     ver = subprocess.run([sys.executable, "-m", "steer_heal.cli", "--version"], capture_output=True, text=True,
                          cwd=ROOT).stdout
     assert re.match(r"steer-heal \d+\.\d+\.\d+", ver)
+
+
+# rows committed before realised() read rollout_alphas (issue 45): their alpha-2 dose is not in any committed file,
+# so they are listed here, not corrected by recomputation; a new stale row fails the test below
+STALE_DOSES = {("smollm2_cpu", "online_matched"), ("smollm2_cpu", "online_matched_half")}
+
+
+@pytest.mark.parametrize("study", sorted(p.parent.name for p in (ROOT / "docs/studies").glob("*/compare.jsonl")))
+def test_committed_rows_record_the_doses_and_tokens_their_configs_give(study):
+    """Each trained row's recorded doses are its config's alphas (iterative: steer.alphas; online: rollout_alphas)
+    x each round's / bake's kappa, one list per round; its generated tokens are its last round's and within 5%
+    of the study's budget unless the arm itself sets a shorter run (max_steps / rounds)."""
+    import yaml
+
+    from steer_heal.config import load_config
+    from steer_heal.study.config import cli_value, load_compare
+
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        import study_readme
+    finally:
+        sys.path.pop(0)
+    cfg = load_compare(str(ROOT / study_readme.STUDIES[study]))
+    arms = {a.name: a for a in cfg.arms}
+    checked = 0
+    for line in (ROOT / "docs/studies" / study / "compare.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        a = arms[r["arm"]]
+        if not a.trained:
+            continue
+        rounds = r["rounds"]
+        assert r["gen_tokens"] == rounds[-1]["gen_tokens"], (r["arm"], r["seed"])
+        if not ({"max_steps", "rounds"} & set(a.overrides)) and not a.control:
+            assert r["gen_tokens"] >= 0.95 * cfg.budget_tokens, (r["arm"], r["seed"], r["gen_tokens"])
+        if a.control or (study, a.name) in STALE_DOSES:
+            continue
+        if a.kind == "iterative":
+            alphas = load_config(ROOT / a.config, [f"{k}={cli_value(v)}" for k, v in a.overrides.items()]).steer.alphas
+        else:
+            alphas = (yaml.safe_load((ROOT / a.config).read_text()) | a.overrides).get("rollout_alphas") or [1.0]
+        want = [[round(x * k["kappa"], 4) for x in alphas] for k in rounds]
+        assert r["doses"] == want or [sorted(set(d)) for d in r["doses"]] == [sorted(set(w)) for w in want], \
+            (r["arm"], r["seed"], r["doses"], want)
+        checked += 1
+    assert checked, study

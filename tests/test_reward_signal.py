@@ -430,6 +430,13 @@ def test_online_run_logs_the_reward_signal(tiny_dir, mfv_dir, tmp_path):
     rows = [json.loads(x) for x in (out / "bakes.jsonl").read_text().splitlines()]
     assert len(rows) == 1
     row = rows[0]
+    # the bake's realised doses: every dose its steps generated at (0 and 2 x each step's kappa), as logged
+    want = sorted({0.0} | {2 * k for k in kappas})
+    assert row["doses"] == pytest.approx(want, rel=1e-5)
+    from steer_heal.study.arms import realised
+
+    assert realised(out, "online")["doses_logged"] and realised(out, "online")["doses"] == [
+        pytest.approx(want, abs=1e-4)]
     logged = {k for h in tr.state.log_history for k in h}
     assert {"grad/policy", "grad/barrier", "is_ratio/mean", "groups_zero_sd"} <= logged
     assert row["grad_policy"] > 0 and row["grad_barrier"] >= 0 and -1 <= row["shift_cos"] <= 1

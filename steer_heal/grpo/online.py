@@ -41,6 +41,18 @@ OnlineConfig = flat_dataclass(ONLINE, "OnlineConfig")
 REWARD_TRAITS = ("llr", "projection")
 
 
+def logged_doses(run_dir: Path, lo: int, hi: int) -> list[float]:
+    """The distinct doses the rollouts of steps lo..hi-1 were generated at, from the run's own events.jsonl
+    (`rollout_doses`, written as they were sampled): a bake's realised doses, read, not recomputed."""
+    f = Path(run_dir) / "events.jsonl"
+    seen = set()
+    for line in f.read_text().splitlines() if f.exists() else []:
+        e = json.loads(line)
+        if e.get("event") == "rollout_doses" and lo <= e.get("step", -1) < hi:
+            seen.update(e["doses"])
+    return sorted(seen)
+
+
 def check_online_config(cfg: RunConfig, grpo_args) -> None:
     """One-line refusals, before any model is loaded."""
     try:  # every declared setting's allowed values (reward_ablation's names among them)
@@ -262,6 +274,7 @@ class OnlineRun:
             xs = [h[key] for h in hist if key in h]
             return sum(xs) / len(xs) if xs else None
 
+        row["doses"] = logged_doses(self.rd.path, row["step"] - every, row["step"])
         row.update(reward=mean("reward"), kl_rmse=mean("kl_rmse"), keep_frac=mean("keep_frac"),
                    **{f"D_{a}": mean(f"kl_{a}") for a in ("mean", "rmse", "p95", "max")},
                    barrier_active_frac=mean("barrier_active_frac"))

@@ -98,17 +98,22 @@ def train_arm(cfg: CompareConfig, arm: Arm, seed: int) -> dict:
 
 
 def realised(d: Path, kind: str) -> dict:
-    """What the arm actually ran with, read from its own run directory (not from today's config): the rollout
-    engine and the generation doses per round / bake (iterative: alpha x kappa for each alpha; online: the
-    controller's kappa, x each of rollout_alphas where set), so the report shows the doses that were realised."""
+    """What the arm actually ran with, from its own run directory: the rollout engine, and the generation doses
+    per round / bake as the run logged them (a round row's `doses`; a bake row's, from the rollouts' own
+    `rollout_doses` events). A run from before rows carried doses gets alpha x kappa from its config.yaml, and
+    `doses_logged` false says so."""
     f = d / "config.yaml"
     rc = (yaml.safe_load(f.read_text()) or {}) if f.exists() else {}
+    rows = arm_rows(d, kind)
+    if rows and all("doses" in r for r in rows):
+        return dict(engine=rc.get("engine", "hf"), doses=[[round(float(x), 4) for x in r["doses"]] for r in rows],
+                    doses_logged=True)
     if kind == "iterative":
         alphas = [float(a) for a in rc.get("steer", {}).get("alphas", [1.0])]
     else:  # multi-strength rollouts: rollout j of a group at rollout_alphas[j % len] x kappa
         alphas = [float(a) for a in (rc.get("online") or {}).get("rollout_alphas") or [1.0]]
-    doses = [[round(a * float(r.get("kappa") or 0.0), 4) for a in alphas] for r in arm_rows(d, kind)]
-    return dict(engine=rc.get("engine", "hf"), doses=doses)
+    doses = [[round(a * float(r.get("kappa") or 0.0), 4) for a in alphas] for r in rows]
+    return dict(engine=rc.get("engine", "hf"), doses=doses, doses_logged=False)
 
 
 def arm_rows(d: Path, kind: str) -> list[dict]:
