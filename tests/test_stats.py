@@ -488,3 +488,32 @@ def test_committed_primary_lines_carry_the_seeds_only_test(study):
     for x in with_t:
         assert x["fragile"] == (x["verdict"] != x["verdict_seeds"])
         assert ("FRAGILE" in x["line"]) == x["fragile"]
+
+
+def test_a_run_that_stopped_early_is_named_with_its_reason(tmp_path):
+    """A seed with fewer rounds than its arm's others, or whose own log says it stopped, gets a line in compare.md
+    with its round count and the reason its events.jsonl gives; a run that went to its end gets none."""
+    from steer_heal.study.arms import stop_reason
+    from steer_heal.study.tables import short_runs_markdown
+
+    (tmp_path / "events.jsonl").write_text(
+        json.dumps(dict(event="stop_budget", round=1)) + "\n"  # the budget: the study's planned end, not early
+        + json.dumps(dict(event="stop_filter_starved", round=6, kept=3, generated=40, min_train=8)) + "\n")
+    assert stop_reason(tmp_path) == "the filter kept fewer than min_train at round 6"
+    assert stop_reason(tmp_path / "missing") == ""
+    arms = [SimpleArm("base", "base"), SimpleArm("a", "iterative"), SimpleArm("b", "online")]
+    rows = [dict(arm="base", kind="base", seed=None, items={})]
+    for s in (1, 2, 3):
+        n = 6 if s == 2 else 8
+        rows.append(dict(arm="a", kind="iterative", seed=s, items={}, rounds=[dict(round=k) for k in range(n)],
+                         stopped=stop_reason(tmp_path) if s == 2 else ""))
+        rows.append(dict(arm="b", kind="online", seed=s, items={}, rounds=[dict(bake=k) for k in range(2)],
+                         **({"stopped": ""} if s != 3 else {})))  # a row from before rows carried the reason
+    rep = Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=10)
+    assert rep.short_runs() == [("a", 2, 6, 8, "the filter kept fewer than min_train at round 6")]
+    md = short_runs_markdown(rep)
+    assert "- a seed 2: 6 of 8 rounds / bakes; the filter kept fewer than min_train at round 6" in md
+    assert "seed 1" not in md and "- b" not in md and "## Runs that stopped early" in markdown(rep)
+    rows[-1]["rounds"] = rows[-1]["rounds"][:1]  # b at seed 3: one bake of two, no reason recorded
+    md = short_runs_markdown(Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=10))
+    assert "- b seed 3: 1 of 2 rounds / bakes; the reason is not in its row" in md

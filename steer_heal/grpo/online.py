@@ -113,6 +113,9 @@ class BakeCallback(TrainerCallback):
             control.should_log = True  # this step's metrics are logged now; the row is written in on_log
             budget = self.run.cfg.budget_tokens
             if budget and self.run.state.gen_tokens >= budget:  # a bake boundary at or past the budget
+                if self.run.main:
+                    self.run.event("stop_budget", step=state.global_step, gen_tokens=self.run.state.gen_tokens,
+                                   budget=budget)
                 control.should_training_stop = True
                 control.should_save = True
 

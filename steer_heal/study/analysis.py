@@ -181,6 +181,20 @@ class Study:
                 out.append((k, stats.t_interval(xs)))
         return out
 
+    def short_runs(self) -> list[tuple[str, object, int, int, str]]:
+        """(arm, seed, rounds it has, rounds its arm's longest seed has, why it stopped) for each trained run that
+        ended early: with a reason in its row (read from its own events), or with fewer rounds / bakes than
+        another seed of its arm."""
+        out = []
+        for a in self.trained():
+            rs = self.by_arm[a.name]
+            most = max(len(r.get("rounds", [])) for r in rs)
+            for r in rs:
+                n = len(r.get("rounds", []))
+                if n < most or r.get("stopped"):
+                    out.append((a.name, r.get("seed"), n, most, r.get("stopped") or ""))
+        return out
+
     def trait_climb(self, arm: str, measure: str = "trait_heldout") -> stats.Interval | None:
         """Last round / bake minus the first, per seed (the arm's own per-round evaluation), t-interval over seeds:
         does the loop keep moving the trait?"""

@@ -116,6 +116,24 @@ def realised(d: Path, kind: str) -> dict:
     return dict(engine=rc.get("engine", "hf"), doses=doses, doses_logged=False)
 
 
+# a run's own events that end it before its rounds / max_steps: (event, what the line says)
+EARLY_STOPS = {"stop_filter_starved": "the filter kept fewer than min_train", "stop_coherence_floor":
+               "healed coherence under coherence_floor", "heal_diverged": "the heal diverged"}
+
+
+def stop_reason(d: Path) -> str:
+    """Why the run ended before its rounds / max_steps, from its own events.jsonl ('' when it did not: it ran to
+    its end or to the study's budget)."""
+    f = d / "events.jsonl"
+    last = ""
+    for line in f.read_text().splitlines() if f.exists() else []:
+        e = json.loads(line)
+        if e.get("event") in EARLY_STOPS:
+            at = e.get("round", e.get("step"))
+            last = EARLY_STOPS[e["event"]] + (f" at round {at}" if at is not None else "")
+    return last
+
+
 def arm_rows(d: Path, kind: str) -> list[dict]:
     f = d / ("rounds.jsonl" if kind == "iterative" else "bakes.jsonl")
     return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []

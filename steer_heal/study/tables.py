@@ -92,8 +92,22 @@ def markdown(s: Study) -> str:
         "\n### Exploratory (unadjusted)\n",
         "\n".join(f"- {v['line']}" for v in vs if v["family"] != "primary") + "\n",
     ]
-    extra = (dose_sweep_markdown(s), heal_markdown(s), mfv_transfer_markdown(s), answers_markdown(s))
+    extra = (short_runs_markdown(s), dose_sweep_markdown(s), heal_markdown(s), mfv_transfer_markdown(s),
+             answers_markdown(s))
     return "\n".join(parts + [x for x in extra if x])
+
+
+def short_runs_markdown(s: Study) -> str:
+    runs = s.short_runs()
+    if not runs:
+        return ""
+    lines = ["## Runs that stopped early\n",
+             "A trained run with fewer rounds / bakes than another seed of its arm, or one whose own log says it "
+             "stopped (its means and intervals use what it has).\n"]
+    for arm, seed, n, most, why in runs:
+        lines.append(f"- {arm} seed {seed}: {n} of {most} rounds / bakes; "
+                     + (why or "the reason is not in its row (rows record it from 2026-12-07; see its events.jsonl)"))
+    return "\n".join(lines) + "\n"
 
 
 def dose_sweep_markdown(s: Study) -> str:
