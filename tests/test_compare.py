@@ -84,9 +84,16 @@ def test_comparison_controls_sweep_intervals_budget_and_resume(tiny_dir, mfv_dir
             continue
         if v["n_seeds"] == 2:  # a trained arm on 2 seeds: the measurement, never a verdict
             assert v["verdict"] == "no verdict (n = 2 < 3 seeds)", v
-        else:  # untrained vs untrained: the verdict follows the interval's side of 0
-            want = "not distinguishable" if v["lo"] <= 0 <= v["hi"] else None
-            assert v["verdict"] == want if want else v["verdict"] in ("better", "worse"), v
+        else:  # untrained vs untrained: the verdict follows the interval's side of 0 and the measure's direction
+            from steer_heal.study.measures import BY_NAME
+
+            up = BY_NAME[v["measure"]].higher_is_better
+            want = ("not distinguishable" if v["lo"] <= 0 <= v["hi"] else
+                    "better" if (v["lo"] > 0) == up else "worse")
+            assert v["verdict"] == want, v
+    # each baseline's direction on the measures the tiny model moves without doubt: raw steering at the high
+    # target is further from base than at the low one (KL to base, both greedy on the same prompts)
+    assert rows[("steer_hi", None)]["kl_mean"] > rows[("steer_lo", None)]["kl_mean"]
     # the report is rebuilt from compare.jsonl and judges.json alone, to the same text
     md0, v0 = (d / "compare.md").read_text(), (d / "verdicts.json").read_text()
     copy = tmp_path / "copy"

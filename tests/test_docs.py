@@ -145,3 +145,42 @@ def test_committed_rows_record_the_doses_and_tokens_their_configs_give(study):
             (r["arm"], r["seed"], r["doses"], want)
         checked += 1
     assert checked, study
+
+
+NUMBER = re.compile(r"(?<![\w.\-])[+-]?\d+\.\d+(?![\w.])")
+
+
+def _unsupported(prose: str, files: str) -> list[str]:
+    """The decimal numbers of `prose` that no number of `files` gives at the precision the prose prints."""
+    have = {float(x) for x in NUMBER.findall(files)}
+    out = []
+    for tok in NUMBER.findall(prose):
+        dec, x = len(tok.split(".")[1]), float(tok)
+        if tok not in files and not any(abs(round(h, dec) - x) < 1e-9 for h in have):
+            out.append(tok)
+    return out
+
+
+def _study_files(d: Path) -> str:
+    """What a reader is pointed to: the tables and verdicts (not compare.jsonl's per-item values, which hold
+    nearly every 3-digit number)."""
+    return "".join(p.read_text() for p in sorted(d.iterdir())
+                   if p.suffix in (".md", ".json") and p.name != "README.md")
+
+
+@pytest.mark.parametrize("study", sorted(p.parent.name for p in (ROOT / "docs/studies").glob("*/compare.jsonl")))
+def test_every_number_in_a_study_pages_prose_is_in_its_files(study):
+    """A study page's own words (before its generated block; an archived section, marked as copied from a run
+    that was not kept, aside) quote only numbers the study's committed files hold."""
+    page = (ROOT / "docs/studies" / study / "README.md").read_text()
+    prose = page.split(f"<!-- generated:{study} -->")[0].split("\n## Archived")[0]
+    assert _unsupported(prose, _study_files(ROOT / "docs/studies" / study)) == []
+
+
+def test_every_number_in_the_readme_results_prose_is_in_a_study():
+    text = (ROOT / "README.md").read_text()
+    results = text[text.index("## Results"):text.index("\n## ", text.index("## Results") + 3)]
+    prose = re.sub(r"<!-- study:(\w+) -->.*?<!-- /study:\1 -->", "", results, flags=re.S)
+    files = "".join(_study_files(d) for d in sorted((ROOT / "docs/studies").iterdir()) if d.is_dir())
+    assert _unsupported(prose, files) == []
+    assert _unsupported("an invented +0.123456", files) == ["+0.123456"]  # the check can fail

@@ -228,7 +228,7 @@ def test_primary_family_is_holm_adjusted_and_the_rest_exploratory():
     prim = [v for v in vs if v["family"] == "primary"]
     assert [(v["a"], v["b"], v["measure"]) for v in prim] == [tuple(q) for q in primary]
     assert [v["p_holm"] for v in prim] == pytest.approx(stats.holm([v["p"] for v in prim]))
-    assert all(v["p_holm"] >= v["p"] for v in prim) and all(v["line"].startswith("[primary]") for v in prim)
+    assert all(v["line"].startswith("[primary]") for v in prim)
     explo = [v for v in vs if v["family"] == "exploratory"]
     assert explo and not {(v["a"], v["b"], v["measure"]) for v in explo} & {tuple(q) for q in primary}
     md = markdown(rep)
@@ -238,14 +238,23 @@ def test_primary_family_is_holm_adjusted_and_the_rest_exploratory():
     prim2 = [v for v in verdicts(rep2) if v["family"] == "primary"]
     assert len(prim2) == 3 and [v["p_holm"] for v in prim2] == pytest.approx(
         stats.holm([v["p"] for v in prim] + [1.0])[:3])
-    # a difference significant alone but not after Holm over a family: the primary line says not distinguishable
-    p = next(v for v in prim if v["measure"] == "trait_llr_heldout" and v["b"] == "arm_placebo")
-    if p["p"] < 0.05 <= p["p_holm"]:
-        assert p["verdict"] == "not distinguishable"
+    # a difference significant alone (p 0.02) but not after Holm (0.06): the primary line says not distinguishable,
+    # the same difference as an exploratory line (unadjusted) says better
+    from steer_heal.study.verdicts import line
+
+    d = stats.Interval(0.2, 0.2 - 2.4 * 0.08, 0.2 + 2.4 * 0.08, se=0.08, df=1e6, n_seeds=3)
+    assert 0.01 < d.p() < 0.05
+    assert line(rep, "arm", "arm_placebo", "primary", "trait_llr_heldout", d, "primary", 0.06)["verdict"] == \
+        "not distinguishable"
+    assert line(rep, "arm", "arm_placebo", "primary", "trait_llr_heldout", d, "primary", d.p())["verdict"] == "better"
+    assert line(rep, "arm", "arm_placebo", "x", "trait_llr_heldout", d, "exploratory", 0.06)["verdict"] == "better"
 
 
 def test_named_families_are_holm_adjusted_each_on_its_own():
     arms, rows = _rows(shift_trait=0.05)
+    for r in rows:  # the arm verbalises on every item, the prompt on none: lower is better, so 'worse'
+        if r["arm"] in ("arm", "prompt"):
+            r["items"]["verbalisation"] = [1.0 if r["arm"] == "arm" else 0.0] * 31 + [0.5]
     main = [["arm", "arm_placebo", "trait_llr_heldout"], ["arm", "prompt", "trait_llr_heldout"]]
     abl = [["arm", "arm_placebo", "incoh_ctx", "abl"], ["arm", "prompt", "verbalisation", "abl"],
            ["arm", "base", "trait_nats", "abl"]]
@@ -260,9 +269,7 @@ def test_named_families_are_holm_adjusted_each_on_its_own():
     assert all(v["line"].startswith("[primary:abl]") for v in named) and un[0]["line"].startswith("[primary]")
     # a measure outside the verdict set (verbalisation) gets its direction: lower is better
     verb = named[1]
-    assert verb["measure"] == "verbalisation" and verb["verdict"] in ("better", "worse", "not distinguishable")
-    if verb["verdict"] == "better":
-        assert verb["hi"] < 0
+    assert verb["measure"] == "verbalisation" and verb["verdict"] == "worse" and verb["lo"] > 0
 
 
 def test_declared_expectations_are_read_against_the_verdicts():
@@ -436,10 +443,13 @@ def test_a_measure_constant_in_both_arms_is_untestable_not_a_null():
     v = next(v for v in verdicts(rep) if v["family"] == "primary")
     assert v["verdict"] == "untestable (verb = 0 on every item of both arms)"
     assert v["expect_result"] == "untestable" and v["line"].endswith("(expected worse: untestable)")
-    next(r for r in rows if r["arm"] == "arm")["items"]["verbalisation"][3] = 1.0
+    for r in rows:  # the arm now verbalises on every item (its placebo on one): a question with an answer
+        if r["arm"] == "arm":
+            r["items"]["verbalisation"] = [1.0] * len(r["items"]["verbalisation"])
+    next(r for r in rows if r["arm"] == "arm_placebo")["items"]["verbalisation"][3] = 1.0
     rep = Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=100, primary=primary)
     v = next(v for v in verdicts(rep) if v["family"] == "primary")
-    assert v["verdict"] in ("better", "worse", "not distinguishable") and v["value"] > 0
+    assert v["verdict"] == "worse" and v["value"] > 0.9 and v["expect_result"] == "supported"
 
 
 def test_seeds_only_t_equals_scipy_on_per_seed_means():
