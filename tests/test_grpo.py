@@ -68,7 +68,8 @@ def _trainer(tiny, beta_kl, tmp_path):
     from datasets import Dataset
     from trl import GRPOConfig
 
-    from steer_heal.grpo.trainer import KLPenalty, SteerHealGRPOTrainer
+    from steer_heal.config import RunConfig
+    from steer_heal.grpo.trainer import KLPenalty, Objective, SteerHealGRPOTrainer
 
     st = _student(tiny)
     args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, beta=0.0, num_generations=2,
@@ -76,7 +77,8 @@ def _trainer(tiny, beta_kl, tmp_path):
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}]}] * 4)
     tr = SteerHealGRPOTrainer(model=st.model, reward_funcs=[lambda prompts, completions, **k: [0.0] * len(prompts)],
                               args=args, train_dataset=ds, processing_class=tiny.tokenizer, student=st,
-                              kl=KLPenalty(beta=beta_kl, tau=0.0))
+                              kl=KLPenalty.from_config(RunConfig().heal, beta=beta_kl, tau=0.0),
+                              objective=Objective.from_config(RunConfig().online, name="grpo"))
     return tr, st
 
 
@@ -141,9 +143,10 @@ def test_two_grpo_steps_on_tiny_model(tiny, tmp_path):
     from trl import GRPOConfig
 
     from reward import RewardConfig, Scorer, make_reward_functions
+    from steer_heal.config import RunConfig
     from steer_heal.engine import HFEngine
     from steer_heal.grpo.rollout import SteerState, make_rollout_func
-    from steer_heal.grpo.trainer import KLPenalty, SteerHealGRPOTrainer
+    from steer_heal.grpo.trainer import KLPenalty, Objective, SteerHealGRPOTrainer
     from steer_heal.steering import extract_vector
 
     tok = tiny.tokenizer
@@ -158,7 +161,9 @@ def test_two_grpo_steps_on_tiny_model(tiny, tmp_path):
                       logging_steps=1, learning_rate=1e-2, loss_type="grpo", save_strategy="no")
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": u}]} for u in ["hi", "why?", "tell me", "ok"]])
     tr = SteerHealGRPOTrainer(model=st.model, reward_funcs=make_reward_functions(scorer), args=args, train_dataset=ds,
-                              processing_class=tok, student=st, kl=KLPenalty(beta=0.5, tau=0.0),
+                              processing_class=tok, student=st, kl=KLPenalty.from_config(RunConfig().heal, beta=0.5,
+                                                                                         tau=0.0),
+                              objective=Objective.from_config(RunConfig().online, name="grpo"),
                               rollout_func=make_rollout_func(eng, st, state, max_new_tokens=8))
     before = {n: p.detach().clone() for n, p in st.model.named_parameters() if "lora_B" in n}
     tr.train()

@@ -38,6 +38,7 @@ def _trainer(tiny, st, tmp_path, objective="grpo", beta=0.0, tau=0.0, fused=True
     from datasets import Dataset
     from trl import GRPOConfig
 
+    from steer_heal.config import RunConfig
     from steer_heal.grpo.trainer import KLPenalty, Objective, SteerHealGRPOTrainer
 
     kw = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, beta=0.0, num_generations=2,
@@ -50,11 +51,12 @@ def _trainer(tiny, st, tmp_path, objective="grpo", beta=0.0, tau=0.0, fused=True
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": u}]} for u in users])
     reward = reward or (lambda prompts, completions, **k: [float(len(c)) for c in completions])
     tr = SteerHealGRPOTrainer(model=st.model, reward_funcs=[reward], args=args, train_dataset=ds,
-                              processing_class=tiny.tokenizer, student=st, kl=KLPenalty(beta=beta, tau=tau),
-                              objective=Objective(objective, w_pg=0.7, w_nll=1.3, fused=fused, opd_estimator=estimator),
-                              rollout_func=rollout)
+                              processing_class=tiny.tokenizer, student=st,
+                              kl=KLPenalty.from_config(RunConfig().heal, beta=beta, tau=tau),
+                              objective=Objective.from_config(RunConfig().online, name=objective, w_pg=0.7, w_nll=1.3,
+                                                              fused=fused, opd_estimator=estimator),
+                              rollout_func=rollout, steer_state=steer_state, scorer=scorer)
     tr.current_gradient_accumulation_steps = 1
-    tr.steer_state, tr.scorer = steer_state, scorer
     return tr
 
 

@@ -128,12 +128,14 @@ def test_per_term_advantages_reach_the_trainer(tiny, tmp_path):
     for norm in ("sum", "per_term"):
         from trl import GRPOConfig
 
+        from steer_heal.config import RunConfig
         from steer_heal.grpo.trainer import KLPenalty, Objective, SteerHealGRPOTrainer
 
         base = _trainer(tiny, st, tmp_path / norm, objective="grpo", rollout=rollout, steer_state=state, scorer=scorer)
         tr = SteerHealGRPOTrainer(model=st.model, reward_funcs=[loud, quiet], args=base.args,
                                   train_dataset=base.train_dataset, processing_class=tiny.tokenizer, student=st,
-                                  kl=KLPenalty(beta=0.0), objective=Objective("grpo", reward_norm=norm),
+                                  kl=KLPenalty.from_config(RunConfig().heal, beta=0.0),
+                                  objective=Objective.from_config(RunConfig().online, name="grpo", reward_norm=norm),
                                   rollout_func=rollout, steer_state=state, scorer=scorer)
         assert isinstance(tr.args, GRPOConfig)
         inputs = tr._generate_and_score_completions([tr.train_dataset[i] for i in (0, 0, 1, 1)])

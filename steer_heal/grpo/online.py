@@ -330,10 +330,8 @@ class OnlineRun:
                                     a.temperature, a.top_p, timers, steered=steering is not None and not on_policy,
                                     system=system, live=on_policy, alphas=c.online.rollout_alphas,
                                     log=self.event if self.main else None)
-        h, o = c.heal, c.online
-        kl = KLPenalty(h.kl_beta, h.kl_tau, h.kl_agg, h.kl_reference, h.kl_direction, h.kl_chunk_tokens)
-        obj = Objective(o.objective, o.w_pg, o.w_nll, o.fused, o.opd_estimator, o.reward_norm, o.is_correction,
-                        o.is_cap, o.is_gamma)
+        o = c.online
+        kl, obj = KLPenalty.from_config(c.heal), Objective.from_config(o)
         tr = SteerHealGRPOTrainer(model=self.student.model, reward_funcs=make_reward_functions(self.scorer, which),
                                   args=a, train_dataset=self.dataset(), processing_class=self.tok,
                                   student=self.student, kl=kl, objective=obj, controller=self.controller,

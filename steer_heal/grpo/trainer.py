@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from trl import GRPOTrainer
@@ -63,25 +63,37 @@ class OnlineConfigError(ValueError):
 
 @dataclass
 class KLPenalty:
-    beta: float = 0.3
-    tau: float = 0.5
-    agg: str = "rmse"  # mean | rmse | p95 | max (ablations)
-    reference: str = "prev"  # prev: the last bake; base: the original weights
-    direction: str = "reverse"
-    chunk: int = 0
+    """The barrier, as the run config's heal section declares it (KLPenalty.from_config): no defaults here."""
+    beta: float
+    tau: float
+    agg: str  # mean | rmse | p95 | max (ablations)
+    reference: str  # prev: the last bake; base: the original weights
+    direction: str
+    chunk: int
+
+    @classmethod
+    def from_config(cls, heal, **changes) -> "KLPenalty":
+        return replace(cls(heal.kl_beta, heal.kl_tau, heal.kl_agg, heal.kl_reference, heal.kl_direction,
+                           heal.kl_chunk_tokens), **changes)
 
 
 @dataclass
 class Objective:
-    name: str = "grpo"  # grpo | nll | grpo+nll | kd | opd
-    w_pg: float = 1.0  # grpo+nll: weight of TRL's policy loss
-    w_nll: float = 1.0  # grpo+nll: weight of the filtered NLL
-    fused: bool = True  # one student forward per micro-batch; False: TRL's own forward + a second one (bench)
-    opd_estimator: str = "token"  # opd: token (sampled-token advantages) | full (full-vocabulary reverse KL)
-    reward_norm: str = "sum"  # sum | per_term (grpo/advantage.py)
-    is_correction: str = "none"  # none | truncated | shaped: the policy term on steered rollouts
-    is_cap: float = 3.0
-    is_gamma: float = 0.1
+    """The loss, as the run config's online section declares it (Objective.from_config): no defaults here."""
+    name: str  # grpo | nll | grpo+nll | kd | opd: the key of SteerHealGRPOTrainer.LOSSES
+    w_pg: float  # grpo+nll: weight of TRL's policy loss
+    w_nll: float  # grpo+nll: weight of the filtered NLL
+    fused: bool  # one student forward per micro-batch; False: TRL's own forward + a second one (bench)
+    opd_estimator: str  # opd: token (sampled-token advantages) | full (full-vocabulary reverse KL)
+    reward_norm: str  # sum | per_term (grpo/advantage.py)
+    is_correction: str  # none | truncated | shaped: the policy term on steered rollouts
+    is_cap: float
+    is_gamma: float
+
+    @classmethod
+    def from_config(cls, online, **changes) -> "Objective":
+        return replace(cls(online.objective, online.w_pg, online.w_nll, online.fused, online.opd_estimator,
+                           online.reward_norm, online.is_correction, online.is_cap, online.is_gamma), **changes)
 
     @property
     def corrected(self) -> bool:
@@ -161,10 +173,9 @@ class SteerHealGRPOTrainer(GRPOTrainer):
     function's), `event` (events.jsonl, main rank only) and `diag_every` (steps between per-term
     gradient norms; 0: none) come in through the constructor."""
 
-    def __init__(self, *args, student, kl: KLPenalty | None = None, objective: Objective | None = None,
-                 controller=None, steer_state=None, scorer=None, timers: dict | None = None, event=None,
-                 diag_every: int = 0, **kwargs):
-        self.objective = o = objective or Objective()
+    def __init__(self, *args, student, kl: KLPenalty, objective: Objective, controller=None, steer_state=None,
+                 scorer=None, timers: dict | None = None, event=None, diag_every: int = 0, **kwargs):
+        self.objective = o = objective
         check_online_args(kwargs["args"] if "args" in kwargs else args[2], o.name, o.opd_estimator, o.reward_norm,
                           o.is_correction)
         super().__init__(*args, **kwargs)
@@ -172,7 +183,7 @@ class SteerHealGRPOTrainer(GRPOTrainer):
             raise OnlineConfigError("GRPOConfig.beta must be 0: steer-heal replaces TRL's mean-k3 KL with its RMSE "
                                     "barrier; fix: set the penalty with kl_beta instead")
         self.student = student
-        self.kl = kl or KLPenalty()
+        self.kl = kl
         self.controller = controller  # online dose controller: fed the filter scores of each generation batch
         self.steer_state, self.scorer, self.event, self.diag_every = steer_state, scorer, event, diag_every
         self.timers: dict[str, float] = {} if timers is None else timers  # seconds, logged as deltas
@@ -329,79 +340,109 @@ class SteerHealGRPOTrainer(GRPOTrainer):
             m["is_ratio/over_cap"].append(float((ratio > o.is_cap).float().mean()))
         return sequence_mean_loss(per_tok, b, s["shape"][0])
 
+    # ------------------------------------------------------------ one loss per objective (LOSSES)
+    def _pg(self, c: dict, inputs=None) -> torch.Tensor:
+        """The policy term: TRL's policy loss (read from our forward's log-probs when fused, else from TRL's own
+        forward), or ours weighted by the ratio to the behaviour policy (is_correction)."""
+        inputs = c["inputs"] if inputs is None else inputs
+        if self.objective.corrected:
+            return self._corrected_policy(c["s"], inputs, c["m"]) / c["norm"]
+        if c["fused"]:
+            s, lp = c["s"], c["s"]["lp"]
+            lp_bt = torch.zeros(s["shape"], dtype=lp.dtype, device=lp.device).index_put((s["b"], s["t"]), lp)
+            ent_bt = torch.zeros(s["shape"], dtype=lp.dtype, device=lp.device).index_put((s["b"], s["t"]), s["ent"])
+            self._stash = (lp_bt, ent_bt)
+            try:
+                return super()._compute_loss(c["model"], inputs)
+            finally:
+                self._stash = None
+        return c["pg"] if c["pg"] is not None else super()._compute_loss(c["model"], inputs)
+
+    def _nll(self, c: dict) -> torch.Tensor:
+        """The filtered NLL of the kept rollouts (token mean), the heal's loss."""
+        s, kp = c["s"], c["kept"]
+        kl_k = s["kl_ref"][kp["tok"]] if s["kl_ref"] is not None else s["lp"].new_zeros(int(kp["tok"].sum()))
+        nll, _, _ = nll_and_barrier(s["lp"][kp["tok"]], kl_k, kp["seq"][s["b"][kp["tok"]]], kp["n"], self.kl.agg,
+                                    self.kl.tau)
+        c["m"]["nll_kept"].append(float(nll.detach()))
+        return nll / c["norm"]
+
+    def _loss_grpo(self, c: dict) -> dict:
+        return {"policy": self._pg(c)}
+
+    def _loss_nll(self, c: dict) -> dict:
+        return {"nll": self._nll(c)}
+
+    def _loss_grpo_nll(self, c: dict) -> dict:
+        o = self.objective
+        return {"policy": o.w_pg * self._pg(c), "nll": o.w_nll * self._nll(c)}
+
+    def _loss_kd(self, c: dict) -> dict:
+        s, kp = c["s"], c["kept"]
+        kd = s["kl_teacher"][kp["tok"]].mean() if kp["n"] else s["kl_teacher"].sum() * 0.0
+        c["m"]["kd"].append(float(kd.detach()))
+        return {"kd": kd / c["norm"]}
+
+    def _loss_opd(self, c: dict) -> dict:
+        s, lp, m = c["s"], c["s"]["lp"], c["m"]
+        if s["lp_teacher"] is not None:  # token: the sampled-token advantages, through TRL's policy loss
+            m["opd_kl"].append(float((lp.detach() - s["lp_teacher"]).mean()) if len(lp) else 0.0)
+            return {"opd": self._pg(c, {**c["inputs"], "advantages": self.opd_advantages(s)})}
+        kl_t = s["kl_teacher"]  # full: exact reverse KL per position, token mean
+        m["opd_kl"].append(float(kl_t.detach().mean()) if len(lp) else 0.0)
+        return {"opd": (kl_t.mean() if len(kl_t) else kl_t.sum() * 0.0) / c["norm"]}
+
+    LOSSES = {"grpo": _loss_grpo, "nll": _loss_nll, "grpo+nll": _loss_grpo_nll, "kd": _loss_kd, "opd": _loss_opd}
+
+    def _kept(self, s: dict, inputs) -> dict:
+        """The rollouts trained on: those the filter kept (opd: every one, each is the student's own)."""
+        keep = inputs.get("keep")
+        if keep is None or self.objective.name == "opd":
+            keep = torch.ones(s["shape"][0], device=s["lp"].device)
+        keep = keep.to(s["lp"].device)
+        # kept sequences renumbered 0..n_kept-1
+        return dict(tok=keep[s["b"]] > 0, seq=keep.gt(0).long().cumsum(0) - 1, n=int(keep.gt(0).sum()))
+
+    def _barrier(self, c: dict, terms: dict) -> dict:
+        """The barrier term (into `terms`) and this rank's partial sums of the KL diagnostics."""
+        k, s, kp = self.kl, c["s"], c["kept"]
+        b, n = s["b"], s["shape"][0]
+        part = dict.fromkeys(("kl_rmse", "kl_mean", "kl_p95", "kl_max", "n_seq", "active", "n_D", "kl_penalty"), 0.0)
+        if s["kl_ref"] is None:
+            return part
+        kl = s["kl_ref"]
+        if self.objective.name in ("nll", "kd", "opd"):  # the barrier acts on the rollouts trained on, as in the heal
+            D = aggregate(kl[kp["tok"]], kp["seq"][b[kp["tok"]]], kp["n"], k.agg)
+        else:
+            D = aggregate(kl, b, n, k.agg)
+        pen = k.beta * barrier(D, k.tau).sum() / max(len(D), 1)
+        terms["barrier"] = pen / c["norm"]
+        with torch.no_grad():
+            part.update(**{f"kl_{a}": float(aggregate(kl.detach(), b, n, a).sum()) for a in AGGS}, n_seq=float(n),
+                        active=float((D.detach() > k.tau).sum()), n_D=float(len(D)), kl_penalty=float(pen.detach()))
+        return part
+
     def _compute_loss(self, model, inputs):
         k, o = self.kl, self.objective
         mode = "train" if self.model.training else "eval"
-        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         m = self._metrics[mode]
         diag = self._diag_step(mode)
-        need_pg = o.pg and not o.corrected
-        fused = o.fused and need_pg and not self.aux_loss_enabled
         if o.name == "grpo" and k.beta == 0.0 and not o.corrected:
             loss = super()._compute_loss(model, inputs)  # nothing of ours to add: TRL's loss as is
             if diag:
                 self._grad_norms(m, {"policy": loss})
             return loss
-        if need_pg and not fused and o.name != "opd":  # the two-forward path: TRL's own forward for the policy term
-            pg = super()._compute_loss(model, inputs)
+        trl_pg = o.pg and not o.corrected
+        fused = o.fused and trl_pg and not self.aux_loss_enabled
+        # the two-forward path: TRL's own forward for the policy term, first
+        pg = super()._compute_loss(model, inputs) if trl_pg and not fused and o.name != "opd" else None
         s = self._student_terms(model, inputs, entropy=fused)
-        b, t, lp = s["b"], s["t"], s["lp"]
-        n = s["shape"][0]
-        if o.name == "opd":
-            if s["lp_teacher"] is not None:  # the sampled-token advantages, through TRL's policy loss
-                adv = self.opd_advantages(s)
-                inputs = {**inputs, "advantages": adv}
-                m["opd_kl"].append(float((lp.detach() - s["lp_teacher"]).mean()) if len(lp) else 0.0)
-                if not fused:
-                    pg = super()._compute_loss(model, inputs)
-            else:
-                m["opd_kl"].append(float(s["kl_teacher"].detach().mean()) if len(lp) else 0.0)
-        if fused:  # TRL's policy loss, read from our forward's per-token log-probs
-            lp_bt = torch.zeros(s["shape"], dtype=lp.dtype, device=lp.device).index_put((b, t), lp)
-            ent_bt = torch.zeros(s["shape"], dtype=lp.dtype, device=lp.device).index_put((b, t), s["ent"])
-            self._stash = (lp_bt, ent_bt)
-            try:
-                pg = super()._compute_loss(model, inputs)
-            finally:
-                self._stash = None
-        if o.corrected:
-            pg = self._corrected_policy(s, inputs, m) / normalizer
-        terms: dict[str, torch.Tensor] = {}  # each term as it enters the total
-        if o.pg:
-            terms["opd" if o.name == "opd" else "policy"] = o.w_pg * pg if o.name == "grpo+nll" else pg
-        keep = inputs.get("keep")
-        if keep is None or o.name == "opd":  # opd learns from every rollout: each is the student's own
-            keep = torch.ones(n, device=lp.device)
-        keep = keep.to(lp.device)
-        kept_tok = keep[b] > 0
-        seq_map = keep.gt(0).long().cumsum(0) - 1  # kept sequences renumbered 0..n_kept-1
-        n_kept = int(keep.gt(0).sum())
-        if o.name in ("nll", "grpo+nll"):
-            kl_k = s["kl_ref"][kept_tok] if s["kl_ref"] is not None else lp.new_zeros(int(kept_tok.sum()))
-            nll, _, _ = nll_and_barrier(lp[kept_tok], kl_k, seq_map[b[kept_tok]], n_kept, k.agg, k.tau)
-            terms["nll"] = (o.w_nll if o.name == "grpo+nll" else 1.0) * nll / normalizer
-            m["nll_kept"].append(float(nll.detach()))
-        if o.name == "kd":
-            kd = s["kl_teacher"][kept_tok].mean() if n_kept else s["kl_teacher"].sum() * 0.0
-            terms["kd"] = kd / normalizer
-            m["kd"].append(float(kd.detach()))
-        if o.name == "opd" and s["lp_teacher"] is None:  # full: exact reverse KL per position, token mean
-            kl_t = s["kl_teacher"]
-            terms["opd"] = (kl_t.mean() if len(kl_t) else kl_t.sum() * 0.0) / normalizer
+        c = dict(model=model, inputs=inputs, s=s, m=m, fused=fused, pg=pg, kept=self._kept(s, inputs),
+                 norm=self.current_gradient_accumulation_steps if mode == "train" else 1.0)
+        terms = self.LOSSES[o.name](self, c)  # each term as it enters the total
         # per-rank partial sums, reduced below in one all-reduce that every rank reaches
-        part = dict.fromkeys(("kl_rmse", "kl_mean", "kl_p95", "kl_max", "n_seq", "active", "n_D", "kl_penalty"), 0.0)
-        if s["kl_ref"] is not None:
-            kl = s["kl_ref"]
-            if o.name in ("nll", "kd", "opd"):  # the barrier acts on the rollouts trained on, as in the heal
-                D = aggregate(kl[kept_tok], seq_map[b[kept_tok]], n_kept, k.agg)
-            else:
-                D = aggregate(kl, b, n, k.agg)
-            pen = k.beta * barrier(D, k.tau).sum() / max(len(D), 1)
-            terms["barrier"] = pen / normalizer
-            with torch.no_grad():
-                part.update(**{f"kl_{a}": float(aggregate(kl.detach(), b, n, a).sum()) for a in AGGS}, n_seq=float(n),
-                            active=float((D.detach() > k.tau).sum()), n_D=float(len(D)), kl_penalty=float(pen.detach()))
-        total = lp.new_zeros(())
+        part = self._barrier(c, terms)
+        total = s["lp"].new_zeros(())
         for x in terms.values():
             total = total + x
         if diag:
