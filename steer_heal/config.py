@@ -247,6 +247,13 @@ def flat_name(path: tuple[str, ...]) -> str:
     return FLAT_PREFIX.get(path[0], "") + path[-1] if len(path) > 1 else path[0]
 
 
+def nested_names(mode: str = ONLINE) -> dict[str, str]:
+    """Each sectioned setting of a mode by its path in the run config (heal.kl_tau) -> its flat name (kl_tau), the
+    name the online recipe's parser reads: a study writes every arm's overrides by path, the driver derives the
+    flat name."""
+    return {".".join(p): flat_name(p) for p, _, _ in leaves(mode) if len(p) > 1}
+
+
 def _flat_type(tp):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is tuple:  # argparse reads lists (nargs="+")

@@ -20,9 +20,9 @@ def _config(tmp_path, tiny_dir, budget=60, **extra):
                      dict(name="steer_hi", kind="steer", overrides=dict(target_kl=1.0)),
                      dict(name="iter", kind="iterative", config=str(ROOT / "recipes/configs/smoke.yaml"), placebo=True),
                      dict(name="online", kind="online", config=str(ROOT / "recipes/configs/grpo_smoke.yaml"),
-                          overrides=dict(bake_every=2)),
+                          overrides={"online.bake_every": 2}),
                      dict(name="online_pd", kind="online", config=str(ROOT / "recipes/configs/grpo_smoke.yaml"),
-                          overrides=dict(bake_every=2, control="prompt_distil"))]) | extra
+                          overrides={"online.bake_every": 2, "control": "prompt_distil"})]) | extra
     p = tmp_path / "cmp.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
@@ -126,12 +126,12 @@ def test_an_arm_killed_mid_run_resumes_to_the_uninterrupted_result(tiny_dir, mfv
         return _config(tmp_path / d, tiny_dir, budget=budget, seeds=[1], pairs=[], arms=[
             dict(name="base", kind="base"),
             dict(name="online", kind="online", config=str(ROOT / "recipes/configs/grpo_smoke.yaml"),
-                 overrides=dict(bake_every=2) | ov)])
+                 overrides={"online.bake_every": 2} | ov)])
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     assert main(["compare", "--config", str(cfg("a"))]) == 0
-    assert main(["compare", "--config", str(cfg("b", stop_after_step=2))]) == 2  # the arm exits mid-run
+    assert main(["compare", "--config", str(cfg("b", **{"online.stop_after_step": 2}))]) == 2  # the arm exits mid-run
     b = tmp_path / "b" / "cmp"
     assert not (b / "eval").exists() and not (b / "online-s1" / "arm_done.json").exists()
     assert (b / "online-s1" / "checkpoint-2").exists()
@@ -146,7 +146,7 @@ def test_an_arm_killed_mid_run_resumes_to_the_uninterrupted_result(tiny_dir, mfv
                                    equal_nan=True, err_msg=k)
     # killed right after the checkpoint of the bake that reached the budget: the resume trains nothing more
     (tmp_path / "c").mkdir()
-    assert main(["compare", "--config", str(cfg("c", budget=60, stop_after_step=2))]) == 2
+    assert main(["compare", "--config", str(cfg("c", budget=60, **{"online.stop_after_step": 2}))]) == 2
     assert main(["compare", "--config", str(cfg("c", budget=60))]) == 0
     c = tmp_path / "c" / "cmp" / "online-s1"
     assert [json.loads(x)["bake"] for x in (c / "bakes.jsonl").read_text().splitlines()] == [0]
@@ -198,9 +198,19 @@ def test_bad_compare_config_one_line(tmp_path):
     with pytest.raises(CompareError, match="not found"):
         load_compare(str(tmp_path / "missing.yaml"))
     p.write_text(yaml.safe_dump(dict(arms=[dict(name="a", kind="online", config="x.yaml", placebo=True,
-                                                overrides=dict(objective="opd"))])))
+                                                overrides={"online.objective": "opd"})])))
     with pytest.raises(CompareError, match="fix: compare the arm with base"):
         load_compare(str(p))
+    # a steer-heal setting is written by its path for both drivers: a flat name in an online arm is refused
+    p.write_text(yaml.safe_dump(dict(arms=[dict(name="a", kind="online", config="x.yaml",
+                                                overrides=dict(kl_tau=0.1))])))
+    with pytest.raises(CompareError, match="override 'kl_tau' is a steer-heal setting; fix: write it as heal.kl_tau"):
+        load_compare(str(p))
+    p.write_text(yaml.safe_dump(dict(arms=[dict(name="a", kind="online", config="x.yaml", overrides={
+        "heal.kl_tau": 0.1, "online.rollout_alphas": [0.0, 1.0], "learning_rate": 1e-3, "control": ""})])))
+    # held as the flat names the online recipe's parser reads; TRL's and top-level keys unchanged
+    assert load_compare(str(p)).arms[0].overrides == {"kl_tau": 0.1, "rollout_alphas": [0.0, 1.0],
+                                                      "learning_rate": 1e-3, "control": ""}
     p.write_text(yaml.safe_dump(dict(arms=[dict(name="a", kind="base"), dict(name="b", kind="prompt")],
                                      primary=[["a", "b", "trait_llr_heldout", "f", "higher"]])))
     with pytest.raises(CompareError, match=r"expected one of \('better', 'worse', 'not worse'\)"):

@@ -23,6 +23,7 @@ from steer_heal.config import (
     from_flat,
     leaves,
     load_config,
+    nested_names,
     setting,
 )
 from steer_heal.presets import load_preset
@@ -42,7 +43,9 @@ class Arm:
     name: str = setting("", "the arm's name (its directory under compare_dir)")
     kind: str = setting("", "base | prompt (persona as system prompt) | steer | iterative | online")
     config: str = setting("", "the arm's own run config (iterative: a run YAML; online: a grpo YAML)")
-    overrides: dict = setting({}, "iterative: section.key -> value; online: flat key -> value")
+    overrides: dict = setting({}, "section.key -> value for steer-heal settings (both drivers: heal.kl_tau, "
+                                  "online.objective), key -> value for top-level and TRL settings (control, "
+                                  "learning_rate)")
     launcher: str = setting("", "online: an accelerate config; the arm then runs under `accelerate launch`")
     placebo: bool = setting(False, "also run <name>_placebo: the same arm with steering off (control: placebo)")
     placebo_of: str = setting("", "set on a generated placebo arm: the arm it controls")
@@ -105,6 +108,24 @@ class CompareConfig:
         rc.heal.lora_r, rc.heal.lora_alpha, rc.heal.lora_band = 4, 4, (0.0, 1.0)
         rc.gen.batch_size = self.eval.eval_prompts
         return rc
+
+
+NESTED = nested_names(ONLINE)
+FLAT_TO_NESTED = {v: k for k, v in NESTED.items()}
+
+
+def online_overrides(name: str, overrides: dict) -> dict:
+    """An online arm's overrides as its recipe's parser reads them: each steer-heal setting written by its path in
+    the run config (heal.kl_tau, as iterative arms write it) becomes its flat name (kl_tau); TRL's own settings
+    (learning_rate, max_steps) and top-level ones (control) pass unchanged. A flat name for a sectioned setting
+    is refused, so a study writes each setting one way for both drivers."""
+    out = {}
+    for k, v in overrides.items():
+        if k in FLAT_TO_NESTED:
+            raise CompareError(f"arm '{name}': override '{k}' is a steer-heal setting; fix: write it as "
+                               f"{FLAT_TO_NESTED[k]} (its path in the run config, the same for both drivers)")
+        out[NESTED.get(k, k)] = v
+    return out
 
 
 def check_arm_settings(arm: "Arm") -> None:
@@ -194,6 +215,8 @@ def load_compare(path: str, overrides: list[str] = ()) -> CompareConfig:
         apply_dict(getattr(cfg, k), v, prefix=f"{k}.")
     for a in arms:
         arm = Arm(**a)
+        if arm.kind == "online":  # held as the flat names the online recipe reads (train_command passes them on)
+            arm.overrides = online_overrides(arm.name, dict(arm.overrides))
         _check_arm(arm)
         cfg.arms.append(arm)
         if arm.placebo:  # an unsteered rollout is the same at every multiplier (and a control refuses rollout_alphas)
