@@ -480,7 +480,7 @@ def bench_study_arm(model: str, study: str = "recipes/compare/smollm2_cpu.yaml",
     t_train = time.perf_counter() - t0
     ev = Evaluator(cfg)  # model load, vector, dose: shared by every arm of a study, so not counted
     t0 = time.perf_counter()
-    ev.evaluate(a, final_adapter(arm_dir(cfg, a, 42), a.kind))
+    ev.evaluate(a, final_adapter(arm_dir(cfg, a, 42)))
     t_eval = time.perf_counter() - t0
     return [dict(what=f"seconds per study arm ({arm}, 1 seed): training + final evaluation", value=t_train + t_eval,
                  unit="s", detail=f"{study}: training {t_train:.0f} s ({info['gen_tokens']} generated tokens), "

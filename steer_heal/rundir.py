@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -51,6 +52,59 @@ def read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError:  # a line torn by a kill: everything before it is intact
             break
     return out
+
+
+# the student each driver's row describes: the iterative row's healed student, the online row's baked one
+_ITERATIVE = {"trait": "trait_healed", "coherence": "coh_healed", "incoherence": "incoherence_healed",
+              "tail_nll": "tail_nll_healed", "repetition": "repetition_healed", "trait_heldout": "trait_heldout_healed",
+              "d_trait_nats": "d_trait_nats_healed"}
+RECORD_FILES = {"rounds.jsonl": ("round", "round_{:02d}"), "bakes.jsonl": ("bake", "bake_{:02d}")}
+
+
+@dataclass
+class Record:
+    """One round (iterative loop) or bake (online run), under the same keys whichever driver wrote it: what a
+    consumer (the study, its drift table, resume) reads. Built from the row a driver appended (Record.of)."""
+    index: int
+    gen_tokens: int | None
+    kappa: float | None
+    doses: list[float] | None  # the doses its rollouts were generated at, as the run logged them
+    trait: float | None
+    coherence: float | None
+    incoherence: float | None
+    tail_nll: float | None
+    repetition: float | None
+    trait_heldout: float | None
+    barrier_active_frac: float | None
+    D_mean: float | None
+    D_rmse: float | None
+    D_p95: float | None
+    D_max: float | None
+    d_trait_nats: float | None  # the MFV trait against base (where the run evaluated it)
+    adapter: str  # the cumulative adapter after it, relative to the run directory
+    seconds: float = 0.0
+
+    @classmethod
+    def of(cls, row: dict) -> "Record":
+        iterative = "round" in row
+        key = (lambda k: _ITERATIVE.get(k, k)) if iterative else (lambda k: k)
+        idx = int(row["round" if iterative else "bake"])
+        return cls(index=idx, gen_tokens=row.get("gen_tokens"), kappa=row.get("kappa"),
+                   doses=row.get("doses"), **{k: row.get(key(k)) for k in (
+                       "trait", "coherence", "incoherence", "tail_nll", "repetition", "trait_heldout",
+                       "d_trait_nats")},
+                   barrier_active_frac=row.get("barrier_active_frac"),
+                   **{f"D_{a}": row.get(f"D_{a}") for a in ("mean", "rmse", "p95", "max")},
+                   adapter=(f"round_{idx:02d}" if iterative else f"bake_{idx:02d}") + "/cumulative",
+                   seconds=float(row.get("seconds") or 0.0))
+
+
+def read_records(d: str | Path) -> list[Record]:
+    """A run directory's rounds or bakes as Records (the driver that wrote them need not be known)."""
+    for f in RECORD_FILES:
+        if (Path(d) / f).exists():
+            return [Record.of(r) for r in read_jsonl(Path(d) / f)]
+    return []
 
 
 class RunDir:

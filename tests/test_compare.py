@@ -63,12 +63,12 @@ def test_comparison_controls_sweep_intervals_budget_and_resume(tiny_dir, mfv_dir
     assert lo["kl_rmse"] < hi["kl_rmse"]
     # the placebo arm ran at dose 0 with the same seeds; the steered arm did not
     for s in (1, 2):
-        assert all(r["kappa"] == 0.0 for r in arm_rows(d / f"iter_placebo-s{s}", "iterative"))
-        assert all(r["kappa"] > 0.0 for r in arm_rows(d / f"iter-s{s}", "iterative"))
+        assert all(r["kappa"] == 0.0 for r in arm_rows(d / f"iter_placebo-s{s}"))
+        assert all(r["kappa"] > 0.0 for r in arm_rows(d / f"iter-s{s}"))
         assert rows[("iter_placebo", s)]["placebo_of"] == "iter"
     cfg = load_compare(str(path))
-    for arm, kind in (("iter-s1", "iterative"), ("online-s2", "online")):
-        r = arm_rows(d / arm, kind)
+    for arm in ("iter-s1", "online-s2"):
+        r = arm_rows(d / arm)
         used = r[-1]["gen_tokens"]
         step = used - (r[-2]["gen_tokens"] if len(r) > 1 else 0)  # the last round's / bake's own tokens
         assert used >= cfg.budget_tokens and used - cfg.budget_tokens < step, (arm, used, step)
@@ -103,11 +103,11 @@ def test_comparison_controls_sweep_intervals_budget_and_resume(tiny_dir, mfv_dir
     assert main(["compare", "--config", str(path), "--report-only", str(copy)]) == 0
     assert (copy / "compare.md").read_text() == md0 and (copy / "verdicts.json").read_text() == v0
     done = json.loads((d / "iter-s1" / "arm_done.json").read_text())  # what the arm ran with, recorded
-    assert done["engine"] == "hf" and len(done["doses"]) == len(arm_rows(d / "iter-s1", "iterative"))
+    assert done["engine"] == "hf" and len(done["doses"]) == len(arm_rows(d / "iter-s1"))
     assert all(x > 0 for row in done["doses"] for x in row)
     rc = yaml.safe_load((d / "iter-s1" / "config.yaml").read_text())  # read from the rows, equal to alpha x kappa
     assert done["doses_logged"] and done["doses"] == [[round(a * r["kappa"], 4) for a in rc["steer"]["alphas"]]
-                                                      for r in arm_rows(d / "iter-s1", "iterative")]
+                                                      for r in arm_rows(d / "iter-s1")]
     # a changed study setting is refused in one line; adding an arm is not
     assert main(["compare", "--config", str(path), "budget_tokens=999", "--arms", "base"]) == 2
     page = (d / "frontier.html").read_text()  # the PNG embedded beside the numbers it draws, no script
@@ -388,13 +388,13 @@ def test_realised_doses_carry_each_multi_strength_rollout(tmp_path):
     (tmp_path / "bakes.jsonl").write_text('{"bake": 0, "kappa": 1.5}\n{"bake": 1, "kappa": 1.2}\n')
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"engine": "vllm", "online": {"rollout_alphas": [1.0, 2.0]}}))
     # a run from before rows carried their doses: recomputed from its config, and marked so
-    assert realised(tmp_path, "online") == dict(engine="vllm", doses=[[1.5, 3.0], [1.2, 2.4]], doses_logged=False)
+    assert realised(tmp_path) == dict(engine="vllm", doses=[[1.5, 3.0], [1.2, 2.4]], doses_logged=False)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"engine": "vllm", "online": {"rollout_alphas": []}}))
-    assert realised(tmp_path, "online")["doses"] == [[1.5], [1.2]]
+    assert realised(tmp_path)["doses"] == [[1.5], [1.2]]
     # rows that logged their doses are read as logged, whatever the config says now
     (tmp_path / "bakes.jsonl").write_text('{"bake": 0, "kappa": 1.5, "doses": [0.0, 1.5, 3.0]}\n'
                                           '{"bake": 1, "kappa": 1.2, "doses": [0.0, 2.4]}\n')
-    assert realised(tmp_path, "online") == dict(engine="vllm", doses=[[0.0, 1.5, 3.0], [0.0, 2.4]], doses_logged=True)
+    assert realised(tmp_path) == dict(engine="vllm", doses=[[0.0, 1.5, 3.0], [0.0, 2.4]], doses_logged=True)
 
 
 def test_logged_doses_read_the_rollouts_of_one_bake(tmp_path):
@@ -441,3 +441,30 @@ def test_merge_study_adds_and_replaces_rows_only_under_one_evaluator(tmp_path, c
     cfg = ROOT / "recipes/compare/smollm2_cpu.yaml"  # the command line refuses a merge without its target
     assert main(["compare", "--config", str(cfg), "--merge-from", str(src)]) == 2
     assert "--merge-from needs --report-only" in capsys.readouterr().err
+
+
+def test_one_record_for_both_drivers(tmp_path):
+    """A loop's round row and an online run's bake row read as Records with the same keys: the healed student's
+    measures of the round, the baked student's of the bake; the adapter each leaves; consumers need not ask which
+    driver wrote the directory."""
+    from steer_heal.rundir import Record, read_records
+    from steer_heal.study.arms import final_adapter, trajectory
+
+    it = dict(round=1, kappa=1.5, gen_tokens=900, doses=[1.5, 3.0], trait_healed=0.2, trait_steered=0.5,
+              coh_healed=0.9, coh_steered=0.4, incoherence_healed=1.1, tail_nll_healed=0.8, repetition_healed=0.05,
+              trait_heldout_healed=0.07, d_trait_nats_healed=0.03, D_rmse=0.01, barrier_active_frac=0.0, seconds=5.0)
+    on = dict(bake=1, step=8, kappa=1.5, gen_tokens=900, doses=[1.5, 3.0], trait=0.2, coherence=0.9,
+              incoherence=1.1, tail_nll=0.8, repetition=0.05, trait_heldout=0.07, d_trait_nats=0.03, D_rmse=0.01,
+              barrier_active_frac=0.0, seconds=5.0, reward=-0.4)
+    a, b = Record.of(it), Record.of(on)
+    assert a.adapter == "round_01/cumulative" and b.adapter == "bake_01/cumulative"
+    assert {k: v for k, v in vars(a).items() if k != "adapter"} == {k: v for k, v in vars(b).items() if k != "adapter"}
+    assert a.trait == 0.2 and a.coherence == 0.9  # the healed student's, not the steered one's
+    for name, row in (("loop", it), ("online", on)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / ("rounds.jsonl" if name == "loop" else "bakes.jsonl")).write_text(json.dumps(row) + "\n")
+        (d / "base_eval.json").write_text(json.dumps({"incoherence": 1.0}))
+        assert read_records(d) == [Record.of(row)]
+        assert final_adapter(d) == d / Record.of(row).adapter
+        assert trajectory(d) == [dict(x=pytest.approx(0.1), y=0.03, gen_tokens=900)]

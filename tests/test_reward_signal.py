@@ -437,7 +437,7 @@ def test_online_run_logs_the_reward_signal(tiny_dir, mfv_dir, tmp_path):
     assert row["doses"] == pytest.approx(want, rel=1e-5)
     from steer_heal.study.arms import realised
 
-    assert realised(out, "online")["doses_logged"] and realised(out, "online")["doses"] == [
+    assert realised(out)["doses_logged"] and realised(out)["doses"] == [
         pytest.approx(want, abs=1e-4)]
     logged = {k for h in tr.state.log_history for k in h}
     assert {"grad/policy", "grad/barrier", "is_ratio/mean", "groups_zero_sd"} <= logged

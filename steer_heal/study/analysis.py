@@ -12,6 +12,7 @@ import numpy as np
 
 from steer_heal import stats
 from steer_heal.presets import load_preset
+from steer_heal.rundir import Record
 from steer_heal.study.measures import BY_NAME, DRIFT_KEYS, PMASS_DROP, ArmInfo
 
 TRAINED = ("iterative", "online")
@@ -169,7 +170,7 @@ class Study:
     def round_values(self, arm: str, measure: str) -> list[list[float | None]]:
         """Per seed, the measure at each round / bake (None where that row lacks it)."""
         key = DRIFT_KEYS[measure]
-        return [[x.get(key[0], x.get(key[1])) for x in r.get("rounds", [])] for r in self.by_arm.get(arm, [])]
+        return [[getattr(Record.of(x), key) for x in r.get("rounds", [])] for r in self.by_arm.get(arm, [])]
 
     def drift_series(self, arm: str, measure: str) -> list[tuple[int, stats.Interval]]:
         """Per round / bake: the mean over seeds and its 95% t-interval (seeds that reached it)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from steer_heal.rundir import write_atomic
+from steer_heal.rundir import RECORD_FILES, read_jsonl, read_records, write_atomic
 from steer_heal.study.config import Arm, CompareConfig, CompareError, arm_setting, cli_value
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,12 +83,12 @@ def train_arm(cfg: CompareConfig, arm: Arm, seed: int) -> dict:
     if rc != 0:
         raise CompareError(f"arm '{arm.name}' (seed {seed}) exited with {rc}; see {d}/train.log, fix the cause and "
                            "run compare again: it resumes this arm")
-    rows = arm_rows(d, arm.kind)
+    recs = read_records(d)
     # seconds: the arm's own per-round / per-bake times (they survive a kill and resume), plus this
     # attempt's wall time for the record
-    info = dict(arm=arm.name, seed=seed, seconds=sum(float(r.get("seconds", 0.0)) for r in rows),
-                last_attempt_wall_s=time.perf_counter() - t0, gen_tokens=rows[-1].get("gen_tokens", 0) if rows else 0,
-                n_rows=len(rows)) | realised(d, arm.kind)
+    info = dict(arm=arm.name, seed=seed, seconds=sum(r.seconds for r in recs),
+                last_attempt_wall_s=time.perf_counter() - t0, gen_tokens=(recs[-1].gen_tokens or 0) if recs else 0,
+                n_rows=len(recs)) | realised(d)
     if info["gen_tokens"] < cfg.budget_tokens and not arm.control:  # a control spends nothing on calibration
         print(f"warning: arm '{arm.name}' ended at {info['gen_tokens']} generated tokens, under budget_tokens "
               f"{cfg.budget_tokens} (its max_steps / rounds ran out first); its row is not at the matched budget",
@@ -97,22 +97,22 @@ def train_arm(cfg: CompareConfig, arm: Arm, seed: int) -> dict:
     return info
 
 
-def realised(d: Path, kind: str) -> dict:
+def realised(d: Path) -> dict:
     """What the arm actually ran with, from its own run directory: the rollout engine, and the generation doses
-    per round / bake as the run logged them (a round row's `doses`; a bake row's, from the rollouts' own
-    `rollout_doses` events). A run from before rows carried doses gets alpha x kappa from its config.yaml, and
-    `doses_logged` false says so."""
+    per round / bake as the run logged them (its records' `doses`). A run from before records carried doses gets
+    alpha x kappa from its config.yaml (steer.alphas for the loop, online.rollout_alphas for the online run),
+    and `doses_logged` false says so."""
     f = d / "config.yaml"
     rc = (yaml.safe_load(f.read_text()) or {}) if f.exists() else {}
-    rows = arm_rows(d, kind)
-    if rows and all("doses" in r for r in rows):
-        return dict(engine=rc.get("engine", "hf"), doses=[[round(float(x), 4) for x in r["doses"]] for r in rows],
+    recs = read_records(d)
+    if recs and all(r.doses is not None for r in recs):
+        return dict(engine=rc.get("engine", "hf"), doses=[[round(float(x), 4) for x in r.doses] for r in recs],
                     doses_logged=True)
-    if kind == "iterative":
-        alphas = [float(a) for a in rc.get("steer", {}).get("alphas", [1.0])]
-    else:  # multi-strength rollouts: rollout j of a group at rollout_alphas[j % len] x kappa
-        alphas = [float(a) for a in (rc.get("online") or {}).get("rollout_alphas") or [1.0]]
-    doses = [[round(a * float(r.get("kappa") or 0.0), 4) for a in alphas] for r in rows]
+    if (d / "bakes.jsonl").exists():  # multi-strength rollouts: rollout j of a group at rollout_alphas[j % len]
+        alphas = (rc.get("online") or {}).get("rollout_alphas") or [1.0]
+    else:
+        alphas = rc.get("steer", {}).get("alphas") or [1.0]
+    doses = [[round(float(a) * float(r.kappa or 0.0), 4) for a in alphas] for r in recs]
     return dict(engine=rc.get("engine", "hf"), doses=doses, doses_logged=False)
 
 
@@ -134,26 +134,24 @@ def stop_reason(d: Path) -> str:
     return last
 
 
-def arm_rows(d: Path, kind: str) -> list[dict]:
-    f = d / ("rounds.jsonl" if kind == "iterative" else "bakes.jsonl")
-    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+def arm_rows(d: Path) -> list[dict]:
+    """The rows the run appended (rounds.jsonl or bakes.jsonl, whichever driver wrote them), as written."""
+    return next((read_jsonl(d / f) for f in RECORD_FILES if (d / f).exists()), [])
 
 
-def final_adapter(d: Path, kind: str) -> Path:
-    rows = arm_rows(d, kind)
-    if not rows:
+def final_adapter(d: Path) -> Path:
+    recs = read_records(d)
+    if not recs:
         raise RuntimeError(f"{d} holds no completed round or bake; fix: raise budget_tokens or check {d}/train.log")
-    k = rows[-1]["round"] if kind == "iterative" else rows[-1]["bake"]
-    return d / (f"round_{k:02d}" if kind == "iterative" else f"bake_{k:02d}") / "cumulative"
+    return d / recs[-1].adapter
 
 
-def trajectory(d: Path, kind: str) -> list[dict]:
-    """(coherence lost, trait gained, tokens) per round / bake, from the arm's own table and base
+def trajectory(d: Path) -> list[dict]:
+    """(coherence lost, trait gained, tokens) per round / bake, from the run's records and its base evaluation
     (empty measures when the arm ran without its own evaluations)."""
-    rows = arm_rows(d, kind)
     be = json.loads((d / "base_eval.json").read_text()) if (d / "base_eval.json").exists() else {}
     b_inc = be.get("incoherence")
-    x_key, y_key = ("incoherence_healed", "d_trait_nats_healed") if kind == "iterative" else ("incoherence",
-                                                                                              "d_trait_nats")
-    return [dict(x=r.get(x_key, float("nan")) - b_inc if b_inc is not None else float("nan"),
-                 y=r.get(y_key, float("nan")), gen_tokens=r.get("gen_tokens", 0)) for r in rows]
+    nan = float("nan")
+    return [dict(x=(r.incoherence if r.incoherence is not None else nan) - b_inc if b_inc is not None else nan,
+                 y=r.d_trait_nats if r.d_trait_nats is not None else nan, gen_tokens=r.gen_tokens or 0)
+            for r in read_records(d)]

@@ -55,7 +55,7 @@ def check_study_config(cfg: "CompareConfig") -> None:
 
 def _eval_key(cfg: CompareConfig, ev: "Evaluator", arm: Arm, seed) -> tuple[Path | None, str]:
     """(the adapter the arm's evaluation loads, the fingerprint its cached evaluation must carry)."""
-    adapter = final_adapter(arm_dir(cfg, arm, seed), arm.kind) if arm.trained else None
+    adapter = final_adapter(arm_dir(cfg, arm, seed)) if arm.trained else None
     return adapter, arm_fingerprint(ev.fp_eval, arm, adapter)
 
 

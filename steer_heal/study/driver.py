@@ -103,10 +103,10 @@ def _row(cfg, arm: Arm, seed, res: dict, base: dict) -> dict:
         if k in res and k in base:
             row[f"d_{k}"] = res[k] - base[k]
     if arm.trained:
-        row["trajectory"] = trajectory(arm_dir(cfg, arm, seed), arm.kind)
+        row["trajectory"] = trajectory(arm_dir(cfg, arm, seed))
         row["stopped"] = stop_reason(arm_dir(cfg, arm, seed))
         row["rounds"] = [{k: v for k, v in r.items() if isinstance(v, (int, float)) or v is None}
-                         for r in arm_rows(arm_dir(cfg, arm, seed), arm.kind)]
+                         for r in arm_rows(arm_dir(cfg, arm, seed))]
     row["texts"], row["prompts"], row["items"] = res["texts"], res["prompts"], res.get("items", {})
     return row
 

@@ -73,15 +73,11 @@ MULTIPLICITY_NOTE = ("Multiplicity: the primary questions were declared in the s
                      "line is exploratory: unadjusted, a lead for a later study, not a claim.")
 
 
-# drift measures: (iterative round-row key, online bake-row key)
+# drift measures: the drift table's column -> the Record field (steer_heal/rundir.py) it reads, either driver
 DRIFT_KEYS = {
-    "barrier_active_frac": ("barrier_active_frac", "barrier_active_frac"),
-    "D_mean": ("D_mean", "D_mean"), "D_rmse": ("D_rmse", "D_rmse"), "D_p95": ("D_p95", "D_p95"),
-    "D_max": ("D_max", "D_max"),
-    "coherent": ("coh_healed", "coherence"), "tail_nll": ("tail_nll_healed", "tail_nll"),
-    "repetition": ("repetition_healed", "repetition"), "incoherence": ("incoherence_healed", "incoherence"),
-    "trait_heldout": ("trait_heldout_healed", "trait_heldout"), "kappa": ("kappa", "kappa"),
-    "gen_tokens": ("gen_tokens", "gen_tokens"),
+    "barrier_active_frac": "barrier_active_frac", "D_mean": "D_mean", "D_rmse": "D_rmse", "D_p95": "D_p95",
+    "D_max": "D_max", "coherent": "coherence", "tail_nll": "tail_nll", "repetition": "repetition",
+    "incoherence": "incoherence", "trait_heldout": "trait_heldout", "kappa": "kappa", "gen_tokens": "gen_tokens",
 }
 
 
