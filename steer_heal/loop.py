@@ -146,6 +146,7 @@ def round_row(r, kappa, samples, kept, gen_tokens, hres, steered, healed, steere
                 heal_nll=hres.train_nll, val_nll=hres.val_nll, val_nll_before=hres.val_nll_before, heal_D=hres.D_mean,
                 barrier_frac=hres.barrier_frac, barrier_active_frac=hres.active_frac,
                 **{f"D_{a}": x for a, x in hres.D_by_agg.items()}, lam=hres.lam, heal_tokens_per_s=hres.tokens_per_s,
+                trained_tokens=hres.tokens, opt_steps=hres.steps, lr_sum=hres.lr_sum,
                 trait_steered=steered["trait"], trait_healed=healed["trait"], coh_steered=steered["coherence"],
                 coh_healed=healed["coherence"], incoherence_healed=healed["incoherence"],
                 repetition_healed=healed["repetition"], trait_heldout_healed=healed.get("trait_heldout", float("nan")),

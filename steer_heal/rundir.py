@@ -81,6 +81,9 @@ class Record:
     D_p95: float | None
     D_max: float | None
     d_trait_nats: float | None  # the MFV trait against base (where the run evaluated it)
+    trained_tokens: int | None  # tokens the loss read (the heal's, each epoch counted; online: since the last bake)
+    opt_steps: int | None  # optimizer steps
+    lr_sum: float | None  # their summed learning rate
     adapter: str  # the cumulative adapter after it, relative to the run directory
     seconds: float = 0.0
 
@@ -95,6 +98,7 @@ class Record:
                        "d_trait_nats")},
                    barrier_active_frac=row.get("barrier_active_frac"),
                    **{f"D_{a}": row.get(f"D_{a}") for a in ("mean", "rmse", "p95", "max")},
+                   trained_tokens=row.get("trained_tokens"), opt_steps=row.get("opt_steps"), lr_sum=row.get("lr_sum"),
                    adapter=(f"round_{idx:02d}" if iterative else f"bake_{idx:02d}") + "/cumulative",
                    seconds=float(row.get("seconds") or 0.0))
 

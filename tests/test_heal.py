@@ -1,4 +1,5 @@
 import math
+import random
 
 import pytest
 import torch
@@ -57,6 +58,14 @@ def test_heal_round_lowers_nll_and_logs(tiny):
     assert {"nll", "D", "grad_nll", "grad_barrier", "barrier_frac"} <= set(row)
     assert res.D_mean > 1e-4  # the adapter moved the student off the reference
     assert len(res.log) == res.steps  # log_every 1: a row per step
+    # the summed learning rate of its 12 steps, by hand: warm-up int(0.1 * 12) = 1 step at 0, then cosine
+    # 0.5 * (1 + cos(pi * (i - 1) / 11)) x 5e-3 for steps i = 1..11
+    want = sum(5e-3 * 0.5 * (1 + math.cos(math.pi * (i - 1) / 11)) for i in range(1, 12))
+    assert res.lr_sum == pytest.approx(want, rel=1e-9)
+    # tokens trained on: every epoch's pass over the 12 training examples' target tokens
+    ex = examples(tiny.tokenizer, 16)
+    random.Random(0).shuffle(ex)  # heal_round's own split (seed 0): the first 4 are validation
+    assert res.tokens == 4 * sum(len(c) for _, c in ex[4:])
     st.reset_live()
     quiet = heal_round(st, examples(tiny.tokenizer, 16), HealConfig(epochs=1, batch_size=4, log_every=0,
                                                                     val_frac=0.25), progress=False)

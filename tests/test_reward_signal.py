@@ -432,6 +432,10 @@ def test_online_run_logs_the_reward_signal(tiny_dir, mfv_dir, tmp_path):
     rows = [json.loads(x) for x in (out / "bakes.jsonl").read_text().splitlines()]
     assert len(rows) == 1
     row = rows[0]
+    # what it trained on: 2 optimizer steps at the linear schedule's 1e-3 and 5e-4 (max_steps 2), and every
+    # completion token the policy term read (objective grpo: all rollouts)
+    assert row["opt_steps"] == 2 and row["lr_sum"] == pytest.approx(1.5e-3, rel=1e-9)
+    assert row["trained_tokens"] == tr.trained_tokens > 0
     # the bake's realised doses: every dose its steps generated at (0 and 2 x each step's kappa), as logged
     want = sorted({0.0} | {2 * k for k in kappas})
     assert row["doses"] == pytest.approx(want, rel=1e-5)

@@ -527,3 +527,28 @@ def test_a_run_that_stopped_early_is_named_with_its_reason(tmp_path):
     rows[-1]["rounds"] = rows[-1]["rounds"][:1]  # b at seed 3: one bake of two, no reason recorded
     md = short_runs_markdown(Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=10))
     assert "- b seed 3: 1 of 2 rounds / bakes; the reason is not in its row" in md
+
+
+def test_a_pair_states_what_each_side_trained_on():
+    """The matched table: per pair, each side's tokens generated and trained on, optimizer steps and lr sum
+    (totals over rounds, mean over seeds) and the residual of the first against the second, hand-computed."""
+    from steer_heal.study.tables import matched_markdown
+
+    arms = [SimpleArm("base", "base"), SimpleArm("on", "online"), SimpleArm("it", "iterative")]
+    rows = [dict(arm="base", kind="base", seed=None, items={})]
+    for s in (1, 2):
+        rows.append(dict(arm="on", kind="online", seed=s, items={}, gen_tokens=4000 + s, doses=[[1.41, 2.83]] * 2,
+                         rounds=[dict(bake=k, trained_tokens=1000 + 100 * s, opt_steps=6, lr_sum=1e-3)
+                                 for k in range(2)]))
+        rows.append(dict(arm="it", kind="iterative", seed=s, items={}, gen_tokens=4000, doses=[[1.41, 2.83]] * 2,
+                         rounds=[dict(round=k, trained_tokens=1600, opt_steps=9, lr_sum=7.5e-4) for k in range(2)]))
+    rep = Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=10, pairs=[["on", "it"]])
+    sp = rep.spend("on")
+    assert sp["trained_tokens"] == pytest.approx(2 * 1150) and sp["opt_steps"] == 12 and sp["lr_sum"] == 2e-3
+    md = matched_markdown(rep)
+    # trained: 2300 vs 3200 -> -28%; steps 12 vs 18 -> -33%; lr 0.002 vs 0.0015 -> +33%; tokens 4002 vs 4000 -> +0%
+    assert ("| on vs it | 4002 vs 4000 (+0%) | 2300 vs 3200 (-28%) | 12.0 vs 18.0 (-33%) | 0.002 vs 0.0015 (+33%) |"
+            in md)
+    assert "[1.41, 2.83] vs [1.41, 2.83]" in md
+    del rows[1]["rounds"][0]["lr_sum"]  # a run that did not record it: no number, not a wrong one
+    assert Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=10, pairs=[["on", "it"]]).spend("on")["lr_sum"] is None

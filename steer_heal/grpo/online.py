@@ -106,6 +106,10 @@ class BakeCallback(TrainerCallback):
         self.run = run
         self.t0 = time.perf_counter()
 
+    def on_step_begin(self, args, state, control, optimizer=None, **kw):
+        if optimizer is not None:  # the learning rate this optimizer step uses (the scheduler steps after it)
+            self.run.lr_sum += optimizer.param_groups[0]["lr"]
+
     def on_step_end(self, args, state, control, optimizer=None, **kw):
         if state.global_step % self.run.cfg.online.bake_every == 0:
             self.run.bake(state, optimizer, time.perf_counter() - self.t0)
@@ -147,6 +151,11 @@ class OnlineRun:
         self.rd = RunDir(cfg.run_dir, cfg, resume=True, rows_file="bakes.jsonl", table_file="bake_table.md",
                          write=self.main)
         self.state: SteerState | None = None
+        self.tr: SteerHealGRPOTrainer | None = None
+        # counters of what the student trained on, and where the last bake row left them
+        self.lr_sum = 0.0
+        last = self.rd.rows()[-1:] if self.main else []
+        self._seen = dict(trained=0, step=int(last[0]["step"]) if last else 0, lr=0.0)
         self.v0 = None
         self.base: dict = {}
         self.pending_row: dict | None = None  # a bake's row, completed with its step's logs in on_log
@@ -278,6 +287,12 @@ class OnlineRun:
             return sum(xs) / len(xs) if xs else None
 
         row["doses"] = logged_doses(self.rd.path, row["step"] - every, row["step"])
+        # what the student trained on since the last bake (counted since this process started: a bake resumed
+        # from a checkpoint counts from there), the optimizer steps and their summed learning rate
+        trained = self.tr.trained_tokens if self.tr is not None else 0
+        row.update(trained_tokens=trained - self._seen["trained"], opt_steps=row["step"] - self._seen["step"],
+                   lr_sum=self.lr_sum - self._seen["lr"])
+        self._seen = dict(trained=trained, step=row["step"], lr=self.lr_sum)
         row.update(reward=mean("reward"), kl_rmse=mean("kl_rmse"), keep_frac=mean("keep_frac"),
                    **{f"D_{a}": mean(f"kl_{a}") for a in ("mean", "rmse", "p95", "max")},
                    barrier_active_frac=mean("barrier_active_frac"))
@@ -339,6 +354,7 @@ class OnlineRun:
                                   scorer=self.scorer, timers=timers, event=self.event if self.main else None,
                                   diag_every=o.grad_norm_every or o.bake_every)
         tr.debug_nan_step = o.debug_nan_step
+        self.tr = tr
         for theirs, ours in ((ProgressCallback, StepLine), (PrinterCallback, StepPrinter)):
             if tr.pop_callback(theirs) is not None:
                 tr.add_callback(ours)

@@ -190,6 +190,7 @@ class SteerHealGRPOTrainer(GRPOTrainer):
         self._timers_seen: dict[str, float] = {}
         self._rewards = None  # this generation batch's per-function rewards, all ranks [N, K]
         self._stash = None  # (per-token logps, entropies) of the fused forward, read by TRL's policy loss
+        self.trained_tokens = 0  # completion tokens the loss read, all ranks, since this process started
         self.debug_nan_step = 0  # testing (OnlineConfig.debug_nan_step): the last rank's loss is NaN at this step
         # the engine serves the steered teacher and the learner is unsteered: they are meant to differ
         self.vllm_importance_sampling_correction = False
@@ -431,6 +432,7 @@ class SteerHealGRPOTrainer(GRPOTrainer):
             loss = super()._compute_loss(model, inputs)  # nothing of ours to add: TRL's loss as is
             if diag:
                 self._grad_norms(m, {"policy": loss})
+            self._reduce_and_check(m, dict(n_trained=float(inputs["completion_mask"].sum())), loss, kl_on=False)
             return loss
         trl_pg = o.pg and not o.corrected
         fused = o.fused and trl_pg and not self.aux_loss_enabled
@@ -442,6 +444,8 @@ class SteerHealGRPOTrainer(GRPOTrainer):
         terms = self.LOSSES[o.name](self, c)  # each term as it enters the total
         # per-rank partial sums, reduced below in one all-reduce that every rank reaches
         part = self._barrier(c, terms)
+        # the tokens the loss reads: the kept rollouts' for nll and kd, every rollout's where a policy term reads all
+        part["n_trained"] = float(c["kept"]["tok"].sum() if o.name in ("nll", "kd") else len(s["lp"]))
         total = s["lp"].new_zeros(())
         for x in terms.values():
             total = total + x
@@ -464,6 +468,7 @@ class SteerHealGRPOTrainer(GRPOTrainer):
         red = global_sums([part[x] for x in keys] + deltas + [bad, 1.0], self.accelerator.device)
         g = dict(zip(keys, red))
         n_bad, world = red[-2], red[-1]
+        self.trained_tokens += int(g.get("n_trained", 0.0))  # all ranks, this micro-batch
         if n_bad:
             raise HealDivergedError(f"GRPO loss is not finite on {int(n_bad)} of {int(world)} rank(s) at step "
                                     f"{self.state.global_step}; fix: lower learning_rate or kl_beta and resume from "

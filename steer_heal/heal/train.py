@@ -32,7 +32,8 @@ class HealResult:
     D_by_agg: dict = field(default_factory=dict)
     active_frac: float = 0.0
     lam: float = 0.0
-    tokens: int = 0
+    tokens: int = 0  # target tokens the heal trained on, each epoch counted (what the gradient read)
+    lr_sum: float = 0.0  # sum over optimizer steps of the learning rate each step used
     seconds: float = 0.0
     log: list[dict] = field(default_factory=list)
 
@@ -145,6 +146,7 @@ def heal_round(student, examples: list[tuple[list[int], list[int]]], cfg, round_
                     acc["active"] += int((D.detach() > cfg.kl_tau).sum())
                 if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches):
                     gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    res.lr_sum += opt.param_groups[0]["lr"]
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)

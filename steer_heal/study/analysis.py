@@ -196,6 +196,18 @@ class Study:
                     out.append((a.name, r.get("seed"), n, most, r.get("stopped") or ""))
         return out
 
+    def spend(self, arm: str) -> dict[str, float | None]:
+        """What the arm's students were trained on, mean over seeds of each seed's total over its rounds / bakes:
+        generated tokens, tokens the loss read, optimizer steps, summed learning rate (None where a run did not
+        record it); and every dose it generated at."""
+        rs = self.by_arm.get(arm, [])
+        out: dict = dict(gen_tokens=float(np.mean([r.get("gen_tokens", 0) for r in rs])) if rs else None)
+        for k in ("trained_tokens", "opt_steps", "lr_sum"):
+            per = [[getattr(Record.of(x), k) for x in r.get("rounds", [])] for r in rs]
+            out[k] = float(np.mean([sum(p) for p in per])) if per and all(p and None not in p for p in per) else None
+        out["doses"] = sorted({round(x, 4) for x in self.doses(arm)})
+        return out
+
     def trait_climb(self, arm: str, measure: str = "trait_heldout") -> stats.Interval | None:
         """Last round / bake minus the first, per seed (the arm's own per-round evaluation), t-interval over seeds:
         does the loop keep moving the trait?"""

@@ -92,9 +92,35 @@ def markdown(s: Study) -> str:
         "\n### Exploratory (unadjusted)\n",
         "\n".join(f"- {v['line']}" for v in vs if v["family"] != "primary") + "\n",
     ]
-    extra = (short_runs_markdown(s), dose_sweep_markdown(s), heal_markdown(s), mfv_transfer_markdown(s),
-             answers_markdown(s))
+    extra = (short_runs_markdown(s), matched_markdown(s), dose_sweep_markdown(s), heal_markdown(s),
+             mfv_transfer_markdown(s), answers_markdown(s))
     return "\n".join(parts + [x for x in extra if x])
+
+
+def _residual(a, b) -> str:
+    return "-" if a is None or b is None or not b else f"{100 * (a - b) / b:+.0f}%"
+
+
+def matched_markdown(s: Study) -> str:
+    """Each declared pair of trained arms (pairs, and the primary questions') side by side on what its students
+    were trained on, with the residual of the first against the second: a matched comparison states its
+    differences, measured."""
+    trained = {a.name for a in s.trained()}
+    named = [tuple(p) for p in s.pairs] + [tuple(q[:2]) for q in s.primary]  # the declared comparisons
+    pairs = [(a, b) for a, b in dict.fromkeys(named) if a in trained and b in trained]
+    if not pairs:
+        return ""
+    lines = ["## What each pair trained on (mean over seeds of each run's total)\n",
+             "| pair | generated tokens | trained tokens | optimizer steps | lr sum | doses |",
+             "|---|---|---|---|---|---|"]
+    fmt = {"gen_tokens": "{:.0f}", "trained_tokens": "{:.0f}", "opt_steps": "{:.1f}", "lr_sum": "{:.3g}"}
+    for a, b in pairs:
+        x, y = s.spend(a), s.spend(b)
+        cells = [(f"{fmt[k].format(x[k])} vs {fmt[k].format(y[k])} ({_residual(x[k], y[k])})"
+                  if x[k] is not None and y[k] is not None else "-") for k in fmt]
+        doses = f"{x['doses'] or '-'} vs {y['doses'] or '-'}"
+        lines.append(f"| {a} vs {b} | " + " | ".join(cells) + f" | {doses} |")
+    return "\n".join(lines) + "\n"
 
 
 def short_runs_markdown(s: Study) -> str:
