@@ -1,6 +1,7 @@
 """`steer-heal compare` on the tiny model: arms train through their own entry points to a matched
 budget, are evaluated by one function, resume, and are judged by a context the reward never saw."""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -243,7 +244,7 @@ def test_shipped_studies_load_and_every_arm_parses():
     from steer_heal.config import load_config
     from steer_heal.grpo.online import OnlineConfig
     from steer_heal.study.arms import train_command
-    from steer_heal.study.config import load_compare
+    from steer_heal.study.config import cli_value, load_compare
 
     files = sorted((ROOT / "recipes/compare").glob("*.yaml"))
     assert {f.stem for f in files} >= {"smollm2_cpu", "gemma3_4b", "smollm2_drift"}
@@ -282,6 +283,38 @@ def test_shipped_studies_load_and_every_arm_parses():
             assert seen["is_correction"] >= {"None", "truncated", "shaped"} and "per_term" in seen["reward_norm"]
             assert len(seen["w_incoh"]) >= 2 and {a.overrides["objective"] for a in rw} == {"grpo", "grpo+nll"}
             assert any(a.placebo_of for a in cfg.arms)  # RL on the reward alone, steering off
+        elif f.stem == "smollm2_matched":  # issue 45: matched on what each side trains on, by construction
+            arms = {a.name: a for a in cfg.arms}
+            it = load_config(ROOT / arms["iter_m"].config, [f"{k}={cli_value(v)}" for k, v in
+                                                            arms["iter_m"].overrides.items()])
+            on = yaml.safe_load((ROOT / arms["online_m"].config).read_text()) | arms["online_m"].overrides
+            # the same doses, fixed: alphas x kappa, no calibration, no probes, no controller
+            assert list(it.steer.alphas) == on["rollout_alphas"] and it.steer.kappa == on["kappa"] > 0
+            assert it.steer.walk_max_steps == 0 and on["dose_down"] == on["dose_up"] == 1.0
+            # generated per round / bake: replies x tokens
+            per_round = it.gen.n_per_alpha * len(it.steer.alphas) * it.gen.max_new_tokens
+            per_bake = on["bake_every"] * on["per_device_train_batch_size"] * on["max_completion_length"]
+            assert per_round == per_bake and it.rounds * per_round == on["max_steps"] * per_bake // on["bake_every"]
+            # each kept reply once, batches of 8, one step per batch: steps per round = per bake when >= 33 kept
+            assert it.heal.epochs == 1 and it.heal.val_frac == 0 and it.heal.grad_accum == 1
+            assert it.heal.batch_size == on["per_device_train_batch_size"]
+            n_steps = math.ceil(33 / it.heal.batch_size)
+            assert n_steps == on["bake_every"]
+            # learning-rate sum per round / bake within 5%: cosine without warm-up over 5 steps vs constant
+            cos_sum = sum(it.heal.lr * 0.5 * (1 + math.cos(math.pi * i / n_steps)) for i in range(n_steps))
+            assert it.heal.warmup_ratio == 0 and on["lr_scheduler_type"] == "constant"
+            assert cos_sum == pytest.approx(on["learning_rate"] * on["bake_every"], rel=0.05)
+            # the same sampling, optimizer, LoRA and no barrier in either
+            assert it.gen.top_p == on.get("top_p", 1.0) and it.gen.temperature == on["temperature"]
+            assert list(it.heal.betas) == [0.9, on["adam_beta2"]] and it.engine == on["engine"]
+            assert (it.heal.lora_r, it.heal.lora_alpha) == (on["lora_r"], on["lora_alpha"])
+            assert it.heal.kl_beta == on["kl_beta"] == 0.0
+            # the same arm, one bake
+            assert arms["online_m_half"].overrides == arms["online_m"].overrides | {"max_steps": on["bake_every"]}
+            declared = {tuple(q[:3]): (q[4] if len(q) > 4 else "") for q in cfg.primary}
+            assert declared[("online_m_half", "iter_m", "trait_llr_heldout")] == "not worse"
+            assert {("iter_m", "iter_m_placebo"), ("online_m", "online_m_placebo")} <= {k[:2] for k in declared}
+            assert len(cfg.seeds) >= 3 and cfg.eval.split == "test"
         elif f.stem == "smollm2_reward_confirm":  # stage 2: the chosen regime, its placebo, online_nll, ablations
             dev = load_compare(str(f.with_name("smollm2_reward.yaml")))
             assert cfg.eval.split == "test" and len(cfg.seeds) >= 3 and not set(cfg.seeds) & set(dev.seeds)
