@@ -144,8 +144,8 @@ def test_prompt_distil_with_kd_is_refused_in_one_line():
     from trl import GRPOConfig
 
     from steer_heal.config import RunConfig
+    from steer_heal.grpo.objective import OnlineConfigError
     from steer_heal.grpo.online import check_online_config
-    from steer_heal.grpo.trainer import OnlineConfigError
 
     cfg = RunConfig(control="prompt_distil")
     cfg.online.objective = "kd"

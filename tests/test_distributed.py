@@ -137,11 +137,11 @@ def _reduce_worker(rank: int, world: int, init: str, out: str) -> None:
     try:
         fake = SimpleNamespace(timers={"rollout": 2.0 + 2 * rank}, _timers_seen={}, scorer=None,
                                accelerator=SimpleNamespace(device=torch.device("cpu")),
-                               state=SimpleNamespace(global_step=5))
+                               state=SimpleNamespace(global_step=5), trained_tokens=0)
         m = defaultdict(list)
         # rank 0: 2 sequences with rmse 0.1, 0.3 (sum 0.4), 1 of 2 over tau; rank 1: 2 sequences, sum 1.2, 0 of 2
         part = dict(kl_rmse=0.4 + 0.8 * rank, kl_mean=0.2 * (1 + rank), kl_p95=0.6 + rank, kl_max=1.0 + 2 * rank,
-                    n_seq=2.0, active=1.0 - rank, n_D=2.0, kl_penalty=0.05 * (1 - rank))
+                    n_seq=2.0, active=1.0 - rank, n_D=2.0, kl_penalty=0.05 * (1 - rank), n_trained=10.0 + 5 * rank)
         SteerHealGRPOTrainer._reduce_and_check(fake, m, part, torch.tensor(1.0), kl_on=True)
         nan = torch.tensor(float("nan")) if rank == 1 else torch.tensor(1.0)
         try:
@@ -150,7 +150,7 @@ def _reduce_worker(rank: int, world: int, init: str, out: str) -> None:
         except HealDivergedError as e:
             err = str(e)
         with open(f"{out}/rank{rank}.json", "w") as f:
-            json.dump(dict(m=dict(m), err=err), f)
+            json.dump(dict(m=dict(m), err=err, trained=fake.trained_tokens), f)
     finally:
         dist.destroy_process_group()
 
@@ -173,3 +173,4 @@ def test_metrics_and_divergence_are_reduced_over_ranks(tmp_path):
         assert m["kl_penalty"] == pytest.approx([0.05 / 2])  # mean of the ranks' penalties
         assert m["time/rollout"] == pytest.approx([(2.0 + 4.0) / 2])  # seconds per rank, averaged
         assert x["err"].startswith("GRPO loss is not finite on 1 of 2 rank(s) at step 5; fix:")
+        assert x["trained"] == 2 * (10 + 15)  # both ranks' tokens, on every rank, counted at each of the 2 calls

@@ -69,7 +69,8 @@ def _trainer(tiny, beta_kl, tmp_path):
     from trl import GRPOConfig
 
     from steer_heal.config import RunConfig
-    from steer_heal.grpo.trainer import KLPenalty, Objective, SteerHealGRPOTrainer
+    from steer_heal.grpo.objective import KLPenalty, Objective
+    from steer_heal.grpo.trainer import SteerHealGRPOTrainer
 
     st = _student(tiny)
     args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, beta=0.0, num_generations=2,
@@ -145,8 +146,9 @@ def test_two_grpo_steps_on_tiny_model(tiny, tmp_path):
     from reward import RewardConfig, Scorer, make_reward_functions
     from steer_heal.config import RunConfig
     from steer_heal.engine import HFEngine
+    from steer_heal.grpo.objective import KLPenalty, Objective
     from steer_heal.grpo.rollout import SteerState, make_rollout_func
-    from steer_heal.grpo.trainer import KLPenalty, Objective, SteerHealGRPOTrainer
+    from steer_heal.grpo.trainer import SteerHealGRPOTrainer
     from steer_heal.steering import extract_vector
 
     tok = tiny.tokenizer
@@ -188,8 +190,8 @@ def test_lora_sync_refused_where_nothing_serves_the_live_lora():
     from types import SimpleNamespace
 
     from steer_heal.config import RunConfig
+    from steer_heal.grpo.objective import OnlineConfigError
     from steer_heal.grpo.online import check_online_config
-    from steer_heal.grpo.trainer import OnlineConfigError
 
     for engine, objective in (("hf", "opd"), ("vllm", "nll"), ("vllm", "grpo")):
         cfg = RunConfig(engine=engine)
@@ -204,8 +206,8 @@ def test_rollout_alphas_refused_where_they_mean_nothing():
     from trl import GRPOConfig
 
     from steer_heal.config import RunConfig
+    from steer_heal.grpo.objective import OnlineConfigError
     from steer_heal.grpo.online import check_online_config
-    from steer_heal.grpo.trainer import OnlineConfigError
 
     for objective, control, alphas in (("opd", "", [1.0, 2.0]), ("nll", "placebo", [1.0]), ("grpo", "", [-1.0, 1.0]),
                                        ("grpo", "", [0.0, 0.0])):

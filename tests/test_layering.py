@@ -14,7 +14,8 @@ LAYERS = [
      "steer_heal.presets.text", "steer_heal.tiny", "steer_heal.attention", "steer_heal.models",
      "steer_heal.evals",
      "steer_heal.evals.protocol", "steer_heal.evals.mfv_data", "steer_heal.heal.kl", "steer_heal.grpo",
-     "steer_heal.grpo.distributed", "steer_heal.grpo.penalty", "steer_heal.grpo.advantage", "steer_heal.steering.core",
+     "steer_heal.grpo.distributed", "steer_heal.grpo.penalty", "steer_heal.grpo.advantage", "steer_heal.grpo.objective",
+     "steer_heal.steering.core",
      "steer_heal.engine.vllm_models", "steer_heal.engine.vllm_worker", "steer_heal.stats", "steer_heal.machine"],
     # tensors and models: steering, logprobs, the heal, the student, score primitives, figures
     ["steer_heal.logprobs", "steer_heal.kvcache", "steer_heal.steering", "steer_heal.steering.hooks",

@@ -39,7 +39,8 @@ def _trainer(tiny, st, tmp_path, objective="grpo", beta=0.0, tau=0.0, fused=True
     from trl import GRPOConfig
 
     from steer_heal.config import RunConfig
-    from steer_heal.grpo.trainer import KLPenalty, Objective, SteerHealGRPOTrainer
+    from steer_heal.grpo.objective import KLPenalty, Objective
+    from steer_heal.grpo.trainer import SteerHealGRPOTrainer
 
     kw = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, beta=0.0, num_generations=2,
               per_device_train_batch_size=4, max_completion_length=8, report_to=[], logging_steps=1,
@@ -227,7 +228,7 @@ def test_nll_moves_student_toward_steered_teacher_more_than_grpo(tiny_dir, tmp_p
 def test_guards_name_the_fix(tmp_path):
     from trl import GRPOConfig
 
-    from steer_heal.grpo.trainer import OnlineConfigError, check_online_args
+    from steer_heal.grpo.objective import OnlineConfigError, check_online_args
 
     base = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, beta=0.0, num_generations=2,
                 per_device_train_batch_size=2, report_to=[])
@@ -246,8 +247,8 @@ def test_guards_name_the_fix(tmp_path):
 def test_judge_reward_refused_in_one_line(tmp_path):
     from trl import GRPOConfig
 
+    from steer_heal.grpo.objective import OnlineConfigError
     from steer_heal.grpo.online import OnlineConfig, check_online_config
-    from steer_heal.grpo.trainer import OnlineConfigError
 
     args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, beta=0.0, num_generations=2,
                       per_device_train_batch_size=2, report_to=[])
@@ -338,8 +339,8 @@ def test_opd_with_prompt_distil_or_bad_estimator_is_refused():
     from trl import GRPOConfig
 
     from steer_heal.config import RunConfig
+    from steer_heal.grpo.objective import OnlineConfigError
     from steer_heal.grpo.online import check_online_config
-    from steer_heal.grpo.trainer import OnlineConfigError
 
     args = GRPOConfig(output_dir="/tmp/x", use_cpu=True, beta=0.0)
     cfg = RunConfig(control="prompt_distil")

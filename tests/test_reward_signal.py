@@ -129,7 +129,8 @@ def test_per_term_advantages_reach_the_trainer(tiny, tmp_path):
         from trl import GRPOConfig
 
         from steer_heal.config import RunConfig
-        from steer_heal.grpo.trainer import KLPenalty, Objective, SteerHealGRPOTrainer
+        from steer_heal.grpo.objective import KLPenalty, Objective
+        from steer_heal.grpo.trainer import SteerHealGRPOTrainer
 
         base = _trainer(tiny, st, tmp_path / norm, objective="grpo", rollout=rollout, steer_state=state, scorer=scorer)
         tr = SteerHealGRPOTrainer(model=st.model, reward_funcs=[loud, quiet], args=base.args,
@@ -293,7 +294,7 @@ def test_corrected_policy_loss_equals_float64_recomputation(tiny, tmp_path, mode
 def test_is_correction_refused_where_it_means_nothing(tmp_path):
     from trl import GRPOConfig
 
-    from steer_heal.grpo.trainer import OnlineConfigError, check_online_args
+    from steer_heal.grpo.objective import OnlineConfigError, check_online_args
 
     args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, beta=0.0)
     for obj, mode, fix in (("nll", "truncated", "objective grpo"), ("opd", "shaped", "objective grpo"),

@@ -29,8 +29,9 @@ from steer_heal.console import StepLine, StepPrinter
 from steer_heal.dose import DoseController
 from steer_heal.evals.mfv import mfv_columns
 from steer_heal.grpo.distributed import check_launch, reset_optimizer_state, sync_master_weights
+from steer_heal.grpo.objective import KLPenalty, Objective, OnlineConfigError, check_online_args
 from steer_heal.grpo.rollout import SteerState, global_sums, make_rollout_func
-from steer_heal.grpo.trainer import KLPenalty, Objective, OnlineConfigError, SteerHealGRPOTrainer, check_online_args
+from steer_heal.grpo.trainer import SteerHealGRPOTrainer
 from steer_heal.report import write_bake_report
 from steer_heal.rundir import BAKE_COLUMNS, RunDir, RunDirError, format_table, write_atomic
 from steer_heal.steering import SteeringVector
