@@ -50,20 +50,28 @@ def _export(args) -> int:
     import yaml
 
     from steer_heal.models import resolve_model_path
-    from steer_heal.rundir import read_jsonl
     from steer_heal.student import export_merged
     d = Path(args.run_dir)
-    rows = read_jsonl(d / "rounds.jsonl")
-    if not rows:
-        raise SystemExit(f"error: '{d}' has no completed round; fix: export a run directory with rounds.jsonl")
-    r = rows[-1]["round"] if args.round is None else args.round
-    cum = d / f"round_{r:02d}" / "cumulative"
+    cum = d / _pick_record(d, args.round).adapter
     cfg = yaml.safe_load((d / "config.yaml").read_text())
 
-    out = Path(args.out or d / f"merged_round_{r:02d}")
+    out = Path(args.out or d / f"merged_{cum.parent.name}")
     export_merged(resolve_model_path(cfg["model"]["model"]), cum, out)
-    print(f"exported round {r} merged model to {out} (load with AutoModelForCausalLM.from_pretrained)")
+    print(f"exported {cum.parent.name} merged model to {out} (load with AutoModelForCausalLM.from_pretrained)")
     return 0
+
+
+def _pick_record(d: Path, index: int | None):
+    """The round (loop) or bake (online run) `index` of run directory d, the last by default."""
+    from steer_heal.rundir import RunDirError, read_records
+    recs = read_records(d)
+    if not recs:
+        raise RunDirError(f"'{d}' has no completed round or bake; fix: pass a run directory with rounds.jsonl or "
+                          "bakes.jsonl")
+    pick = recs[-1] if index is None else next((r for r in recs if r.index == index), None)
+    if pick is None:
+        raise RunDirError(f"'{d}' has no round / bake {index}; fix: pass --round in {[r.index for r in recs]}")
+    return pick
 
 
 def _eval(args) -> int:
@@ -73,7 +81,6 @@ def _eval(args) -> int:
     from steer_heal.evals.mfv import evaluate_mfv, format_profile
     from steer_heal.evals.mfv_data import load_vignettes
     from steer_heal.models import load_model
-    from steer_heal.rundir import read_jsonl
     from steer_heal.steering import Steering, SteeringVector
     model_id, adapter = args.model, args.adapter
     if args.run:
@@ -81,11 +88,7 @@ def _eval(args) -> int:
         cfg = yaml.safe_load((d / "config.yaml").read_text())
         model_id = model_id or cfg["model"]["model"]
 
-        rows = read_jsonl(d / "rounds.jsonl")
-        if not rows:
-            raise SystemExit(f"error: '{d}' has no completed round; fix: evaluate a run with rounds.jsonl")
-        k = rows[-1]["round"] if args.round is None else args.round
-        adapter = str(d / f"round_{k:02d}" / "cumulative")
+        adapter = str(d / _pick_record(d, args.round).adapter)
     if not model_id:
         raise SystemExit("error: no model; fix: pass --model ID (or --run RUN_DIR)")
     lm = load_model(model_id, dtype=args.dtype)
@@ -216,14 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. heal.kl_beta=0.3 rounds=4")
     e = sub.add_parser("export", help="write a merged model that loads with plain transformers")
     e.add_argument("run_dir")
-    e.add_argument("--round", type=int, default=None)
+    e.add_argument("--round", type=int, default=None, help="round (loop) or bake (online run); default: the last")
     e.add_argument("--out", default=None)
     v = sub.add_parser("eval", help="moral-foundations forced-choice evaluation (tinymfv protocol)")
     v.add_argument("--model", default=None, help="hub id or folder (default: the run's model)")
     g = v.add_mutually_exclusive_group()
     g.add_argument("--adapter", default=None, help="a PEFT adapter folder to merge first")
-    g.add_argument("--run", default=None, metavar="RUN_DIR", help="evaluate a run's baked student (with --round)")
-    v.add_argument("--round", type=int, default=None, help="round of --run (default: the last)")
+    g.add_argument("--run", default=None, metavar="RUN_DIR", help="evaluate a run's baked student (loop or online run; with --round)")
+    v.add_argument("--round", type=int, default=None, help="round / bake of --run (default: the last)")
     v.add_argument("--steer", default=None, metavar="VECTOR", help="steering vector .safetensors")
     v.add_argument("--coeff", type=float, default=1.0)
     v.add_argument("--mfv-dir", default=None, help="vignettes folder (default $STEER_HEAL_MFV_DIR, then the hub)")

@@ -23,7 +23,7 @@ from steer_heal.engine import Sampling
 from steer_heal.evals.mfv import mfv_columns
 from steer_heal.heal import HealDivergedError, heal_round
 from steer_heal.report import write_report
-from steer_heal.rundir import RunDir, format_table
+from steer_heal.rundir import RunDir, format_table, student_record
 from steer_heal.steering import Steering, SteeringVector
 from steer_heal.tracking import Tracker
 
@@ -219,7 +219,8 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
         row = round_row(r, kappa, samples, kept, gen_tokens, hres, steered, healed, steered_mfv, healed_mfv, base_mfv,
                         b.preset.foundations, v.cosine(v0), time.perf_counter() - t0) | stages.carried(b, v0)
         row["doses"] = [round(a * kappa, 6) for a in cfg.steer.alphas]  # what collect generated at, as logged
-        rd.append_row(row)
+        rd.append_row(row, student_record(r, f"round_{r:02d}/cumulative", healed, row.get("d_trait_nats_healed"),
+                                          gen_tokens, kappa, row["doses"], row, row["seconds"]))
         ctx.tracker.log({f"round/{k}": x for k, x in row.items() if not isinstance(x, list)}, step=r)
         rows = rd.rows()
         print(format_table(rows, base=base), flush=True)

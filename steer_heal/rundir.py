@@ -9,7 +9,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
@@ -64,7 +64,8 @@ RECORD_FILES = {"rounds.jsonl": ("round", "round_{:02d}"), "bakes.jsonl": ("bake
 @dataclass
 class Record:
     """One round (iterative loop) or bake (online run), under the same keys whichever driver wrote it: what a
-    consumer (the study, its drift table, resume) reads. Built from the row a driver appended (Record.of)."""
+    consumer (the study, its drift table, resume) reads. Each driver builds it with `student_record` and appends
+    it inside its row (`row["record"]`); `Record.of` reads it back."""
     index: int
     gen_tokens: int | None
     kappa: float | None
@@ -89,18 +90,37 @@ class Record:
 
     @classmethod
     def of(cls, row: dict) -> "Record":
-        iterative = "round" in row
-        key = (lambda k: _ITERATIVE.get(k, k)) if iterative else (lambda k: k)
-        idx = int(row["round" if iterative else "bake"])
-        return cls(index=idx, gen_tokens=row.get("gen_tokens"), kappa=row.get("kappa"),
-                   doses=row.get("doses"), **{k: row.get(key(k)) for k in (
-                       "trait", "coherence", "incoherence", "tail_nll", "repetition", "trait_heldout",
-                       "d_trait_nats")},
-                   barrier_active_frac=row.get("barrier_active_frac"),
-                   **{f"D_{a}": row.get(f"D_{a}") for a in ("mean", "rmse", "p95", "max")},
-                   trained_tokens=row.get("trained_tokens"), opt_steps=row.get("opt_steps"), lr_sum=row.get("lr_sum"),
-                   adapter=(f"round_{idx:02d}" if iterative else f"bake_{idx:02d}") + "/cumulative",
-                   seconds=float(row.get("seconds") or 0.0))
+        if "record" in row:
+            return cls(**row["record"])
+        return _written_before_records(row)
+
+
+# the student scores a Record carries, as stages.student_eval names them
+STUDENT_KEYS = ("trait", "coherence", "incoherence", "tail_nll", "repetition", "trait_heldout")
+SPEND_KEYS = ("trained_tokens", "opt_steps", "lr_sum", "barrier_active_frac", "D_mean", "D_rmse", "D_p95", "D_max")
+
+
+def student_record(index: int, adapter: str, scores: dict, d_trait_nats: float | None, gen_tokens: int,
+                   kappa: float | None, doses: list[float], spend: dict, seconds: float) -> Record:
+    """The Record of the student a round / bake ends with, built the same way by both drivers: `scores` is that
+    student's stages.student_eval dict (the loop's healed student, the online run's baked one), `spend` what it
+    was trained on (SPEND_KEYS)."""
+    return Record(index=index, gen_tokens=gen_tokens, kappa=kappa, doses=[float(x) for x in doses],
+                  **{k: scores.get(k) for k in STUDENT_KEYS}, d_trait_nats=d_trait_nats,
+                  **{k: spend.get(k) for k in SPEND_KEYS}, adapter=adapter, seconds=float(seconds))
+
+
+def _written_before_records(row: dict) -> Record:
+    """A row appended before the drivers wrote `record` (the committed studies, runs started earlier): read
+    under each driver's own column names (the iterative row's healed student, the online row's baked one)."""
+    iterative = "round" in row
+    key = (lambda k: _ITERATIVE.get(k, k)) if iterative else (lambda k: k)
+    idx = int(row["round" if iterative else "bake"])
+    return Record(index=idx, gen_tokens=row.get("gen_tokens"), kappa=row.get("kappa"), doses=row.get("doses"),
+                  **{k: row.get(key(k)) for k in (*STUDENT_KEYS, "d_trait_nats")},
+                  **{k: row.get(k) for k in SPEND_KEYS},
+                  adapter=(f"round_{idx:02d}" if iterative else f"bake_{idx:02d}") + "/cumulative",
+                  seconds=float(row.get("seconds") or 0.0))
 
 
 def read_records(d: str | Path) -> list[Record]:
@@ -152,8 +172,10 @@ class RunDir:
     def rows(self) -> list[dict]:
         return read_jsonl(self.path / self.rows_file)
 
-    def append_row(self, row: dict, columns=None) -> None:
-        _append_line(self.path / self.rows_file, row)
+    def append_row(self, row: dict, record: Record, columns=None) -> None:
+        """Append a round / bake: the driver's own row with the shared Record inside it (one line, so a kill
+        cannot leave one without the other)."""
+        _append_line(self.path / self.rows_file, row | {"record": asdict(record)})
         write_atomic(self.path / self.table_file, format_table(self.rows(), markdown=True, columns=columns))
 
     def truncate_rows(self, keep) -> None:

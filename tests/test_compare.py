@@ -479,8 +479,8 @@ def test_merge_study_adds_and_replaces_rows_only_under_one_evaluator(tmp_path, c
 def test_one_record_for_both_drivers(tmp_path):
     """A loop's round row and an online run's bake row read as Records with the same keys: the healed student's
     measures of the round, the baked student's of the bake; the adapter each leaves; consumers need not ask which
-    driver wrote the directory."""
-    from steer_heal.rundir import Record, read_records
+    driver wrote the directory. Rows from before the drivers wrote `record` read the same as ones that carry it."""
+    from steer_heal.rundir import Record, RunDir, read_records, student_record
     from steer_heal.study.arms import final_adapter, trajectory
 
     it = dict(round=1, kappa=1.5, gen_tokens=900, doses=[1.5, 3.0], trait_healed=0.2, trait_steered=0.5,
@@ -501,3 +501,21 @@ def test_one_record_for_both_drivers(tmp_path):
         assert read_records(d) == [Record.of(row)]
         assert final_adapter(d) == d / Record.of(row).adapter
         assert trajectory(d) == [dict(x=pytest.approx(0.1), y=0.03, gen_tokens=900)]
+    # written today: each driver builds the record from its student's scores and spend; the same Record results
+    scores = dict(trait=0.2, coherence=0.9, incoherence=1.1, tail_nll=0.8, repetition=0.05, trait_heldout=0.07)
+    spend = dict(D_rmse=0.01, barrier_active_frac=0.0)
+
+    class Cfg:
+        def to_dict(self):
+            return {}
+
+        def fingerprint(self):
+            return "x"
+
+    for name, row, rows_file in (("loop2", it, "rounds.jsonl"), ("online2", on, "bakes.jsonl")):
+        rd = RunDir(tmp_path / name, Cfg(), rows_file=rows_file, table_file="t.md")
+        idx = row.get("round", row.get("bake"))
+        prefix = "round" if rows_file == "rounds.jsonl" else "bake"
+        rec = student_record(idx, f"{prefix}_{idx:02d}/cumulative", scores, 0.03, 900, 1.5, [1.5, 3.0], spend, 5.0)
+        rd.append_row(row, rec)
+        assert read_records(rd.path) == [rec] == [Record.of(row)]  # the legacy reading agrees with the record

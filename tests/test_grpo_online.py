@@ -141,7 +141,9 @@ def _close(x, y, skip):
     for k in x:
         if k in skip:
             continue
-        if isinstance(x[k], float):
+        if isinstance(x[k], dict):
+            _close(x[k], y[k], skip)
+        elif isinstance(x[k], float):
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k
         elif isinstance(x[k], list):
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k
@@ -160,12 +162,13 @@ def test_recipe_bad_input_is_one_line(extra, needle, tmp_path, mfv_dir):
     assert "Traceback" not in r.stderr
 
 
-def test_bake_row_reads_its_own_step_and_counts_generated_tokens(tiny_dir, mfv_dir, tmp_path):
+def test_bake_row_reads_its_own_step_and_counts_generated_tokens(tiny_dir, mfv_dir, tmp_path, capsys):
     """With bake_every 1 each bake row carries the metrics of the step it closes (logged after the
     bake), the student-side scores, and gen_tokens = the rollouts' completion tokens so far."""
     from trl import GRPOConfig, TrlParser
 
-    from steer_heal.grpo.online import OnlineConfig, OnlineRun
+    from steer_heal.grpo.online import OnlineConfig, OnlineRun, logged_doses
+    from steer_heal.rundir import Record
 
     cfg, args = TrlParser((OnlineConfig, GRPOConfig)).parse_args_and_config(
         args=["--config", str(ROOT / "recipes/configs/grpo_smoke.yaml"), "--model", str(tiny_dir["llama"]),
@@ -186,6 +189,28 @@ def test_bake_row_reads_its_own_step_and_counts_generated_tokens(tiny_dir, mfv_d
         total += round(h["completions/mean_length"] * args.per_device_train_batch_size)
         assert r["gen_tokens"] == total
         assert {"trait", "incoherence", "coherence", "verbalisation", "refusal"} <= set(r)
+        # the shared record: the baked student's scores as student.json saved them, the doses its rollouts logged
+        sc = json.loads((tmp_path / "run" / f"bake_{r['bake']:02d}" / "student.json").read_text())
+        rec = Record.of(r)
+        assert "record" in r and (rec.index, rec.gen_tokens) == (r["bake"], total)
+        assert (rec.trait, rec.coherence, rec.incoherence) == (sc["trait"], sc["coherence"], sc["incoherence"])
+        assert rec.doses == logged_doses(tmp_path / "run", r["step"] - 1, r["step"]) and rec.doses
+        assert (tmp_path / "run" / rec.adapter / "adapter_model.safetensors").exists()
     assert rows[-1]["kl_rmse"] > 0
+    # export reads the same record: bake 1's cumulative adapter merged, against PEFT's loader of that folder
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from steer_heal.cli import main
+
+    assert main(["export", str(tmp_path / "run"), "--round", "1", "--out", str(tmp_path / "m")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_dir["llama"]), dtype=torch.float32),
+                                    str(tmp_path / "run" / "bake_01" / "cumulative"))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4)
+    assert main(["export", str(tmp_path / "run"), "--round", "9"]) == 2
+    assert "no round / bake 9; fix: pass --round in [0, 1, 2]" in capsys.readouterr().err
     base = json.loads((tmp_path / "run" / "base_eval.json").read_text())
     assert len(base["texts"]) == min(cfg.eval_prompts, 8) and "trait" in base

@@ -12,7 +12,12 @@ def _rows(d):
 
 
 def _same(a, b):
-    return {k: v for k, v in a.items() if k not in VOLATILE} == {k: v for k, v in b.items() if k not in VOLATILE}
+    drop = lambda r: {k: (_same_rec(v) if k == "record" else v) for k, v in r.items() if k not in VOLATILE}  # noqa: E731
+    return drop(a) == drop(b)
+
+
+def _same_rec(rec):
+    return {k: v for k, v in rec.items() if k not in VOLATILE}
 
 
 def test_run_dir_complete(tiny_cfg):
@@ -37,6 +42,18 @@ def test_run_dir_complete(tiny_cfg):
     cos = float(v0 @ v1 / ((v0 @ v0) ** 0.5 * (v1 @ v1) ** 0.5))
     assert abs(rows[0]["cos_r0"] - 1.0) < 1e-12 and abs(rows[1]["cos_r0"] - cos) < 1e-5 and cos < 1 - 1e-6
     assert rows[0]["kept"] <= rows[0]["generated"]
+    # the shared record: the healed student's scores as eval.json saved them, the doses it generated at, its adapter
+    from steer_heal.rundir import Record, read_records
+
+    cfg = __import__("yaml").safe_load((d / "config.yaml").read_text())
+    for r, rec in zip(rows, read_records(d)):
+        healed = json.loads((d / f"round_{r['round']:02d}" / "eval.json").read_text())["healed"]
+        assert rec == Record(**r["record"]) and rec.index == r["round"]
+        assert (rec.trait, rec.coherence, rec.incoherence) == (healed["trait"], healed["coherence"],
+                                                                healed["incoherence"])
+        assert rec.doses == [round(a * r["kappa"], 6) for a in cfg["steer"]["alphas"]]
+        assert (d / rec.adapter / "adapter_model.safetensors").exists() and rec.adapter.startswith("round_")
+        assert rec.trained_tokens == r["trained_tokens"] > 0 and rec.gen_tokens == r["gen_tokens"]
     # the student carries the vector: round 1's shift from base against round 0's vector, recomputed with PEFT's
     # own loader of the cumulative adapter and a plain base model, one prompt at a time in float64
     import torch

@@ -33,7 +33,7 @@ from steer_heal.grpo.objective import KLPenalty, Objective, OnlineConfigError, c
 from steer_heal.grpo.rollout import SteerState, global_sums, make_rollout_func
 from steer_heal.grpo.trainer import SteerHealGRPOTrainer
 from steer_heal.report import write_bake_report
-from steer_heal.rundir import BAKE_COLUMNS, RunDir, RunDirError, format_table, write_atomic
+from steer_heal.rundir import BAKE_COLUMNS, RunDir, RunDirError, format_table, student_record, write_atomic
 from steer_heal.steering import SteeringVector
 
 # recipes/grpo_heal.py's script arguments: every setting the online mode reads, flat, with its help
@@ -301,7 +301,10 @@ class OnlineRun:
         keys = sorted({x for h in hist for x in h if x.startswith(("grad/", "is_ratio/")) or x.endswith("/share")})
         row.update(adv_dose_corr=mean("adv_dose_corr"), groups_zero_sd=mean("groups_zero_sd"),
                    **{x.replace("rewards/", "share_").replace("/share", "").replace("/", "_"): mean(x) for x in keys})
-        self.rd.append_row(row, columns=BAKE_COLUMNS)
+        k = row["bake"]
+        self.rd.append_row(row, student_record(k, f"bake_{k:02d}/cumulative", row, row.get("d_trait_nats"),
+                                               row["gen_tokens"], row["kappa"], row["doses"], row, row["seconds"]),
+                           columns=BAKE_COLUMNS)
         print("\n" + self.base_line() + "\n" + format_table(self.rd.rows(), columns=BAKE_COLUMNS), flush=True)
         write_bake_report(self.rd.path, self.base.get("mfv"))
 
