@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", default=None, help="hub id or folder (default: the run's model)")
     g = v.add_mutually_exclusive_group()
     g.add_argument("--adapter", default=None, help="a PEFT adapter folder to merge first")
-    g.add_argument("--run", default=None, metavar="RUN_DIR", help="evaluate a run's baked student (loop or online run; with --round)")
+    g.add_argument("--run", default=None, metavar="RUN_DIR",
+                   help="evaluate a run's baked student (loop or online run; with --round)")
     v.add_argument("--round", type=int, default=None, help="round / bake of --run (default: the last)")
     v.add_argument("--steer", default=None, metavar="VECTOR", help="steering vector .safetensors")
     v.add_argument("--coeff", type=float, default=1.0)
