@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -147,7 +148,7 @@ def test_committed_rows_record_the_doses_and_tokens_their_configs_give(study):
     assert checked, study
 
 
-NUMBER = re.compile(r"(?<![\w.\-])[+-]?\d+\.\d+(?![\w.])")
+NUMBER = re.compile(r"(?<![\w.\-])[+-]?\d+\.\d+(?!\w|\.\d)")  # a sentence's closing full stop ends it
 
 
 def _unsupported(prose: str, files: str) -> list[str]:
@@ -168,13 +169,61 @@ def _study_files(d: Path) -> str:
                    if p.suffix in (".md", ".json") and p.name != "README.md")
 
 
+def _units(d: Path, cfg: dict) -> list[str]:
+    """The pieces of a study that each speak of some arms: a line of its tables, one JSON object of its
+    verdicts / answers, one arm of its config."""
+    out = [json.dumps(a) for a in cfg["arms"]]
+
+    def walk(o):
+        if isinstance(o, dict):
+            out.append(json.dumps(o))
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+
+    for p in sorted(d.iterdir()):
+        if p.suffix == ".md" and p.name != "README.md":
+            out += p.read_text().splitlines()
+        elif p.suffix == ".json":
+            walk(json.loads(p.read_text()))
+    return out
+
+
+def _misplaced(prose: str, units: list[str], arms: list[str]) -> list[str]:
+    """The numbers of each sentence that names arms (`in backticks`) that no line, verdict or config entry
+    naming one of those arms gives: a number quoted for the wrong arm."""
+    out = []
+    for sent in re.split(r"(?<=[.;:])\s+|\n\n", prose):
+        named = [a for a in arms if f"`{a}`" in sent]
+        if named:
+            near = "\n".join(u for u in units if any(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", u) for a in named))
+            out += _unsupported(" ".join(NUMBER.findall(sent)), near)
+    return out
+
+
 @pytest.mark.parametrize("study", sorted(p.parent.name for p in (ROOT / "docs/studies").glob("*/compare.jsonl")))
 def test_every_number_in_a_study_pages_prose_is_in_its_files(study):
     """A study page's own words (before its generated block; an archived section, marked as copied from a run
-    that was not kept, aside) quote only numbers the study's committed files hold."""
-    page = (ROOT / "docs/studies" / study / "README.md").read_text()
+    that was not kept, aside) quote only numbers the study's committed files hold, and a sentence that names
+    arms quotes numbers the files give for those arms."""
+    d = ROOT / "docs/studies" / study
+    page = (d / "README.md").read_text()
     prose = page.split(f"<!-- generated:{study} -->")[0].split("\n## Archived")[0]
-    assert _unsupported(prose, _study_files(ROOT / "docs/studies" / study)) == []
+    assert _unsupported(prose, _study_files(d)) == []
+    f = ROOT / "recipes/compare" / f"{study}.yaml"
+    if not f.exists():  # a study kept from an older layout, with no config to name its arms
+        return
+    cfg = yaml.safe_load(f.read_text())
+    arms = sorted({a["name"] for a in cfg["arms"]} | {a["name"] + "_placebo" for a in cfg["arms"]})
+    units = _units(d, cfg)
+    assert _misplaced(prose, units, arms) == []
+    # the check can fail: a number the files hold, quoted for an arm whose rows do not give it
+    a = cfg["arms"][-1]["name"]
+    near = "\n".join(u for u in units if re.search(rf"(?<!\w){re.escape(a)}(?!\w)", u))
+    other = next(t for t in NUMBER.findall("\n".join(units)) if len(t.split(".")[1]) == 3 and _unsupported(t, near))
+    assert _misplaced(f"`{a}` scored {other}.", units, arms) == [other]
 
 
 def test_every_number_in_the_readme_results_prose_is_in_a_study():
