@@ -68,7 +68,9 @@ def test_cumulative_adapter_loads_with_peft_and_reproduces(tiny, tiny_dir, tmp_p
     baked = _logits(st.model, ids)
     base = AutoModelForCausalLM.from_pretrained(tiny.path, dtype=torch.float32)
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "cum"))
-    assert torch.allclose(_logits(loaded, ids), baked, atol=1e-5)
+    # fp32 noise: the folded history vs PEFT's unmerged adapter differ by up to 1.5e-5 depending on the thread
+    # layout a preceding test left (9e-6 alone); a wrong adapter is >= 1e-3 away (checked below)
+    assert torch.allclose(_logits(loaded, ids), baked, atol=1e-4)
     # the round-0 adapter alone, on the original model, is the round-0 student
     base0 = AutoModelForCausalLM.from_pretrained(tiny.path, dtype=torch.float32)
     r0 = PeftModel.from_pretrained(base0, str(tmp_path / "r0_adapter"))
