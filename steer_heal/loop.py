@@ -219,8 +219,7 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> list[dict]
         row = round_row(r, kappa, samples, kept, gen_tokens, hres, steered, healed, steered_mfv, healed_mfv, base_mfv,
                         b.preset.foundations, v.cosine(v0), time.perf_counter() - t0) | stages.carried(b, v0)
         row["doses"] = [round(a * kappa, 6) for a in cfg.steer.alphas]  # what collect generated at, as logged
-        rd.append_row(row, student_record(r, f"round_{r:02d}/cumulative", healed, row.get("d_trait_nats_healed"),
-                                          gen_tokens, kappa, row["doses"], row, row["seconds"]))
+        rd.append_row(row, student_record(r, f"round_{r:02d}/cumulative", healed, row.get("d_trait_nats_healed"), row))
         ctx.tracker.log({f"round/{k}": x for k, x in row.items() if not isinstance(x, list)}, step=r)
         rows = rd.rows()
         print(format_table(rows, base=base), flush=True)

@@ -100,27 +100,25 @@ STUDENT_KEYS = ("trait", "coherence", "incoherence", "tail_nll", "repetition", "
 SPEND_KEYS = ("trained_tokens", "opt_steps", "lr_sum", "barrier_active_frac", "D_mean", "D_rmse", "D_p95", "D_max")
 
 
-def student_record(index: int, adapter: str, scores: dict, d_trait_nats: float | None, gen_tokens: int,
-                   kappa: float | None, doses: list[float], spend: dict, seconds: float) -> Record:
+def student_record(index: int, adapter: str, scores: dict, d_trait_nats: float | None, row: dict) -> Record:
     """The Record of the student a round / bake ends with, built the same way by both drivers: `scores` is that
-    student's stages.student_eval dict (the loop's healed student, the online run's baked one), `spend` what it
-    was trained on (SPEND_KEYS)."""
-    return Record(index=index, gen_tokens=gen_tokens, kappa=kappa, doses=[float(x) for x in doses],
+    student's stages.student_eval dict (the loop's healed student, the online run's baked one); `row` the round /
+    bake row, whose shared columns (gen_tokens, kappa, doses, seconds, SPEND_KEYS) both drivers name alike."""
+    doses = row.get("doses")
+    return Record(index=index, gen_tokens=row.get("gen_tokens"), kappa=row.get("kappa"),
+                  doses=None if doses is None else [float(x) for x in doses],
                   **{k: scores.get(k) for k in STUDENT_KEYS}, d_trait_nats=d_trait_nats,
-                  **{k: spend.get(k) for k in SPEND_KEYS}, adapter=adapter, seconds=float(seconds))
+                  **{k: row.get(k) for k in SPEND_KEYS}, adapter=adapter, seconds=float(row.get("seconds") or 0.0))
 
 
 def _written_before_records(row: dict) -> Record:
-    """A row appended before the drivers wrote `record` (the committed studies, runs started earlier): read
-    under each driver's own column names (the iterative row's healed student, the online row's baked one)."""
+    """A row appended before the drivers wrote `record` (the committed studies, runs started earlier): the
+    student's scores read under each driver's own column names (the iterative row's healed student)."""
     iterative = "round" in row
     key = (lambda k: _ITERATIVE.get(k, k)) if iterative else (lambda k: k)
     idx = int(row["round" if iterative else "bake"])
-    return Record(index=idx, gen_tokens=row.get("gen_tokens"), kappa=row.get("kappa"), doses=row.get("doses"),
-                  **{k: row.get(key(k)) for k in (*STUDENT_KEYS, "d_trait_nats")},
-                  **{k: row.get(k) for k in SPEND_KEYS},
-                  adapter=(f"round_{idx:02d}" if iterative else f"bake_{idx:02d}") + "/cumulative",
-                  seconds=float(row.get("seconds") or 0.0))
+    return student_record(idx, (f"round_{idx:02d}" if iterative else f"bake_{idx:02d}") + "/cumulative",
+                          {k: row.get(key(k)) for k in STUDENT_KEYS}, row.get(key("d_trait_nats")), row)
 
 
 def read_records(d: str | Path) -> list[Record]:

@@ -516,6 +516,7 @@ def test_one_record_for_both_drivers(tmp_path):
         rd = RunDir(tmp_path / name, Cfg(), rows_file=rows_file, table_file="t.md")
         idx = row.get("round", row.get("bake"))
         prefix = "round" if rows_file == "rounds.jsonl" else "bake"
-        rec = student_record(idx, f"{prefix}_{idx:02d}/cumulative", scores, 0.03, 900, 1.5, [1.5, 3.0], spend, 5.0)
+        rec = student_record(idx, f"{prefix}_{idx:02d}/cumulative", scores, 0.03,
+                             dict(gen_tokens=900, kappa=1.5, doses=[1.5, 3.0], seconds=5.0, **spend))
         rd.append_row(row, rec)
         assert read_records(rd.path) == [rec] == [Record.of(row)]  # the legacy reading agrees with the record

@@ -302,8 +302,7 @@ class OnlineRun:
         row.update(adv_dose_corr=mean("adv_dose_corr"), groups_zero_sd=mean("groups_zero_sd"),
                    **{x.replace("rewards/", "share_").replace("/share", "").replace("/", "_"): mean(x) for x in keys})
         k = row["bake"]
-        self.rd.append_row(row, student_record(k, f"bake_{k:02d}/cumulative", row, row.get("d_trait_nats"),
-                                               row["gen_tokens"], row["kappa"], row["doses"], row, row["seconds"]),
+        self.rd.append_row(row, student_record(k, f"bake_{k:02d}/cumulative", row, row.get("d_trait_nats"), row),
                            columns=BAKE_COLUMNS)
         print("\n" + self.base_line() + "\n" + format_table(self.rd.rows(), columns=BAKE_COLUMNS), flush=True)
         write_bake_report(self.rd.path, self.base.get("mfv"))
