@@ -550,5 +550,16 @@ def test_a_pair_states_what_each_side_trained_on():
     assert ("| on vs it | 4002 vs 4000 (+0%) | 2300 vs 3200 (-28%) | 12.0 vs 18.0 (-33%) | 0.002 vs 0.0015 (+33%) |"
             in md)
     assert "[1.41, 2.83] vs [1.41, 2.83]" in md
+    assert "| on | 0 | - | 1100-1200 | 6 | 0.001 | - |" in md  # no per-round generated tokens or doses: a dash
+    # per round / bake, range over seeds: a bake's generated tokens are its running total minus the one before
+    for s, r in ((1, rows[1]), (2, rows[3])):
+        for k, b in enumerate(r["rounds"]):
+            b.update(gen_tokens=(k + 1) * 2000 + (s if k else 0), doses=[1.41, 2.83])
+    for k, b in enumerate(rows[2]["rounds"] + rows[4]["rounds"]):
+        b.update(gen_tokens=(k % 2 + 1) * 2000, doses=[1.41, 2.83], opt_steps=9 if k != 3 else 8)
+    md = matched_markdown(Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=10, pairs=[["on", "it"]]))
+    assert "| on | 0 | 2000 | 1100-1200 | 6 | 0.001 | [1.41, 2.83] |" in md
+    assert "| on | 1 | 2001-2002 | 1100-1200 | 6 | 0.001 | [1.41, 2.83] |" in md  # 4001 - 2000, 4002 - 2000
+    assert "| it | 1 | 2000 | 1600 | 8-9 | 0.00075 | [1.41, 2.83] |" in md
     del rows[1]["rounds"][0]["lr_sum"]  # a run that did not record it: no number, not a wrong one
     assert Study("t", "m", "p", 0, arms, rows, AXIS, n_boot=10, pairs=[["on", "it"]]).spend("on")["lr_sum"] is None

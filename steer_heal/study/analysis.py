@@ -208,6 +208,27 @@ class Study:
         out["doses"] = sorted({round(x, 4) for x in self.doses(arm)})
         return out
 
+    def spend_per_round(self, arm: str) -> list[dict[str, list]]:
+        """Per round / bake index, each seed's value of what that round's student was trained on (generated tokens
+        of that round alone, tokens the loss read, optimizer steps, lr sum, doses); [] where a run did not record
+        them (rows written before 2026-12-07)."""
+        runs = [[Record.of(x) for x in r.get("rounds", [])] for r in self.by_arm.get(arm, [])]
+        if not runs or any(not recs or None in [x.trained_tokens for x in recs] for recs in runs):
+            return []
+        out: list[dict[str, list]] = []
+        for recs in runs:
+            prev = 0  # a record's gen_tokens is the run's running total
+            for i, x in enumerate(recs):
+                if i == len(out):
+                    out.append({k: [] for k in ("gen_tokens", "trained_tokens", "opt_steps", "lr_sum", "doses")})
+                gen = None if x.gen_tokens is None else x.gen_tokens - prev
+                vals = dict(gen_tokens=gen, trained_tokens=x.trained_tokens, opt_steps=x.opt_steps,
+                            lr_sum=x.lr_sum, doses=tuple(round(d, 4) for d in x.doses or ()))
+                prev = x.gen_tokens or 0
+                for k, v in vals.items():
+                    out[i][k].append(v)
+        return out
+
     def trait_climb(self, arm: str, measure: str = "trait_heldout") -> stats.Interval | None:
         """Last round / bake minus the first, per seed (the arm's own per-round evaluation), t-interval over seeds:
         does the loop keep moving the trait?"""

@@ -120,7 +120,31 @@ def matched_markdown(s: Study) -> str:
                   if x[k] is not None and y[k] is not None else "-") for k in fmt]
         doses = f"{x['doses'] or '-'} vs {y['doses'] or '-'}"
         lines.append(f"| {a} vs {b} | " + " | ".join(cells) + f" | {doses} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _per_round_lines(s, [x for p in pairs for x in p])) + "\n"
+
+
+def _span(xs: list, fmt: str) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    lo, hi = fmt.format(min(xs)), fmt.format(max(xs))
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def _per_round_lines(s: Study, arms: list[str]) -> list[str]:
+    """Each paired arm's rounds / bakes one by one (range over seeds): a residual in the totals shows where it
+    comes from. Only arms whose runs recorded what they trained on."""
+    rows = []
+    for a in dict.fromkeys(arms):
+        for i, r in enumerate(s.spend_per_round(a)):
+            doses = " / ".join(sorted({str(list(d)) for d in r["doses"] if d})) or "-"
+            rows.append(f"| {a} | {i} | {_span(r['gen_tokens'], '{:.0f}')} | {_span(r['trained_tokens'], '{:.0f}')} | "
+                        f"{_span(r['opt_steps'], '{:.0f}')} | {_span(r['lr_sum'], '{:.3g}')} | {doses} |")
+    if not rows:
+        return []
+    return ["\nPer round / bake (range over seeds; generated tokens of that round / bake alone):\n",
+            "| arm | round / bake | generated tokens | trained tokens | optimizer steps | lr sum | doses |",
+            "|---|---|---|---|---|---|---|"] + rows
 
 
 def short_runs_markdown(s: Study) -> str:
