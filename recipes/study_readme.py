@@ -20,7 +20,8 @@ STUDIES = {"smollm2_cpu": "recipes/compare/smollm2_cpu.yaml",  # committed study
            "smollm2_leash": "recipes/compare/smollm2_leash.yaml",
            "smollm2_leash_confirm": "recipes/compare/smollm2_leash_confirm.yaml",
            "smollm2_reward": "recipes/compare/smollm2_reward.yaml",
-           "smollm2_reward_confirm": "recipes/compare/smollm2_reward_confirm.yaml"}
+           "smollm2_reward_confirm": "recipes/compare/smollm2_reward_confirm.yaml",
+           "smollm2_matched": "recipes/compare/smollm2_matched.yaml"}
 
 
 def _section(md: str, head: str) -> str:

@@ -550,7 +550,8 @@ def test_a_pair_states_what_each_side_trained_on():
     assert ("| on vs it | 4002 vs 4000 (+0%) | 2300 vs 3200 (-28%) | 12.0 vs 18.0 (-33%) | 0.002 vs 0.0015 (+33%) |"
             in md)
     assert "[1.41, 2.83] vs [1.41, 2.83]" in md
-    assert "| on | 0 | - | 1100-1200 | 6 | 0.001 | - |" in md  # no per-round generated tokens or doses: a dash
+    # no per-round generated tokens: a dash; doses from the row's per-round list (rows written before records)
+    assert "| on | 0 | - | 1100-1200 | 6 | 0.001 | [1.41, 2.83] |" in md
     # per round / bake, range over seeds: a bake's generated tokens are its running total minus the one before
     for s, r in ((1, rows[1]), (2, rows[3])):
         for k, b in enumerate(r["rounds"]):

@@ -212,18 +212,21 @@ class Study:
         """Per round / bake index, each seed's value of what that round's student was trained on (generated tokens
         of that round alone, tokens the loss read, optimizer steps, lr sum, doses); [] where a run did not record
         them (rows written before 2026-12-07)."""
-        runs = [[Record.of(x) for x in r.get("rounds", [])] for r in self.by_arm.get(arm, [])]
+        rows = self.by_arm.get(arm, [])
+        runs = [[Record.of(x) for x in r.get("rounds", [])] for r in rows]
         if not runs or any(not recs or None in [x.trained_tokens for x in recs] for recs in runs):
             return []
         out: list[dict[str, list]] = []
-        for recs in runs:
+        for row, recs in zip(rows, runs):
+            logged = row.get("doses") or []  # per round / bake, as the row records them (rows before records)
             prev = 0  # a record's gen_tokens is the run's running total
             for i, x in enumerate(recs):
                 if i == len(out):
                     out.append({k: [] for k in ("gen_tokens", "trained_tokens", "opt_steps", "lr_sum", "doses")})
                 gen = None if x.gen_tokens is None else x.gen_tokens - prev
                 vals = dict(gen_tokens=gen, trained_tokens=x.trained_tokens, opt_steps=x.opt_steps,
-                            lr_sum=x.lr_sum, doses=tuple(round(d, 4) for d in x.doses or ()))
+                            lr_sum=x.lr_sum, doses=tuple(round(d, 4) for d in
+                                                         (x.doses or (logged[i] if i < len(logged) else ()))))
                 prev = x.gen_tokens or 0
                 for k, v in vals.items():
                     out[i][k].append(v)
