@@ -481,7 +481,7 @@ def test_one_record_for_both_drivers(tmp_path):
     measures of the round, the baked student's of the bake; the adapter each leaves; consumers need not ask which
     driver wrote the directory. Rows from before the drivers wrote `record` read the same as ones that carry it."""
     from steer_heal.rundir import Record, RunDir, read_records, student_record
-    from steer_heal.study.arms import final_adapter, trajectory
+    from steer_heal.study.arms import final_adapter, study_rows, trajectory
 
     it = dict(round=1, kappa=1.5, gen_tokens=900, doses=[1.5, 3.0], trait_healed=0.2, trait_steered=0.5,
               coh_healed=0.9, coh_steered=0.4, incoherence_healed=1.1, tail_nll_healed=0.8, repetition_healed=0.05,
@@ -520,3 +520,5 @@ def test_one_record_for_both_drivers(tmp_path):
                              dict(gen_tokens=900, kappa=1.5, doses=[1.5, 3.0], seconds=5.0, **spend))
         rd.append_row(row, rec)
         assert read_records(rd.path) == [rec] == [Record.of(row)]  # the legacy reading agrees with the record
+        kept = study_rows(rd.path)  # what compare.jsonl keeps of the run: the record travels with its row
+        assert kept[0]["record"] == vars(rec) and Record.of(kept[0]) == rec

@@ -218,15 +218,14 @@ class Study:
             return []
         out: list[dict[str, list]] = []
         for row, recs in zip(rows, runs):
-            logged = row.get("doses") or []  # per round / bake, as the row records them (rows before records)
+            doses = row.get("doses") or []  # per round / bake, what the arm realised (arms.realised)
             prev = 0  # a record's gen_tokens is the run's running total
             for i, x in enumerate(recs):
                 if i == len(out):
                     out.append({k: [] for k in ("gen_tokens", "trained_tokens", "opt_steps", "lr_sum", "doses")})
                 gen = None if x.gen_tokens is None else x.gen_tokens - prev
                 vals = dict(gen_tokens=gen, trained_tokens=x.trained_tokens, opt_steps=x.opt_steps,
-                            lr_sum=x.lr_sum, doses=tuple(round(d, 4) for d in
-                                                         (x.doses or (logged[i] if i < len(logged) else ()))))
+                            lr_sum=x.lr_sum, doses=tuple(doses[i]) if i < len(doses) else ())
                 prev = x.gen_tokens or 0
                 for k, v in vals.items():
                     out[i][k].append(v)

@@ -139,6 +139,13 @@ def arm_rows(d: Path) -> list[dict]:
     return next((read_jsonl(d / f) for f in RECORD_FILES if (d / f).exists()), [])
 
 
+def study_rows(d: Path) -> list[dict]:
+    """The run's rows as compare.jsonl keeps them: their scalars and their `record`, so the study reads the record
+    the run wrote (Record.of) rather than the column mapping kept for rows written before records."""
+    return [{k: v for k, v in r.items() if isinstance(v, (int, float)) or v is None or k == "record"}
+            for r in arm_rows(d)]
+
+
 def final_adapter(d: Path) -> Path:
     recs = read_records(d)
     if not recs:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from steer_heal.rundir import write_atomic
 from steer_heal.study.analysis import Study, load_preset_axis
-from steer_heal.study.arms import arm_dir, arm_rows, stop_reason, train_arm, trajectory
+from steer_heal.study.arms import arm_dir, stop_reason, study_rows, train_arm, trajectory
 from steer_heal.study.cache import cached_eval, check_study_config, current_eval
 from steer_heal.study.config import Arm, CompareConfig, CompareError
 from steer_heal.study.evaluate import Evaluator
@@ -105,8 +105,7 @@ def _row(cfg, arm: Arm, seed, res: dict, base: dict) -> dict:
     if arm.trained:
         row["trajectory"] = trajectory(arm_dir(cfg, arm, seed))
         row["stopped"] = stop_reason(arm_dir(cfg, arm, seed))
-        row["rounds"] = [{k: v for k, v in r.items() if isinstance(v, (int, float)) or v is None}
-                         for r in arm_rows(arm_dir(cfg, arm, seed))]
+        row["rounds"] = study_rows(arm_dir(cfg, arm, seed))
     row["texts"], row["prompts"], row["items"] = res["texts"], res["prompts"], res.get("items", {})
     return row
 
